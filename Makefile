@@ -1,0 +1,43 @@
+# shardlab: `make train` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A GPU user overrides this, e.g. make TORCH_SPEC="torch==2.13.0 --index-url <cuda wheel index>" install
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(d for d in p['dependencies'] + p['optional-dependencies']['dev'] if not d.startswith('torch==')))" > $(VENV)/requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the dependencies from pyproject.toml
+
+train: $(STAMP) ## train the default config (native Llama, embedded text corpus) and print a summary
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP) ## run the test suite
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP) ## ruff on the code, hadolint on the Dockerfile
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+
+format: $(STAMP) ## ruff format and autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean: ## remove run outputs (outputs/, multirun/)
+	rm -rf outputs multirun
+
+.PHONY: help install train test lint format clean
