@@ -1,0 +1,78 @@
+# Hydra set-up shared by train.py, `python -m launcher.plan` and the tests: the schemas and the resolvers
+# that keep one run directory per run whichever way the run was started.
+import os
+import sys
+import sysconfig
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+from omegaconf import OmegaConf
+
+from trainer.config import register_configs
+
+_run_dir: str | None = None
+
+
+def _torchrun_run_id() -> str:
+    # Every rank of one torchrun job must agree on the run dir before any communication exists. A
+    # multi-node job has a shared rendezvous id; a single-node `torchrun` without --rdzv-id/--standalone
+    # reports "none", so use what its local workers share: the agent process (our parent) and its start.
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id not in ("", "none"):
+        return run_id
+    agent = psutil.Process(os.getppid())
+    return f"{datetime.fromtimestamp(agent.create_time()):%Y-%m-%d_%H-%M-%S}-{agent.pid}"
+
+
+def _new_run_dir(base: str, rdzv_id: str = "") -> str:
+    # Created exclusively here, so two runs started in the same second get two directories. The nodes of
+    # one multi-node job share launcher.rdzv_id, and so one directory (on a shared filesystem).
+    global _run_dir
+    if _run_dir is None:
+        if rdzv_id:
+            _run_dir = f"{base}/multinode/{rdzv_id}"
+        elif "TORCHELASTIC_RUN_ID" in os.environ:
+            _run_dir = f"{base}/torchrun/{_torchrun_run_id()}"
+        else:
+            stem = Path(base) / f"{datetime.now():%Y-%m-%d}" / f"{datetime.now():%H-%M-%S}"
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            for n in range(1000):
+                candidate = stem.with_name(stem.name + (f"-{n}" if n else ""))
+                try:
+                    candidate.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            _run_dir = str(candidate)
+    return _run_dir
+
+
+def _hydra_subdir() -> str | None:
+    # Under torchrun every rank runs Hydra; only rank 0 writes .hydra/.
+    return ".hydra" if int(os.environ.get("RANK", "0")) == 0 else None
+
+
+def stdlib_path() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def setup_hydra() -> None:
+    register_configs()
+    resolvers = {
+        "shardlab_run_dir": _new_run_dir,
+        "shardlab_hydra_subdir": _hydra_subdir,
+        "stdlib_path": stdlib_path,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def config_dir() -> str:
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"shardlab: error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,113 @@
+# What train.py calls once Hydra has composed the config: validate at the boundary, then run in this
+# process (world size 1), under the torchrun that started us (style 1), or start the workers (styles 2, 3).
+import os
+import traceback
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.compose import fail
+from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
+from trainer.checks import validate
+from trainer.config import SCHEMAS
+from trainer.dist import DistEnv, broadcast_object, close_distributed, init_distributed
+from trainer.loggers import write_json_atomic
+from trainer.loop import train
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+
+
+def stamp_run(cfg: DictConfig) -> Path:
+    hc = HydraConfig.get()
+    cfg.run_dir = hc.runtime.output_dir
+    cfg.choices = {g: str(hc.runtime.choices[g]) for g in SCHEMAS if g in hc.runtime.choices}
+    return Path(cfg.run_dir)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def run_worker(cfg: DictConfig, env: DistEnv) -> dict:
+    # One rank's whole run. A failure is recorded in summary.json (rank 0) before it propagates.
+    run_dir = Path(cfg.run_dir)
+    try:
+        if env.is_rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        return train(cfg, env, run_dir)
+    except BaseException as e:
+        if env.is_rank0:
+            record_failure(run_dir, f"rank {env.rank}: {first_line(e)}")
+        raise
+    finally:
+        close_distributed(env)
+
+
+def record_failure(run_dir: Path, reason: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "summary.json", {"status": "failed", "error": reason, "run_dir": str(run_dir)})
+
+
+def main_torchrun(cfg: DictConfig) -> dict:
+    # Style 1: torchrun started every rank and each composed its own config; rank 0's resolved one is the run's.
+    env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+    cfg = OmegaConf.create(broadcast_object(OmegaConf.to_container(cfg, resolve=True), env))
+    try:
+        validate(cfg, env.world_size, env.device.type)
+    except ValueError as e:
+        close_distributed(env)
+        if env.is_rank0:
+            fail(str(e))
+        raise SystemExit(2) from None
+    return run_worker(cfg, env)
+
+
+def main(cfg: DictConfig) -> dict | None:
+    run_dir = stamp_run(cfg)
+    if under_torchrun():
+        return main_torchrun(cfg)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        nproc = resolve_nproc(cfg.launcher.nproc_per_node)
+        check_gpus(nproc, cfg.trainer.device)
+        validate(cfg, nproc * cfg.launcher.nnodes, "cuda" if _cuda_available() else "cpu")
+    except ValueError as e:
+        if not multirun:
+            fail(str(e))
+        record_failure(run_dir, str(e))
+        return job_outcome(run_dir, {"status": "failed", "error": str(e)})
+    print(f"shardlab: run directory {run_dir}", flush=True)
+    try:
+        if nproc * cfg.launcher.nnodes == 1 and not multirun:
+            summary = run_worker(cfg, init_distributed(cfg.trainer.device, cfg.strategy.name != "single"))
+        else:  # a sweep job always runs in its own processes, so one job's crash cannot take the sweep down
+            summary = launch(cfg, nproc)
+    except Exception as e:
+        reason = str(e) if isinstance(e, WorkerFailed) else f"rank 0 failed: {first_line(e)}"
+        if not isinstance(e, WorkerFailed):
+            traceback.print_exc()
+        record_failure(run_dir, reason)
+        if not multirun:
+            fail(reason, code=1)
+        summary = {"status": "failed", "error": reason}
+    return job_outcome(run_dir, summary)
+
+
+def job_outcome(run_dir: Path, summary: dict | None) -> dict | None:
+    if summary is not None:
+        status = summary.get("status", "ok")
+        detail = summary.get("error") or f"final loss {summary.get('final_loss', float('nan')):.4f}"
+        print(f"shardlab: {status}: {run_dir}: {detail}", flush=True)
+    return summary
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,34 @@
+# Pieces every strategy applies before wrapping: activation checkpointing and per-block torch.compile.
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+AC_MODES = ("none", "full", "selective")
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    # The repeated transformer blocks: native models keep them in `layers`; HF decoders under .model.
+    for owner in (model, getattr(model, "model", None)):
+        if owner is not None and isinstance(getattr(owner, "layers", None), nn.ModuleList):
+            return owner.layers
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} (no .layers ModuleList)")
+
+
+def apply_ac(model: nn.Module, mode: str, every: int) -> None:
+    # full: every block recomputes its activations in backward, keeping only its input;
+    # selective: every `every`-th block does, trading some memory back for speed.
+    if mode not in AC_MODES:
+        raise ValueError(f"unknown activation_checkpointing {mode!r}: valid options are {', '.join(AC_MODES)}")
+    if mode == "none":
+        return
+    layers = blocks(model)
+    for i, block in enumerate(layers):
+        if mode == "full" or i % every == 0:
+            layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    # Per block rather than whole-model: the blocks are identical, so one graph is compiled and reused.
+    layers = blocks(model)
+    for i, block in enumerate(layers):
+        layers[i] = torch.compile(block, fullgraph=True)

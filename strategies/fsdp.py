@@ -1,0 +1,49 @@
+# FSDP2: fully_shard each transformer block, then the root. Parameters are DTensors sharded on dim 0
+# over the mesh's "shard" dim (and replicated over "replicate" under HSDP).
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from strategies.common import apply_ac, apply_compile, blocks
+
+# Wrapper prefixes that AC and compile add to parameter names; initialisation uses the model's own names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def apply_fsdp(model: nn.Module, mesh, cfg, *, precision, **_) -> nn.Module:
+    apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
+    if cfg.compile:
+        apply_compile(model)
+    # Mixed precision: parameters gathered in the compute dtype, gradients reduced in fp32; the sharded
+    # master parameters stay in precision.param_dtype.
+    mp = MixedPrecisionPolicy(
+        param_dtype=precision.compute_dtype if precision.autocast else None, reduce_dtype=torch.float32
+    )
+    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    for block in blocks(model):
+        fully_shard(
+            block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp, offload_policy=offload
+        )
+    # The root's parameters (embeddings, final norm, head) are used last in forward and first in backward:
+    # resharding them after forward would only gather them again at once.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
+    return model
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int, cpu_offload: bool) -> None:
+    # Meta -> real storage for the local shards only, then each shard filled with its slice of the same
+    # full tensor a single-process run initialises, so every strategy starts from identical weights.
+    model.to_empty(device=torch.device("cpu") if cpu_offload else device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            for prefix in _WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
+            local = p.to_local() if isinstance(p, DTensor) else p
+            full = torch.empty(p.shape, dtype=p.dtype, device=local.device)
+            model.fill_param_(name, full, seed)
+            if isinstance(p, DTensor):
+                # src_data_rank=None: every rank holds the same full tensor, so each keeps its slice locally.
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            local.copy_(full)
+    model.reset_buffers()

@@ -1,0 +1,19 @@
+# shardlab entry point: Hydra composes the config, then the launcher runs it.
+#   python train.py model=debug attention=standard data=synthetic trainer.max_steps=20
+#   torchrun --nproc_per_node=2 train.py strategy=fsdp
+import hydra
+from omegaconf import DictConfig
+
+from launcher.compose import setup_hydra
+from launcher.main import main as run
+
+setup_hydra()
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig):
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+# The process group around a run: which rank this is, which device it drives, and collectives the loop
+# needs (mean loss, rank 0's config). One process without torchrun is world size 1 and needs none of it.
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def pick_device(pref: str, local_rank: int) -> torch.device:
+    if pref not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown trainer.device {pref!r}: valid options are auto, cpu, cuda")
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_pref: str, need_group: bool = False) -> DistEnv:
+    # need_group: a strategy that needs a process group (DDP, FSDP) even on a world of one.
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_pref, local_rank)
+    if (world_size > 1 or need_group) and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        device_id = device if device.type == "cuda" else None
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, device_id=device_id)
+        else:  # one process, not started by a launcher: an in-process store needs no port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+    return DistEnv(rank, local_rank, world_size, device)
+
+
+def broadcast_object(obj, env: DistEnv):
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_across_ranks(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.AVG if t.device.type == "cuda" else dist.ReduceOp.SUM)
+        if t.device.type != "cuda":  # gloo has no AVG
+            t /= env.world_size
+    return t
+
+
+def close_distributed(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()  # without it gloo teardown aborts now and then
+        dist.destroy_process_group()

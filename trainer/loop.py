@@ -1,0 +1,124 @@
+# The training loop: build what the config names, then step. Reads top to bottom; the step fits on a screen.
+from pathlib import Path
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+import strategies
+from models import build_model, flops_per_token, param_count
+from trainer.checks import batch_layout, validate
+from trainer.console import ProgressBar, format_summary
+from trainer.data import build_data, micro_batches
+from trainer.dist import DistEnv, mean_across_ranks
+from trainer.loggers import build_loggers
+from trainer.metrics import Metrics, measure_state_bytes
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.precision import Precision, build_precision
+
+
+def build_parallel_model(args, cfg: DictConfig, env: DistEnv, precision: Precision):
+    # Sharded strategies build on the meta device, shard, then materialise only their local shards,
+    # so a model larger than one device can be built; the others build in place on the device.
+    sharded = strategies.is_sharded(cfg.strategy.name)
+    with torch.device("meta" if sharded else env.device):
+        model = build_model(args)
+    if not sharded:
+        model.init_weights(cfg.trainer.seed)
+    apply = strategies.get_strategy(cfg.strategy.name)
+    mesh = strategies.build_mesh(cfg.strategy, env.world_size, env.device)
+    model = apply(model, mesh, cfg.strategy, device=env.device, precision=precision)
+    if sharded:
+        strategies.materialize(model, env.device, cfg.trainer.seed, cfg.strategy)
+        # FSDP's MixedPrecisionPolicy casts parameters for compute; autocast on top would be redundant.
+        precision = dataclasses.replace(precision, autocast=False)
+    return model, mesh, precision
+
+
+def train_step(model, optimizer, batches, precision: Precision, env: DistEnv, accum: int, grad_clip: float):
+    loss_sum = torch.zeros((), device=env.device)
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        # Gradients are reduced across ranks only on the last micro-batch of the step.
+        with strategies.grad_sync(model, enabled=i == accum - 1):
+            with precision.context():
+                logits = model(x)  # (micro, T, vocab)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = strategies.clip_grad_norm(model, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_across_ranks(loss_sum / accum, env), grad_norm
+
+
+def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
+    torch.manual_seed(cfg.trainer.seed)
+    args = validate(cfg, env.world_size, env.device.type, _capability(env.device))
+    precision = build_precision(cfg.precision.name, env.device)
+    t = cfg.trainer
+    micro, accum = batch_layout(t, env.world_size)
+    data = build_data(cfg.data, t.seq_len, t.seed, args.vocab_size)
+    model, mesh, precision = build_parallel_model(args, cfg, env, precision)
+    optimizer = build_optimizer(model, cfg.optim, env.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    metrics = Metrics(
+        device=env.device,
+        flops_per_token=flops_per_token(args, t.seq_len),
+        precision=cfg.precision.name,
+        warmup_steps=cfg.metrics.warmup_steps,
+        log_every=t.log_every,
+        peak_tflops=cfg.metrics.peak_tflops,
+        world_size=env.world_size,
+        rank=env.rank,
+    )
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    loggers = build_loggers(cfg.logger, run_dir, run_config, env.rank)
+    bar = ProgressBar(t.max_steps, enabled=env.is_rank0 and t.progress_bar)
+    first_loss = None
+    state_bytes = None
+    metrics.start()
+    for step in range(1, t.max_steps + 1):
+        batches = micro_batches(data, step, env.rank, env.world_size, micro, accum)
+        loss, grad_norm = train_step(model, optimizer, batches, precision, env, accum, cfg.optim.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        loss = loss.item()
+        first_loss = loss if first_loss is None else first_loss
+        if state_bytes is None:  # after the first step, when gradients and optimizer state exist
+            state_bytes = measure_state_bytes(model, optimizer)
+        metrics.update(step, loss=loss, grad_norm=float(grad_norm), lr=lr, tokens=tokens_per_step)
+        row = metrics.log(step, final=step == t.max_steps)
+        if row is not None:
+            loggers.log(row, step)
+        bar.update(step, row)
+    bar.close()
+    summary = metrics.summary()
+    summary.update(
+        status="ok",
+        first_loss=first_loss,
+        choices=dict(cfg.get("choices") or {}),
+        world_size=env.world_size,
+        micro_batch_size=micro,
+        grad_accum_steps=accum,
+        tokens_per_step=tokens_per_step,
+        n_params=param_count(args, exclude_embedding=False),
+        n_params_non_embedding=param_count(args, exclude_embedding=True),
+        flops_per_token=flops_per_token(args, t.seq_len),
+        data=data.description,
+        state_bytes_per_rank=state_bytes,
+        strategy_applied=strategies.describe(model, cfg.strategy, mesh),
+        run_dir=str(run_dir),
+    )
+    loggers.summary(summary)
+    loggers.close()
+    if env.is_rank0:
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def _capability(device: torch.device):
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None

@@ -1,0 +1,38 @@
+# AdamW and its schedule: linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps.
+import math
+
+import torch
+
+
+def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.name != "adamw":
+        raise ValueError(f"unknown optim {cfg.name!r}: valid options are adamw")
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Weight decay on matrices only; norms' gains (1-D) are left alone, as in nanoGPT and Llama.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    impl = cfg.implementation
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+    if impl not in flags:
+        raise ValueError(f"unknown optim.implementation {impl!r}: valid options are auto, {', '.join(flags)}")
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **flags[impl]
+    )
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    # `step` counts optimizer steps taken so far (LambdaLR's epoch): step 0 is the first update.
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+    )
