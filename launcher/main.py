@@ -51,7 +51,9 @@ def run_worker(cfg: DictConfig, env: DistEnv) -> dict:
 
 def record_failure(run_dir: Path, reason: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "summary.json", {"status": "failed", "error": reason, "run_dir": str(run_dir)})
+    write_json_atomic(
+        run_dir / "summary.json", {"status": "failed", "error": reason, "run_dir": str(run_dir)}
+    )
 
 
 def main_torchrun(cfg: DictConfig) -> dict:

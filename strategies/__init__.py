@@ -43,7 +43,9 @@ def build_mesh(cfg, world_size: int, device: torch.device):
     if cfg.name == "fsdp":
         return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
     if cfg.name == "hsdp":
-        return init_device_mesh(device.type, hsdp_shape(cfg.shard_size, world_size), mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(
+            device.type, hsdp_shape(cfg.shard_size, world_size), mesh_dim_names=("replicate", "shard")
+        )
     return None  # single and ddp use the default process group
 
 

@@ -18,7 +18,9 @@ def apply_ac(model: nn.Module, mode: str, every: int) -> None:
     # full: every block recomputes its activations in backward, keeping only its input;
     # selective: every `every`-th block does, trading some memory back for speed.
     if mode not in AC_MODES:
-        raise ValueError(f"unknown activation_checkpointing {mode!r}: valid options are {', '.join(AC_MODES)}")
+        raise ValueError(
+            f"unknown activation_checkpointing {mode!r}: valid options are {', '.join(AC_MODES)}"
+        )
     if mode == "none":
         return
     layers = blocks(model)

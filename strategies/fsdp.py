@@ -23,7 +23,11 @@ def apply_fsdp(model: nn.Module, mesh, cfg, *, precision, **_) -> nn.Module:
     offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
     for block in blocks(model):
         fully_shard(
-            block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp, offload_policy=offload
+            block,
+            mesh=mesh,
+            reshard_after_forward=cfg.reshard_after_forward,
+            mp_policy=mp,
+            offload_policy=offload,
         )
     # The root's parameters (embeddings, final norm, head) are used last in forward and first in backward:
     # resharding them after forward would only gather them again at once.
@@ -46,4 +50,4 @@ def materialize(model: nn.Module, device: torch.device, seed: int, cpu_offload: 
                 # src_data_rank=None: every rank holds the same full tensor, so each keeps its slice locally.
                 full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
             local.copy_(full)
-    model.reset_buffers()
+    model.reset_buffers(device)  # RoPE tables live where compute runs, even when parameters are offloaded

@@ -82,7 +82,9 @@ def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None
         )
     batch_layout(t, world_size)
     if cfg.precision.name not in PRECISIONS:
-        raise ValueError(f"unknown precision {cfg.precision.name!r}: valid options are {', '.join(PRECISIONS)}")
+        raise ValueError(
+            f"unknown precision {cfg.precision.name!r}: valid options are {', '.join(PRECISIONS)}"
+        )
     precision = build_precision(cfg.precision.name, torch.device(device_type))
     check_attention_supported(args.attention, device_type, precision.compute_dtype, capability)
     need = data_vocab_size(cfg.data)

@@ -46,7 +46,9 @@ def init_distributed(device_pref: str, need_group: bool = False) -> DistEnv:
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, device_id=device_id)
         else:  # one process, not started by a launcher: an in-process store needs no port
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id
+            )
     return DistEnv(rank, local_rank, world_size, device)
 
 

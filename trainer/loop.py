@@ -1,7 +1,6 @@
 # The training loop: build what the config names, then step. Reads top to bottom; the step fits on a screen.
-from pathlib import Path
-
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,16 @@ def build_parallel_model(args, cfg: DictConfig, env: DistEnv, precision: Precisi
     return model, mesh, precision
 
 
-def train_step(model, optimizer, batches, precision: Precision, env: DistEnv, accum: int, grad_clip: float):
+def train_step(
+    model,
+    optimizer,
+    batches,
+    precision: Precision,
+    env: DistEnv,
+    accum: int,
+    grad_clip: float,
+    measure_state: bool = False,
+):
     loss_sum = torch.zeros((), device=env.device)
     for i, (x, y) in enumerate(batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -50,8 +58,10 @@ def train_step(model, optimizer, batches, precision: Precision, env: DistEnv, ac
         loss_sum += loss.detach()
     grad_norm = strategies.clip_grad_norm(model, grad_clip)
     optimizer.step()
+    # Parameters, gradients and optimizer state all exist now, before the gradients are freed.
+    state_bytes = measure_state_bytes(model, optimizer) if measure_state else None
     optimizer.zero_grad(set_to_none=True)
-    return mean_across_ranks(loss_sum / accum, env), grad_norm
+    return mean_across_ranks(loss_sum / accum, env), grad_norm, state_bytes
 
 
 def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
@@ -83,13 +93,14 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     metrics.start()
     for step in range(1, t.max_steps + 1):
         batches = micro_batches(data, step, env.rank, env.world_size, micro, accum)
-        loss, grad_norm = train_step(model, optimizer, batches, precision, env, accum, cfg.optim.grad_clip)
+        loss, grad_norm, measured = train_step(
+            model, optimizer, batches, precision, env, accum, cfg.optim.grad_clip, measure_state=step == 1
+        )
+        state_bytes = measured or state_bytes
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         loss = loss.item()
         first_loss = loss if first_loss is None else first_loss
-        if state_bytes is None:  # after the first step, when gradients and optimizer state exist
-            state_bytes = measure_state_bytes(model, optimizer)
         metrics.update(step, loss=loss, grad_norm=float(grad_norm), lr=lr, tokens=tokens_per_step)
         row = metrics.log(step, final=step == t.max_steps)
         if row is not None:

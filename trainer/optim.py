@@ -19,9 +19,7 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
     flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
     if impl not in flags:
         raise ValueError(f"unknown optim.implementation {impl!r}: valid options are auto, {', '.join(flags)}")
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **flags[impl]
-    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **flags[impl])
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -1,0 +1,143 @@
+# GPT-2 family (after nanoGPT): pre-LayerNorm with bias, GELU MLP of 4 * dim, learned position
+# embeddings, output head tied to the token embeddings. Same module names and init interface as the
+# Llama model (tok_embeddings, layers, norm, output; attention.wo and feed_forward.w2 are the
+# residual projections), so strategies and the trainer need not know which family they hold.
+# No dropout: shardlab measures and trains throughput-bound runs, and dropout only adds noise there.
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import ATTENTION, get_attention
+from .llama import canonical_name, is_residual_projection, seeded_generator
+
+
+@dataclass
+class GPT2Args:
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    vocab_size: int = 50257  # nanoGPT pads to 50304 for faster matmuls; 50257 matches HF's gpt2
+    max_seq_len: int = 1024
+    norm_eps: float = 1e-5
+    attention: str = "sdpa"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads
+
+
+PRESETS: dict[str, dict] = {
+    # ~0.89 M parameters, byte vocab.
+    "gpt2_debug": dict(dim=128, n_layers=4, n_heads=4, vocab_size=256, max_seq_len=512),
+    # GPT-2 small: 124 M parameters.
+    "gpt2_124m": dict(dim=768, n_layers=12, n_heads=12, vocab_size=50257, max_seq_len=1024),
+}
+
+
+def build_args(preset: str, **overrides) -> GPT2Args:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown gpt2 preset {preset!r}; valid: {', '.join(PRESETS)}")
+    return GPT2Args(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+class Attention(nn.Module):
+    def __init__(self, args: GPT2Args):
+        super().__init__()
+        self.n_heads, self.head_dim = args.n_heads, args.head_dim
+        self.wqkv = nn.Linear(args.dim, 3 * args.dim)  # fused q, k, v, as GPT-2's c_attn
+        self.wo = nn.Linear(args.dim, args.dim)
+        self.attn_fn = get_attention(args.attention)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+        y = self.attn_fn(q, k, v, causal=True)  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, 4 * dim)
+        self.w2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))  # GPT-2 used the tanh approximation
+
+
+class Block(nn.Module):
+    def __init__(self, args: GPT2Args):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.LayerNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class GPT2(nn.Module):
+    def __init__(self, args: GPT2Args):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.pos_embeddings = nn.Embedding(args.max_seq_len, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = nn.LayerNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.output.weight is not self.tok_embeddings.weight:  # to_empty() from meta unties them
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
+        pos = torch.arange(T, device=tokens.device)
+        h = self.tok_embeddings(tokens) + self.pos_embeddings(pos)  # (B, T, D)
+        for layer in self.layers:
+            h = layer(h)
+        return self.output(self.norm(h))  # (B, T, vocab)
+
+    def fill_param_(self, name: str, tensor: torch.Tensor, seed: int) -> None:
+        if tensor.is_meta:
+            return
+        name = canonical_name(name)
+        if name == "output.weight":
+            name = "tok_embeddings.weight"  # tied: one matrix, one stream
+        if name.endswith("bias"):
+            tensor.zero_()
+        elif "norm." in name:  # LayerNorm weight
+            tensor.fill_(1.0)
+        else:
+            std = 0.02 / math.sqrt(2 * self.args.n_layers) if is_residual_projection(name) else 0.02
+            tensor.normal_(0.0, std, generator=seeded_generator(name, seed, tensor.device))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
+        for name, p in self.named_parameters():  # the tied head appears once, as tok_embeddings
+            self.fill_param_(name, p.data, seed)
+        self.reset_buffers(buffer_device)
+
+    def reset_buffers(self, device: torch.device | None = None) -> None:
+        pass  # no buffers: positions are made in forward

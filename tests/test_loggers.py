@@ -1,0 +1,148 @@
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from trainer import loggers as loggers_mod
+from trainer.loggers import build_loggers
+
+ROWS = [
+    {"step": 1, "loss": 4.0, "tokens_per_s": None, "mfu": None, "lr": 1e-3, "note": "warm-up"},
+    {"step": 2, "loss": 3.5, "tokens_per_s": 1234.5, "mfu": None, "lr": torch.tensor(2e-3), "note": None},
+]
+SUMMARY = {"steps": 2, "tokens_per_s_median": 1234.5, "mfu": None, "device_name": "cpu", "final_loss": 3.5}
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(tmp_path, monkeypatch):
+    # wandb must never reach the network or write outside tmp_path.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def log_all(lg) -> None:
+    for row in ROWS:
+        lg.log(row, step=row["step"])
+    lg.summary(SUMMARY)
+    lg.close()
+
+
+def test_jsonl_rows_and_atomic_summary(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    lg = build_loggers(OmegaConf.create({"name": "none"}), run_dir, {}, rank=0)
+    log_all(lg)
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [4.0, 3.5]
+    assert rows[0]["tokens_per_s"] is None and rows[0]["note"] == "warm-up"
+    assert rows[1]["lr"] == pytest.approx(2e-3)  # a 0-d tensor became a number
+    assert json.loads((run_dir / "summary.json").read_text()) == SUMMARY
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "summary.json"]
+
+    # A failure while replacing leaves the previous summary whole and no temp file behind.
+    lg = build_loggers({"name": "none"}, run_dir, {}, rank=0)
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loggers_mod.os, "replace", fail)
+    with pytest.raises(OSError):
+        lg.summary({**SUMMARY, "steps": 99})
+    lg.close()
+    assert json.loads((run_dir / "summary.json").read_text()) == SUMMARY
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "summary.json"]
+
+
+def test_unknown_logger_lists_valid_names(tmp_path):
+    with pytest.raises(ValueError, match="none, wandb, tensorboard"):
+        build_loggers({"name": "mlflow"}, tmp_path, {}, rank=0)
+
+
+def test_rank_one_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    for name in ("none", "wandb", "tensorboard"):
+        log_all(build_loggers({"name": name}, run_dir, {"a": 1}, rank=1))
+    assert not run_dir.exists()
+
+
+def wandb_records(path: Path):
+    # The .wandb file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB
+    # blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle,
+    # 4 last) around a serialised `Record` protobuf. wandb 0.31 ships no Python reader for it.
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or kind == 0:  # block trailer padding
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def test_wandb_offline_run_holds_rows_and_summary(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    cfg = {"name": "wandb", "project": "shardlab-test", "mode": "online", "group": "g1", "run_name": "r1"}
+    cfg["tags"] = ["cpu", "test"]
+    # mode: online in the config, WANDB_MODE=offline in the environment: the environment wins.
+    lg = build_loggers(cfg, run_dir, {"model": {"dim": 64}, "precision": "fp32"}, rank=0)
+    log_all(lg)
+
+    [run_file] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    history, summary, run = {}, {}, None
+    for rec in wandb_records(run_file):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run = rec.run
+        elif kind == "history":
+            items = {item_key(i): json.loads(i.value_json) for i in rec.history.item}
+            history[rec.history.step.num] = items
+        elif kind == "summary":
+            summary.update({item_key(i): json.loads(i.value_json) for i in rec.summary.update})
+
+    assert run.project == "shardlab-test" and run.run_group == "g1" and run.display_name == "r1"
+    assert list(run.tags) == ["cpu", "test"]
+    config = {item_key(i): json.loads(i.value_json) for i in run.config.update}
+    assert config["model"] == {"dim": 64}
+    assert history[1]["loss"] == 4.0 and history[1]["note"] == "warm-up"
+    assert history[2]["loss"] == 3.5 and history[2]["tokens_per_s"] == 1234.5
+    assert history[2]["lr"] == pytest.approx(2e-3)
+    assert summary["tokens_per_s_median"] == 1234.5 and summary["device_name"] == "cpu"
+    assert summary["mfu"] is None
+    assert json.loads((run_dir / "summary.json").read_text()) == SUMMARY
+
+
+def test_tensorboard_event_files_hold_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    log_all(build_loggers({"name": "tensorboard"}, run_dir, {"model": {"dim": 64}}, rank=0))
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 4.0), (2, 3.5)]
+    assert [e.step for e in acc.Scalars("tokens_per_s")] == [2]  # None was skipped, not logged
+    assert "note" not in scalars and "mfu" not in scalars
+    assert acc.Scalars("summary/tokens_per_s_median")[0].value == pytest.approx(1234.5)
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "summary.json").exists()

@@ -1,0 +1,97 @@
+"""What a person watching the terminal sees: a progress bar while training, a table at the end."""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+_NA_MFU = "n/a (unknown peak; set metrics.peak_tflops)"
+
+
+def _num(x, fmt: str = ",.0f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+class ProgressBar:
+    def __init__(self, total_steps: int, enabled: bool):
+        self._bar = tqdm(total=total_steps, disable=not enabled, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, row: dict | None = None) -> None:
+        # Follow the step number rather than counting calls, so a resumed run starts where it was.
+        self._bar.update(max(0, step - self._bar.n))
+        if row is None:
+            return
+        postfix = {"loss": _num(row.get("loss"), ".4f"), "tok/s": _num(row.get("tokens_per_s"))}
+        if row.get("mem_reserved_peak_gb") is not None:
+            postfix["mem"] = f"{row['mem_reserved_peak_gb']:.1f}GB"
+        elif row.get("peak_rss_gb") is not None:
+            postfix["rss_peak"] = f"{row['peak_rss_gb']:.1f}GB"
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _range(summary: dict, key: str, fmt: str, unit: str = "") -> str | None:
+    hi, lo = summary.get(f"{key}_max"), summary.get(f"{key}_min")
+    if hi is None:
+        return None
+    if lo is None or summary.get("world_size", 1) == 1:
+        return f"{hi:{fmt}}{unit}"
+    return f"{lo:{fmt}}{unit} - {hi:{fmt}}{unit} across ranks"
+
+
+def _memory_lines(s: dict) -> list[tuple[str, str]]:
+    if s.get("memory_kind") == "cuda":
+        lines = [
+            ("peak mem allocated (CUDA)", _range(s, "mem_allocated_peak_gb", ".2f", " GB")),
+            ("peak mem reserved (CUDA)", _range(s, "mem_reserved_peak_gb", ".2f", " GB")),
+            ("peak reserved % of capacity", _range(s, "mem_peak_pct", ".1f", "%")),
+        ]
+    else:
+        lines = [("peak RSS (CPU, whole process)", _range(s, "peak_rss_gb", ".2f", " GB"))]
+    return [(k, v) for k, v in lines if v is not None]
+
+
+def _throughput_lines(s: dict) -> list[tuple[str, str]]:
+    med = s.get("tokens_per_s_median")
+    if med is None:
+        return [("tokens/s (global)", "n/a (no steps after warm-up)")]
+    spread = f"p10 {_num(s.get('tokens_per_s_p10'))} / p90 {_num(s.get('tokens_per_s_p90'))}"
+    if s.get("tokens_per_s_std") is not None:
+        spread += f", std {_num(s['tokens_per_s_std'])}"
+    tflops = s.get("tflops_per_device") or 0.0  # CPU runs reach well under 1 TFLOP/s
+    mfu = s.get("mfu")
+    if mfu is None:
+        mfu_text = _NA_MFU
+    else:
+        mfu_text = f"{100 * mfu:.1f}% of {s.get('mfu_peak_tflops'):g} TFLOP/s ({s.get('mfu_peak_source')})"
+    return [
+        ("tokens/s (global, median)", f"{_num(med)}  ({spread})"),
+        ("tokens/s per device", _num(s.get("tokens_per_s_per_device"))),
+        ("TFLOP/s per device", _num(s.get("tflops_per_device"), ".2f" if tflops >= 1 else ".3g")),
+        ("MFU", mfu_text),
+    ]
+
+
+def format_summary(summary: dict) -> str:
+    s = summary
+    world = s.get("world_size", 1)
+    device = s.get("device_name", "?") + (f" x {world}" if world > 1 else "")
+    lines: list[tuple[str, str]] = [("device", device)]
+    if s.get("precision"):
+        lines.append(("precision", s["precision"]))
+    steps = f"{s.get('steps', 0)}"
+    if s.get("warmup_steps"):
+        steps += f" ({s['warmup_steps']} warm-up steps excluded, {s.get('warmup_time_s', 0.0):.2f} s)"
+    lines.append(("steps", steps))
+    lines += _throughput_lines(s)
+    if s.get("step_time_s_median") is not None:
+        per_rank = _range(s, "step_time_s_median", ".4f", " s")
+        lines.append(("step time (median)", per_rank or f"{s['step_time_s_median']:.4f} s"))
+    lines += _memory_lines(s)
+    if s.get("first_loss") is not None:
+        lines.append(("first loss", f"{s['first_loss']:.4f}"))
+    if s.get("final_loss") is not None:
+        lines.append(("final loss", f"{s['final_loss']:.4f}"))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)

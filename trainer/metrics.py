@@ -1,0 +1,364 @@
+"""What a training run measured: step time, tokens/s, FLOP/s and MFU, peak memory.
+
+One `Metrics` object owns the timers and counters; the loop calls `start()`, then `update(...)` after
+every optimizer step and `log(step)` after that, and `summary()` once at the end. With more than one
+rank, `log()` (on log steps) and `summary()` are collectives: every rank calls them at the same steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+logger = logging.getLogger(__name__)
+
+_GB = 1e9  # keys say `_gb`, so decimal gigabytes
+
+# Dense peak TFLOP/s (TOP/s for int8) per device and numeric class. NVIDIA datasheets print the
+# 2:4-sparsity figure first and the dense one in a footnote (or the other way round); the sparse
+# figure is exactly 2x and no dense training run can reach it, so only dense figures belong here.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    # NVIDIA A100 Tensor Core GPU datasheet (SXM4 and PCIe, 40 GB and 80 GB quote the same peaks).
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0, "int8": 624.0},
+    # NVIDIA H100 Tensor Core GPU datasheet, SXM column; fp32 66.9 from the Hopper whitepaper (the
+    # datasheet rounds it to 67). Dense = the datasheet's sparse figure / 2 (1979 -> 989.4 etc.).
+    "H100 SXM": {
+        "fp32": 66.9,
+        "tf32": 494.7,
+        "bf16": 989.4,
+        "fp16": 989.4,
+        "fp8": 1978.9,
+        "int8": 1978.9,
+    },
+    # Same datasheet, PCIe column (sparse 756 / 1513 / 3026 halved).
+    "H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1513.0, "int8": 1513.0},
+    # Same datasheet, H100 NVL column, per GPU (sparse 835 / 1671 / 3341 halved).
+    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5, "fp8": 1670.5, "int8": 1670.5},
+    # NVIDIA H200 Tensor Core GPU datasheet, SXM column: the same compute as H100 SXM, more memory.
+    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "int8": 1978.9},
+    # Same datasheet, H200 NVL column: the same figures as H100 NVL.
+    "H200 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5, "fp8": 1670.5, "int8": 1670.5},
+    # NVIDIA GH200 Grace Hopper Superchip datasheet: its Hopper GPU quotes the H100 SXM figures.
+    "GH200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "int8": 1978.9},
+    # NVIDIA L4 Tensor Core GPU datasheet (sparse 120 / 242 / 485 halved).
+    "L4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0, "fp8": 242.5, "int8": 242.5},
+    # NVIDIA L40S datasheet, which prints the dense figures itself (bf16 362.05, not 733 / 2).
+    "L40S": {"fp32": 91.6, "tf32": 183.0, "bf16": 362.05, "fp16": 362.05, "fp8": 733.0, "int8": 733.0},
+}
+
+# torch.cuda.get_device_name() -> PEAK_TFLOPS key, first match wins. The qualified H100 variants come
+# before the SXM pattern; \b keeps "L4" from matching "L40S" and "H200" from matching "GH200". An H100
+# name that says neither PCIe, NVL, SXM nor HBM3 matches nothing: we do not guess the form factor.
+_DEVICE_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"\bA100\b", "A100"),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe"),
+    (r"\bH100\b.*\bNVL\b", "H100 NVL"),
+    (r"\bH100\b.*\b(SXM|HBM3)", "H100 SXM"),
+    (r"\bGH200\b", "GH200"),
+    (r"\bH200\b.*\bNVL\b", "H200 NVL"),
+    (r"\bH200\b", "H200"),
+    (r"\bL4\b", "L4"),
+    (r"\bL40S\b", "L40S"),
+)
+
+# shardlab precision name -> the numeric class whose peak bounds the matmuls.
+PRECISION_CLASS: dict[str, str] = {
+    "fp32": "fp32",
+    "tf32": "tf32",
+    "bf16-mixed": "bf16",
+    "bf16-true": "bf16",
+    "fp16-mixed": "fp16",
+    "fp16-true": "fp16",
+    "fp8": "fp8",
+    "int8": "int8",
+}
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISION_CLASS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISION_CLASS)}")
+
+
+def _device_key(device_name: str) -> str | None:
+    for pattern, key in _DEVICE_PATTERNS:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return key
+    return None
+
+
+def lookup_peak_tflops(device_name: str, precision: str) -> float | None:
+    _check_precision(precision)
+    key = _device_key(device_name)
+    # A device without that class (A100 has no fp8) is as unknown as an unknown device.
+    return None if key is None else PEAK_TFLOPS[key].get(PRECISION_CLASS[precision])
+
+
+def measure_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    # Bytes held by this rank: a DTensor (FSDP2 shard) counts its local shard only.
+    def nbytes(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    out = {
+        "params_bytes": sum(nbytes(p) for p in params),
+        "grads_bytes": sum(nbytes(p.grad) for p in params if p.grad is not None),
+        "optim_state_bytes": sum(
+            nbytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+        ),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def _peak_rss_bytes() -> int:
+    if sys.platform == "win32":
+        return psutil.Process().memory_info().peak_wset
+    import resource  # POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory
+        reserved = torch.cuda.max_memory_reserved(device)
+        return {
+            "mem_allocated_peak_gb": torch.cuda.max_memory_allocated(device) / _GB,
+            "mem_reserved_peak_gb": reserved / _GB,
+            # Reserved, not allocated: the caching allocator's reservation is what hits the ceiling.
+            "mem_peak_pct": 100.0 * reserved / capacity,
+        }
+    # ru_maxrss is the peak over the whole process lifetime and cannot be reset per interval.
+    return {"peak_rss_gb": _peak_rss_bytes() / _GB, "rss_gb": psutil.Process().memory_info().rss / _GB}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    pos = (len(s) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _as_float(x) -> float | None:
+    return None if x is None else float(x)
+
+
+@dataclass
+class _Interval:
+    steps: int = 0
+    time_s: float = 0.0
+    post_warmup_steps: int = 0
+    post_warmup_time_s: float = 0.0
+    post_warmup_tokens: int = 0
+
+
+class Metrics:
+    def __init__(
+        self,
+        *,
+        device: torch.device,
+        flops_per_token: float,
+        precision: str,
+        warmup_steps: int,
+        log_every: int,
+        peak_tflops: float | None = None,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
+        _check_precision(precision)
+        if warmup_steps < 0 or log_every < 1:
+            raise ValueError(f"need warmup_steps >= 0 and log_every >= 1, got {warmup_steps}, {log_every}")
+        if peak_tflops is not None and peak_tflops <= 0:
+            raise ValueError(f"peak_tflops must be positive or None, got {peak_tflops}")
+        self.device = torch.device(device)
+        self.flops_per_token = float(flops_per_token)
+        self.precision = precision
+        self.warmup_steps = warmup_steps
+        self.log_every = log_every
+        self.world_size = world_size
+        self.rank = rank
+        is_cuda = self.device.type == "cuda"
+        self.device_name = torch.cuda.get_device_name(self.device) if is_cuda else "cpu"
+        self.peak_tflops, self.peak_source = self._resolve_peak(peak_tflops)
+
+        self._last_time: float | None = None
+        self._warmup_done = 0
+        self._warmup_time_s = 0.0
+        # One entry per post-warm-up step; the summary's medians and spread come from these.
+        self._step_times: list[float] = []
+        self._step_tokens: list[int] = []
+        self._interval = _Interval()
+        self._last: dict = {}
+        self._first_loss: float | None = None
+        self._run_memory: dict[str, float] = {}  # CUDA peaks survive the per-interval reset here
+
+    def _resolve_peak(self, user_peak: float | None) -> tuple[float | None, str | None]:
+        if user_peak is not None:
+            return float(user_peak), "user"
+        if self.device.type != "cuda":
+            return None, None
+        key = _device_key(self.device_name)
+        peak = lookup_peak_tflops(self.device_name, self.precision)
+        if peak is None:
+            if self.rank == 0:
+                logger.warning(
+                    "MFU not reported: no dense peak for %r at %s; set metrics.peak_tflops",
+                    self.device_name,
+                    self.precision,
+                )
+            return None, None
+        return peak, f"table:{key}"
+
+    @property
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._last_time = time.perf_counter()
+
+    def update(self, step: int, *, loss: float, grad_norm: float, lr: float, tokens: int, **extra) -> None:
+        if self._last_time is None:
+            raise RuntimeError("call Metrics.start() before the first update()")
+        if self.device.type == "cuda":
+            # Kernels run asynchronously: without this we would time the launches, not the work.
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        dt, self._last_time = now - self._last_time, now
+
+        iv = self._interval
+        iv.steps += 1
+        iv.time_s += dt
+        if self._warmup_done < self.warmup_steps:
+            # Warm-up steps (compilation, allocator growth, cold caches) are timed but kept apart.
+            self._warmup_done += 1
+            self._warmup_time_s += dt
+        else:
+            iv.post_warmup_steps += 1
+            iv.post_warmup_time_s += dt
+            iv.post_warmup_tokens += tokens
+            self._step_times.append(dt)
+            self._step_tokens.append(tokens)
+
+        loss = _as_float(loss)
+        if self._first_loss is None:
+            self._first_loss = loss
+        self._last = {"loss": loss, "lr": _as_float(lr), "grad_norm": _as_float(grad_norm), "extra": extra}
+
+    def _throughput(self, tokens_per_s: float | None) -> dict[str, float | None]:
+        if tokens_per_s is None:
+            return {
+                "tokens_per_s": None,
+                "tokens_per_s_per_device": None,
+                "tflops_per_device": None,
+                "mfu": None,
+            }
+        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+        return {
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.world_size,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+        }
+
+    def _reduce_max_min(self, values: dict[str, float | None]) -> dict[str, float]:
+        # None marks "not measured", which is the same on every rank, so dropping those keys keeps
+        # the all-reduce the same length everywhere. One MAX over [x, -x] gives both max and min.
+        keys = [k for k, v in values.items() if v is not None]
+        local = [values[k] for k in keys]
+        if self._distributed and keys:
+            dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+            t = torch.tensor(local + [-v for v in local], dtype=torch.float64, device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            hi, lo = t[: len(keys)].tolist(), (-t[len(keys) :]).tolist()
+        else:
+            hi, lo = local, local
+        out = {}
+        for k, h, low in zip(keys, hi, lo, strict=True):
+            out[f"{k}_max"], out[f"{k}_min"] = h, low
+        return out
+
+    def _track_run_memory(self, mem: dict[str, float]) -> None:
+        for k, v in mem.items():
+            if k != "rss_gb":  # current RSS is not a peak
+                self._run_memory[k] = max(v, self._run_memory.get(k, v))
+
+    def log(self, step: int, *, final: bool = False) -> dict | None:
+        iv = self._interval
+        if not (final or step % self.log_every == 0) or iv.steps == 0:
+            return None
+        tokens_per_s = iv.post_warmup_tokens / iv.post_warmup_time_s if iv.post_warmup_steps else None
+        mem = _memory(self.device)
+        row = {
+            "step": step,
+            "loss": self._last["loss"],
+            "lr": self._last["lr"],
+            "grad_norm": self._last["grad_norm"],
+            "step_time_s": iv.time_s / iv.steps,
+            **self._throughput(tokens_per_s),
+            **mem,
+        }
+        if self._distributed:
+            row.update(self._reduce_max_min({"step_time_s": row["step_time_s"], **mem}))
+        extra = self._last["extra"]
+        if clash := extra.keys() & row.keys():
+            raise ValueError(f"update() extras {sorted(clash)} clash with metric names; rename them")
+        row.update(extra)
+
+        self._track_run_memory(mem)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # each interval reports its own peak
+        self._interval = _Interval()
+        # Restart the clock after our own collective, so waiting here for a slower rank is not booked
+        # as step time and the max/min across ranks shows the real imbalance.
+        self._last_time = time.perf_counter()
+        return row
+
+    def summary(self) -> dict:
+        times, tokens = self._step_times, self._step_tokens
+        rates = [n / t for n, t in zip(tokens, times, strict=True)]
+        median_tps = statistics.median(rates) if rates else None
+        mem = _memory(self.device)
+        self._track_run_memory(mem)
+        local = {"step_time_s_median": statistics.median(times) if times else None, **self._run_memory}
+        reduced = self._reduce_max_min(local)
+        through = self._throughput(median_tps)
+        return {
+            "steps": self._warmup_done + len(times),
+            "warmup_steps": self._warmup_done,
+            "warmup_time_s": self._warmup_time_s,
+            "tokens_per_s_median": median_tps,
+            "tokens_per_s_p10": _quantile(rates, 0.1) if rates else None,
+            "tokens_per_s_p90": _quantile(rates, 0.9) if rates else None,
+            "tokens_per_s_std": statistics.stdev(rates) if len(rates) > 1 else None,
+            # Total tokens / total time: what a wall clock sees, including slow outlier steps.
+            "tokens_per_s_mean": sum(tokens) / sum(times) if times else None,
+            "tokens_per_s_per_device": through["tokens_per_s_per_device"],
+            "tflops_per_device": through["tflops_per_device"],
+            "mfu": through["mfu"],
+            "mfu_peak_tflops": self.peak_tflops,
+            "mfu_peak_source": self.peak_source,
+            "step_time_s_median": local["step_time_s_median"],
+            "memory_kind": "cuda" if self.device.type == "cuda" else "cpu_peak_rss",
+            **reduced,
+            "first_loss": self._first_loss,
+            "final_loss": self._last.get("loss"),
+            "device_name": self.device_name,
+            "world_size": self.world_size,
+            "precision": self.precision,
+            "flops_per_token": self.flops_per_token,
+        }
