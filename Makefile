@@ -28,6 +28,13 @@ train: $(STAMP) ## train the default config (native Llama, embedded text corpus)
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest -q $(ARGS)
 
+sweep: $(STAMP) ## a CPU-sized sweep (strategy x precision x attention); report in multirun/<date>/<time>/
+	$(PY) train.py -m +sweep=cpu $(ARGS)
+
+bench: $(STAMP) ## framework overhead vs a raw PyTorch loop, ddp and fsdp on 2 processes
+	$(VENV)/bin/torchrun --nproc_per_node=2 -m benchmarks.overhead --strategy ddp
+	$(VENV)/bin/torchrun --nproc_per_node=2 -m benchmarks.overhead --strategy fsdp
+
 lint: $(STAMP) ## ruff on the code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -40,4 +47,4 @@ format: $(STAMP) ## ruff format and autofix
 clean: ## remove run outputs (outputs/, multirun/)
 	rm -rf outputs multirun
 
-.PHONY: help install train test lint format clean
+.PHONY: help install train test sweep bench lint format clean

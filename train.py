@@ -12,7 +12,7 @@ setup_hydra()
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
-    run(cfg)
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,12 @@ class MetricsConfig:
 
 
 @dataclass
+class SweepConfig:
+    resume: bool = False  # -m: skip jobs whose config already has a successful summary.json under resume_dir
+    resume_dir: str = "multirun"
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     attention: Any = MISSING
@@ -139,6 +145,7 @@ class Config:
     launcher: Any = MISSING
     trainer: Any = MISSING
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     run_dir: str | None = None  # set by the launcher: where this run's outputs go
     choices: dict[str, str] = field(default_factory=dict)  # set by the launcher: the option of each group
 

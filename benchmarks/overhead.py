@@ -1,0 +1,106 @@
+# What does shardlab cost over a minimal hand-written PyTorch loop? Both train the same model with the
+# same strategy on the same token batches; rounds alternate (shardlab, raw, shardlab, raw, ...) so machine
+# noise hits both alike, and the ratio of median tokens/s is printed. Run under torchrun from the repo root:
+#   torchrun --nproc_per_node=2 -m benchmarks.overhead --strategy ddp
+#   torchrun --nproc_per_node=2 -m benchmarks.overhead --strategy fsdp
+# Target: ratio >= 0.98 (the framework costs under 2%).
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from launcher.compose import config_dir, setup_hydra
+from models import build_model
+from trainer.checks import resolve_model_args
+from trainer.data import build_data, micro_batches
+from trainer.dist import init_distributed
+from trainer.loop import train
+
+
+def shardlab_round(cfg, env, run_dir: Path) -> float:
+    return train(cfg, env, run_dir)["tokens_per_s_median"]
+
+
+def raw_round(cfg, env) -> float:
+    # The loop a user would write by hand: same model, init, wrapper, optimizer, batches; nothing else.
+    t = cfg.trainer
+    args = resolve_model_args(cfg)
+    with torch.device("meta" if cfg.strategy.name == "fsdp" else env.device):
+        model = build_model(args)
+    if cfg.strategy.name == "ddp":
+        model.init_weights(t.seed)
+        model = DistributedDataParallel(model)
+    else:
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        model.to_empty(device=env.device)
+        model.init_weights(t.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, foreach=True)
+    data = build_data(cfg.data, t.seq_len, t.seed, args.vocab_size)
+    micro = t.global_batch_size // env.world_size
+    times = []
+    for step in range(1, t.max_steps + 1):
+        start = time.perf_counter()
+        for x, y in micro_batches(data, step, env.rank, env.world_size, micro, 1):
+            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # the loop reads its loss each step, as shardlab does
+        times.append(time.perf_counter() - start)
+    tokens = t.global_batch_size * t.seq_len
+    return statistics.median(tokens / s for s in times[cfg.metrics.warmup_steps :])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    ap.add_argument("--model", default="llama_20m")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    opts = ap.parse_args()
+    setup_hydra()
+    overrides = [
+        f"strategy={opts.strategy}",
+        f"model={opts.model}",
+        "data=synthetic",
+        f"trainer.max_steps={opts.steps}",
+        "trainer.seq_len=128",
+        "trainer.global_batch_size=8",
+        "trainer.log_every=10",
+        "trainer.progress_bar=false",
+        "optim.implementation=foreach",
+        "metrics.warmup_steps=3",
+    ]
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    env = init_distributed("cpu" if not torch.cuda.is_available() else "auto", need_group=True)
+    ours, raw = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(opts.rounds):
+            ours.append(shardlab_round(cfg, env, Path(tmp) / f"round{r}"))
+            raw.append(raw_round(cfg, env))
+    if env.rank == 0:
+        o, w = statistics.median(ours), statistics.median(raw)
+        print(f"strategy={opts.strategy} model={opts.model} world={env.world_size} device={env.device.type}")
+        print("shardlab tokens/s per round: " + ", ".join(f"{x:,.0f}" for x in ours))
+        print("raw loop tokens/s per round: " + ", ".join(f"{x:,.0f}" for x in raw))
+        print(f"ratio shardlab/raw (median of rounds): {o / w:.3f}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
