@@ -1,33 +1,84 @@
 # Cross-field checks, run once at the boundary before any worker starts. Each failure is one ValueError
 # whose message names the fields and the fix.
+import dataclasses
+
 import torch
 from omegaconf import DictConfig
 
-from models import build_model_args
+import strategies
+from models import FAMILIES, MODEL_PRESETS, build_model_args
 from models.attention import check_attention_supported
+from strategies.common import AC_MODES
 from trainer.data import data_vocab_size
+from trainer.loggers import BACKENDS
+from trainer.optim import IMPLEMENTATIONS, OPTIMIZERS
 from trainer.precision import PRECISIONS, build_precision
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _model_fields(name: str, overrides: dict) -> tuple[str, dict]:
+    # -> (family, every argument the model will be built with), before building it: the model's own
+    # __post_init__ checks would otherwise fail first, naming its fields rather than the config's keys.
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model.name {name!r}: valid options are {', '.join(MODEL_PRESETS)}")
+    family, preset = MODEL_PRESETS[name]
+    fields = dataclasses.fields(FAMILIES[family][0])
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    return family, {**defaults, **preset, **overrides}
+
+
+def _kv_heads(att, name: str, fields: dict, user_kv: int | None) -> tuple[int | None, str]:
+    # -> (K/V head count, which key set it); an explicit attention.n_kv_heads wins over the divisor.
+    if att.n_kv_heads is None and att.kv_head_divisor is None:
+        return fields.get("n_kv_heads"), "model.n_kv_heads"
+    if "n_kv_heads" not in fields:
+        raise ValueError(
+            f"model={name} has no grouped K/V heads: use attention=standard, flash or sdpa with it"
+        )
+    if user_kv is not None:  # never silently overrule a value the user set
+        raise ValueError(
+            f"model.n_kv_heads={user_kv} and the attention option's K/V heads (attention.n_kv_heads="
+            f"{att.n_kv_heads}, attention.kv_head_divisor={att.kv_head_divisor}) both set the K/V head "
+            "count: keep one of them"
+        )
+    if att.n_kv_heads is not None:
+        return att.n_kv_heads, "attention.n_kv_heads"
+    n_heads, divisor = fields["n_heads"], att.kv_head_divisor
+    if divisor < 1 or n_heads % divisor:
+        raise ValueError(
+            f"model.n_heads ({n_heads}) is not divisible by attention.kv_head_divisor ({divisor}): "
+            f"set attention.n_kv_heads to a divisor of {n_heads}"
+        )
+    return n_heads // divisor, f"model.n_heads / attention.kv_head_divisor ({divisor})"
 
 
 def resolve_model_args(cfg: DictConfig):
     name = cfg.model.name
     overrides = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
     overrides["attention"] = cfg.attention.impl
-    att = cfg.attention
-    if att.n_kv_heads is not None or att.kv_head_divisor is not None:
-        base = build_model_args(name, overrides)
-        if not hasattr(base, "n_kv_heads"):
-            raise ValueError(
-                f"model={name} has no grouped K/V heads: use attention=standard, flash or sdpa with it"
-            )
-        n_kv = att.n_kv_heads
-        if n_kv is None:
-            if base.n_heads % att.kv_head_divisor:
-                raise ValueError(
-                    f"model.n_heads ({base.n_heads}) is not divisible by attention.kv_head_divisor "
-                    f"({att.kv_head_divisor}): set attention.n_kv_heads to a divisor of {base.n_heads}"
-                )
-            n_kv = base.n_heads // att.kv_head_divisor
+    family, fields = _model_fields(name, overrides)
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+        if fields[key] < 1:
+            raise ValueError(f"model.{key} must be at least 1, got {fields[key]}")
+    dim, n_heads = fields["dim"], fields["n_heads"]
+    if dim % n_heads:
+        raise ValueError(
+            f"model.dim ({dim}) is not divisible by model.n_heads ({n_heads}): "
+            f"choose model.n_heads that divides {dim}"
+        )
+    n_kv, source = _kv_heads(cfg.attention, name, fields, cfg.model.get("n_kv_heads"))
+    if n_kv is not None and (n_kv < 1 or n_heads % n_kv):
+        raise ValueError(
+            f"model.n_heads ({n_heads}) is not divisible by the K/V head count ({n_kv}, from {source}): "
+            f"choose a K/V head count that divides {n_heads}"
+        )
+    if family == "llama" and (dim // n_heads) % 2:
+        raise ValueError(
+            f"model.dim / model.n_heads = {dim} / {n_heads} = {dim // n_heads} is odd, but rotary "
+            "embeddings need an even head dimension: choose model.n_heads so that the quotient is even"
+        )
+    if n_kv is not None:
         overrides["n_kv_heads"] = n_kv
     return build_model_args(name, overrides)
 
@@ -54,7 +105,7 @@ def batch_layout(trainer_cfg, world_size: int) -> tuple[int, int]:
             f"trainer.global_batch_size ({gbs}) must be a positive multiple of the world size ({world_size})"
         )
     per_rank = gbs // world_size
-    micro = trainer_cfg.micro_batch_size or per_rank
+    micro = per_rank if trainer_cfg.micro_batch_size is None else trainer_cfg.micro_batch_size
     if micro < 1 or per_rank % micro:
         raise ValueError(
             f"trainer.micro_batch_size ({micro}) must divide the per-rank batch "
@@ -63,7 +114,59 @@ def batch_layout(trainer_cfg, world_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
+def _one_of(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {key} {value!r}: valid options are {', '.join(valid)}")
+
+
+def check_strategy(s, world_size: int) -> None:
+    _one_of("strategy.name", s.name, strategies.STRATEGIES)
+    _one_of("strategy.activation_checkpointing", s.activation_checkpointing, AC_MODES)
+    if s.ac_every < 1:
+        raise ValueError(f"strategy.ac_every must be at least 1, got {s.ac_every}")
+    if s.name == "single" and world_size > 1:
+        # Without a wrapper nothing would average the gradients: each rank would train its own model.
+        raise ValueError(
+            f"strategy=single trains one process, but the world size is {world_size}: "
+            "use strategy=ddp or strategy=fsdp, or launcher.nproc_per_node=1"
+        )
+    shard = s.get("shard_size", 0)
+    if s.name == "hsdp" and (shard < 0 or (shard and world_size % shard)):
+        raise ValueError(
+            f"strategy.shard_size={shard} does not divide the world size {world_size}: "
+            f"choose a shard_size that divides {world_size} (or 0 for the ranks of one node)"
+        )
+
+
+def check_optim(o) -> None:
+    _one_of("optim.name", o.name, OPTIMIZERS)
+    _one_of("optim.implementation", o.implementation, ("auto", *IMPLEMENTATIONS))
+    if not o.lr > 0:
+        raise ValueError(f"optim.lr must be positive, got {o.lr}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= o[key] < 1:
+            raise ValueError(f"optim.{key} must be in [0, 1), got {o[key]}")
+    for key in ("weight_decay", "eps", "warmup_steps", "grad_clip"):
+        if o[key] < 0:
+            raise ValueError(f"optim.{key} must not be negative, got {o[key]}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+
+
+def check_device(device: str, available: str) -> str:
+    # -> the device type the run will use; `available` is what the machine has ("cuda" or "cpu").
+    _one_of("trainer.device", device, DEVICES)
+    if device == "cuda" and available != "cuda":
+        raise ValueError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu or auto")
+    return "cpu" if device == "cpu" else available
+
+
 def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None):
+    # device_type: what the machine offers; trainer.device=cpu narrows it, so a CPU run on a GPU host is
+    # checked as the CPU run it is.
+    device_type = check_device(cfg.trainer.device, device_type)
+    if device_type != "cuda":
+        capability = None
     args = resolve_model_args(cfg)
     check_model_args(args)
     t = cfg.trainer
@@ -75,19 +178,25 @@ def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None
     for key in ("max_steps", "log_every", "seq_len"):
         if t[key] < 1:
             raise ValueError(f"trainer.{key} must be at least 1, got {t[key]}")
+    if cfg.metrics.warmup_steps < 0:
+        raise ValueError(f"metrics.warmup_steps must not be negative, got {cfg.metrics.warmup_steps}")
+    if cfg.metrics.peak_tflops is not None and cfg.metrics.peak_tflops <= 0:
+        raise ValueError(f"metrics.peak_tflops must be positive (or null), got {cfg.metrics.peak_tflops}")
     if cfg.metrics.warmup_steps >= t.max_steps:
         raise ValueError(
             f"metrics.warmup_steps ({cfg.metrics.warmup_steps}) leaves no measured step of trainer.max_steps "
             f"({t.max_steps}): lower metrics.warmup_steps or raise trainer.max_steps"
         )
     batch_layout(t, world_size)
-    if cfg.precision.name not in PRECISIONS:
-        raise ValueError(
-            f"unknown precision {cfg.precision.name!r}: valid options are {', '.join(PRECISIONS)}"
-        )
+    check_strategy(cfg.strategy, world_size)
+    check_optim(cfg.optim)
+    _one_of("logger.name", cfg.logger.name, BACKENDS)
+    _one_of("precision.name", cfg.precision.name, PRECISIONS)
     precision = build_precision(cfg.precision.name, torch.device(device_type))
     check_attention_supported(args.attention, device_type, precision.compute_dtype, capability)
-    need = data_vocab_size(cfg.data)
+    if cfg.data.max_bytes < 1:
+        raise ValueError(f"data.max_bytes must be at least 1, got {cfg.data.max_bytes}")
+    need = data_vocab_size(cfg.data, t.seq_len)
     if need is not None and need > args.vocab_size:
         raise ValueError(
             f"data needs a vocabulary of {need} tokens but model.vocab_size is {args.vocab_size}: "

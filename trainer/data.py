@@ -34,9 +34,9 @@ class SyntheticTokens:
 class TextTokens:
     # Windows of seq_len + 1 tokens at random offsets of one token stream (bytes by default).
     def __init__(self, tokens: torch.Tensor, vocab_size: int, seq_len: int, seed: int, description: str):
-        if tokens.numel() < seq_len + 2:
+        if tokens.numel() < seq_len + 1:
             raise ValueError(
-                f"data has {tokens.numel()} tokens, fewer than trainer.seq_len + 2 = {seq_len + 2}: "
+                f"data has {tokens.numel()} tokens, fewer than trainer.seq_len + 1 = {seq_len + 1}: "
                 "point data.path at more text or lower trainer.seq_len"
             )
         self.tokens, self.vocab_size, self.seq_len, self.seed = tokens, vocab_size, seq_len, seed
@@ -44,8 +44,9 @@ class TextTokens:
 
     def rows(self, step: int, rows: range, global_rows: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_seed(self.seed, step))
-        # Offsets for the whole global batch, so each row's window is the same at any world size.
-        starts = torch.randint(0, self.tokens.numel() - self.seq_len - 1, (global_rows,), generator=g)
+        # Offsets for the whole global batch, so each row's window is the same at any world size. A window
+        # holds seq_len + 1 tokens, so the last valid start is numel - seq_len - 1 (randint's high is exclusive).
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (global_rows,), generator=g)
         idx = starts[rows.start : rows.stop, None] + torch.arange(self.seq_len + 1)
         return self.tokens[idx].long()  # (rows, T + 1)
 
@@ -64,7 +65,7 @@ def read_text(path: str, glob: str, max_bytes: int) -> tuple[bytes, int]:
         total += len(chunk)
     if total == 0:
         raise ValueError(f"no text found under data.path {str(p)!r} matching data.glob {glob!r}")
-    return b"".join(chunks), len(files)
+    return b"".join(chunks), len(chunks)  # the files read, not all that matched
 
 
 def build_data(data_cfg, seq_len: int, seed: int, vocab_size: int):
@@ -94,15 +95,41 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def data_vocab_size(data_cfg) -> int | None:
+def check_text_source(data_cfg, seq_len: int) -> None:
+    # Cheap enough for validation: stops at the first files that hold one window's worth of bytes.
+    if not data_cfg.path:
+        raise ValueError(
+            "data=text needs data.path: point data.path at a text file or directory "
+            "(data/text.yaml's default is the Python standard library's sources)"
+        )
+    p = Path(data_cfg.path).expanduser()
+    if not p.exists():
+        raise ValueError(
+            f"data.path {data_cfg.path!r} does not exist: point data.path at a text file or directory"
+        )
+    files = [p] if p.is_file() else (f for f in p.rglob(data_cfg.glob) if f.is_file())
+    # Byte-level: a window is seq_len + 1 bytes. A tokenizer's count is unknown until it has run.
+    need = seq_len + 1 if data_cfg.tokenizer is None else 1
+    total = 0
+    for f in files:
+        total += f.stat().st_size
+        if min(total, data_cfg.max_bytes) >= need:
+            return
+    if total == 0:
+        raise ValueError(f"no text found under data.path {str(p)!r} matching data.glob {data_cfg.glob!r}")
+    raise ValueError(
+        f"data.path {str(p)!r} holds {min(total, data_cfg.max_bytes)} bytes (data.max_bytes "
+        f"{data_cfg.max_bytes}), fewer than trainer.seq_len + 1 = {need}: point data.path at more text "
+        "or lower trainer.seq_len"
+    )
+
+
+def data_vocab_size(data_cfg, seq_len: int = 1) -> int | None:
     # The vocabulary the data needs, checked against the model's before any work starts.
     if data_cfg.name not in ("synthetic", "text"):
         raise ValueError(f"unknown data {data_cfg.name!r}: valid options are synthetic, text")
     if data_cfg.name == "text":
-        if not data_cfg.path or not Path(data_cfg.path).expanduser().exists():
-            raise ValueError(
-                f"data.path {data_cfg.path!r} does not exist: point data.path at a text file or directory"
-            )
+        check_text_source(data_cfg, seq_len)
         return 256 if data_cfg.tokenizer is None else len(load_tokenizer(data_cfg.tokenizer))
     return None
 

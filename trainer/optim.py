@@ -3,10 +3,14 @@ import math
 
 import torch
 
+OPTIMIZERS = ("adamw",)
+# optim.implementation -> torch.optim.AdamW flags; "auto" picks fused on CUDA, foreach elsewhere.
+IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    if cfg.name != "adamw":
-        raise ValueError(f"unknown optim {cfg.name!r}: valid options are adamw")
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optim {cfg.name!r}: valid options are {', '.join(OPTIMIZERS)}")
     params = [p for p in model.parameters() if p.requires_grad]
     # Weight decay on matrices only; norms' gains (1-D) are left alone, as in nanoGPT and Llama.
     groups = [
@@ -16,10 +20,13 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
-    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
-    if impl not in flags:
-        raise ValueError(f"unknown optim.implementation {impl!r}: valid options are auto, {', '.join(flags)}")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **flags[impl])
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown optim.implementation {impl!r}: valid options are auto, {', '.join(IMPLEMENTATIONS)}"
+        )
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **IMPLEMENTATIONS[impl]
+    )
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

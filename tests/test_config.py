@@ -1,0 +1,216 @@
+# Every option of every config group composes, validates and (where it runs on one CPU process) trains;
+# bad input fails at the boundary with one clear line, through the real CLI.
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config, finish_cli, read_rows, start_cli, train_in_process
+from omegaconf import OmegaConf
+
+from launcher.compose import config_dir
+from models import build_model, flops_per_token, num_params, param_count
+from trainer.checks import validate
+from trainer.config import SCHEMAS
+
+CONF = Path(config_dir())
+# sweep/ holds -m sweep presets (tested with the sweeps); hydra/ would hold Hydra's own settings.
+NOT_WALKED = {"sweep", "hydra"}
+GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and d.name not in NOT_WALKED)
+# Trained in-process here; every other model preset is compose-only (counted, built on meta, never
+# allocated), and the other strategies need a world of 2: the distributed tests train them.
+TRAINED_MODELS = {"debug", "gpt2_debug", "llama_20m"}
+TRAINED_STRATEGIES = {"single"}
+# Published sizes of the big presets, to 1%.
+PUBLISHED_PARAMS = {"gpt2_124m": 124.4e6, "llama_160m": 162e6, "llama_1b": 1.236e9, "llama3_8b": 8.03e9}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
+
+
+def test_the_walk_sees_every_schema_group():
+    assert set(SCHEMAS) <= set(GROUPS)
+    for group in SCHEMAS:
+        assert options(group), f"conf/{group}/ has no options"
+    assert TRAINED_MODELS | set(PUBLISHED_PARAMS) <= set(options("model"))
+    assert TRAINED_STRATEGIES < set(options("strategy"))
+
+
+@pytest.mark.usefixtures("one_thread", "wandb_offline")
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_option(group, option, tmp_path):
+    # A group outside the main config's defaults (an experiment/ preset) is added with `+`.
+    cfg = compose_config(f"{group}={option}" if group in SCHEMAS else f"+{group}={option}")
+    if group in SCHEMAS:
+        assert cfg.choices[group] == option
+    if cfg.choices["model"] not in TRAINED_MODELS or cfg.strategy.name not in TRAINED_STRATEGIES:
+        check_compose_only(cfg)
+        return
+
+    run_dir = tmp_path / "run"
+    summary = train_in_process(cfg, run_dir)
+    assert summary["status"] == "ok"
+    assert summary["steps"] == cfg.trainer.max_steps == 3
+    assert summary["choices"] == cfg.choices
+    rows = read_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert rows[-1]["loss"] == summary["final_loss"]
+    assert "${" not in (run_dir / "config.yaml").read_text()
+    if cfg.logger.name == "tensorboard":
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    if cfg.logger.name == "wandb":
+        assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def check_compose_only(cfg):
+    # Sized from the arguments alone: validation, parameter and FLOP counts allocate nothing.
+    world = 1 if cfg.strategy.name in TRAINED_STRATEGIES else 2
+    args = validate(cfg, world, "cpu")
+    n, n_non_embedding = param_count(args), param_count(args, exclude_embedding=True)
+    published = PUBLISHED_PARAMS.get(cfg.choices["model"])
+    if published is not None:
+        assert n == pytest.approx(published, rel=0.01)
+    assert flops_per_token(args, cfg.trainer.seq_len) > 6 * n_non_embedding > 0
+    with torch.device("meta"):  # shapes only, no storage
+        assert num_params(build_model(args)) == n
+
+
+def test_default_config_composes_to_the_documented_defaults():
+    cfg = compose_config(tiny=False)
+    assert cfg.choices == {
+        "model": "debug",
+        "attention": "sdpa",
+        "precision": "fp32",
+        "strategy": "single",
+        "data": "text",
+        "optim": "adamw",
+        "logger": "none",
+        "launcher": "local",
+        "trainer": "default",
+    }
+    assert cfg.data.path == sysconfig.get_paths()["stdlib"]
+    assert validate(cfg, 1, "cpu").vocab_size == 256
+    assert "${" not in OmegaConf.to_yaml(cfg, resolve=True)
+
+
+# ---------------------------------------------------------------- validation, in-process
+@pytest.mark.parametrize(
+    ("overrides", "world", "names"),
+    [
+        (["model.n_heads=3"], 1, ["model.dim (128)", "model.n_heads (3)"]),
+        (["model.n_heads=0"], 1, ["model.n_heads"]),
+        (["model.dim=132"], 1, ["model.dim", "model.n_heads", "even"]),  # head_dim 33: no RoPE pairs
+        (["attention.n_kv_heads=3"], 1, ["model.n_heads (4)", "K/V head count (3", "attention.n_kv_heads"]),
+        (["attention.n_kv_heads=0"], 1, ["model.n_heads", "K/V head count (0"]),
+        (["attention=gqa", "model.n_heads=2"], 1, ["model.n_heads (2)", "attention.kv_head_divisor (4)"]),
+        (["model=gpt2_debug", "attention=mqa"], 1, ["model=gpt2_debug", "attention=standard"]),
+        (["model.name=nope"], 1, ["model.name", "debug", "llama_20m"]),
+        (["trainer.seq_len=1024"], 1, ["trainer.seq_len (1024)", "model.max_seq_len = 512"]),
+        (["trainer.max_steps=1"], 1, ["metrics.warmup_steps", "trainer.max_steps"]),
+        (
+            ["trainer.global_batch_size=3", "strategy=ddp"],
+            2,
+            ["trainer.global_batch_size (3)", "world size (2)"],
+        ),
+        (["trainer.global_batch_size=8", "trainer.micro_batch_size=3"], 1, ["trainer.micro_batch_size (3)"]),
+        (["trainer.micro_batch_size=0"], 1, ["trainer.micro_batch_size (0)"]),  # not "unset"
+        (["metrics.warmup_steps=-1"], 1, ["metrics.warmup_steps"]),
+        (["metrics.peak_tflops=0"], 1, ["metrics.peak_tflops"]),
+        (["trainer.device=cuda"], 1, ["trainer.device=cuda", "no CUDA GPU"]),
+        (["attention=gqa", "model.n_kv_heads=2"], 1, ["model.n_kv_heads=2", "attention.kv_head_divisor=4"]),
+        (["strategy=single"], 2, ["strategy=single", "strategy=ddp"]),
+        (
+            ["strategy=hsdp", "strategy.shard_size=3", "trainer.global_batch_size=4"],
+            4,
+            ["strategy.shard_size"],
+        ),
+        (["strategy.activation_checkpointing=some"], 1, ["strategy.activation_checkpointing", "selective"]),
+        (["strategy.ac_every=0"], 1, ["strategy.ac_every"]),
+        (["trainer.device=gpu"], 1, ["trainer.device", "cuda"]),
+        (["optim.implementation=fast"], 1, ["optim.implementation", "foreach"]),
+        (["optim.lr=-1"], 1, ["optim.lr"]),
+        (["optim.min_lr_ratio=2"], 1, ["optim.min_lr_ratio"]),
+        (["logger.name=mlflow"], 1, ["logger.name", "tensorboard"]),
+        (["data=text", "data.path=null"], 1, ["data.path"]),
+        (["data=text", "data.glob=*.nothing"], 1, ["data.glob", "*.nothing"]),
+        (["data=text", "data.max_bytes=16"], 1, ["data.max_bytes", "trainer.seq_len + 1 = 33"]),
+        (["model.vocab_size=100", "data=text"], 1, ["model.vocab_size", "256"]),
+    ],
+)
+def test_validation_names_the_keys(overrides, world, names):
+    cfg = compose_config(*overrides)
+    with pytest.raises(ValueError) as info:
+        validate(cfg, world, "cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message
+
+
+# ---------------------------------------------------------------- bad input, through the real CLI
+HYDRA_ERRORS = {
+    # case: (overrides, what stderr must name)
+    "typo": (["trainer.max_stepz=3"], ["trainer.max_stepz"]),
+    "type": (["trainer.max_steps=abc"], ["trainer.max_steps", "abc"]),
+    "option": (["model=nope"], ["model/nope", "debug", "gpt2_debug", "llama_20m"]),
+}
+OUR_ERRORS = {
+    "heads": (["model.n_heads=3"], ["model.dim", "model.n_heads"]),
+    "kv_heads": (["attention.n_kv_heads=3"], ["model.n_heads", "K/V head count (3"]),
+    "seq_len": (["trainer.seq_len=1024"], ["trainer.seq_len", "model.max_seq_len"]),
+    "data_path": (["data=text", "data.path={tmp}/no-such-dir"], ["data.path", "no-such-dir"]),
+    "batch": (
+        ["strategy=ddp", "launcher.nproc_per_node=2", "trainer.global_batch_size=3"],
+        ["trainer.global_batch_size"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_failures(tmp_path_factory):
+    # Started together: each is a fresh interpreter importing torch, and they fail before any training.
+    procs = {}
+    for case, (overrides, _) in {**HYDRA_ERRORS, **OUR_ERRORS}.items():
+        tmp = tmp_path_factory.mktemp(case)
+        procs[case] = (tmp, start_cli(tmp, *[o.format(tmp=tmp) for o in overrides]))
+    return {case: (tmp, *finish_cli(proc)) for case, (tmp, proc) in procs.items()}
+
+
+@pytest.mark.parametrize("case", HYDRA_ERRORS)
+def test_cli_hydra_rejects_bad_keys(cli_failures, case):
+    _, code, out, err = cli_failures[case]
+    assert code != 0
+    assert "Traceback" not in out + err
+    for name in HYDRA_ERRORS[case][1]:
+        assert name in err
+
+
+@pytest.mark.parametrize("case", OUR_ERRORS)
+def test_cli_validation_error_is_one_line(cli_failures, case):
+    tmp, code, out, err = cli_failures[case]
+    assert code == 2, err
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardlab: error: "), err
+    for name in OUR_ERRORS[case][1]:
+        assert name in lines[0]
+    # Nothing ran, so nothing claims to have: no metrics, and a summary only if it says failed.
+    run_dir = tmp / "run"
+    assert not (run_dir / "metrics.jsonl").exists()
+    if (run_dir / "summary.json").exists():
+        assert '"status": "failed"' in (run_dir / "summary.json").read_text()
+
+
+def test_a_cpu_run_on_a_gpu_host_is_checked_as_a_cpu_run():
+    # attention=flash needs bf16 on CUDA, while the CPU kernel takes fp32: a machine that offers a GPU must
+    # not fail a run that trainer.device=cpu keeps on the CPU.
+    with pytest.raises(ValueError, match="attention=flash on CUDA"):
+        validate(compose_config("attention=flash", "trainer.device=auto"), 1, "cuda", (9, 0))
+    args = validate(compose_config("attention=flash", "trainer.device=cpu"), 1, "cuda", (9, 0))
+    assert args.attention == "flash"

@@ -1,0 +1,204 @@
+# Training for real: the CLI end to end, gradient accumulation, the LR schedule, clipping, bf16-mixed,
+# and one run directory per run.
+import copy
+import json
+import math
+import re
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import compose_config, finish_cli, read_rows, read_summary, run_cli, start_cli, train_in_process
+from omegaconf import OmegaConf
+
+import launcher.compose
+from models import build_model, build_model_args
+from trainer.config import SCHEMAS
+from trainer.data import SyntheticTokens, micro_batches
+from trainer.dist import init_distributed
+from trainer.loop import train_step
+from trainer.optim import lr_lambda
+from trainer.precision import build_precision
+
+ROW_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_rss_gb")
+
+
+def text_run(text_corpus: Path, *overrides: str) -> tuple[str, ...]:
+    return ("data=text", f"data.path={text_corpus}", "data.glob=*.py", *overrides)
+
+
+def test_cli_run_end_to_end(tmp_path):
+    code, out, err = run_cli(
+        tmp_path,
+        "data=text",
+        "trainer.max_steps=60",
+        "trainer.global_batch_size=8",
+        "trainer.seq_len=64",
+        "trainer.log_every=10",
+        "metrics.warmup_steps=3",
+        "optim.lr=3e-3",
+    )
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    assert list(tmp_path.iterdir()) == [run_dir]  # one run, one directory
+    assert f"shardlab: run directory {run_dir}" in out
+    assert {p.name for p in run_dir.iterdir()} >= {".hydra", "config.yaml", "metrics.jsonl", "summary.json"}
+
+    text = (run_dir / "config.yaml").read_text()
+    assert "${" not in text
+    cfg = OmegaConf.create(text)
+    assert cfg.run_dir == str(run_dir) and cfg.trainer.max_steps == 60
+    assert cfg.data.path == sysconfig.get_paths()["stdlib"]
+
+    rows = read_rows(run_dir)
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    for row in rows:
+        assert all(row[k] is not None and math.isfinite(row[k]) for k in ROW_KEYS), row
+        assert row["tokens_per_s"] > 0 and row["peak_rss_gb"] > 0
+
+    s = read_summary(run_dir)
+    assert s["status"] == "ok" and s["steps"] == 60 and s["world_size"] == 1
+    assert s["tokens_per_s_median"] > 0
+    assert s["tokens_per_s_per_device"] == s["tokens_per_s_median"]
+    assert s["memory_kind"] == "cpu_peak_rss" and s["peak_rss_gb_max"] > 0
+    assert s["final_loss"] == rows[-1]["loss"]
+    assert set(s["choices"]) == set(SCHEMAS)
+    assert s["choices"]["model"] == "debug" and s["choices"]["data"] == "text"
+    assert s["mfu"] is None  # CPU: no peak to divide by, so no number rather than a wrong one
+    # Bytes of Python source are far from uniform: the loss must fall well below ln(256) = 5.55.
+    assert s["first_loss"] > 5.0
+    assert s["final_loss"] < s["first_loss"] - 1.5
+
+    for label in ("tokens/s (global, median)", "tokens/s per device", "peak RSS", "final loss"):
+        assert label in out
+    assert re.search(rf"shardlab: ok: {re.escape(str(run_dir))}: final loss \d", out)
+    assert "Traceback" not in err
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_thread, text_corpus):
+    common = text_run(
+        text_corpus,
+        "trainer.global_batch_size=8",
+        "trainer.max_steps=5",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=1",
+    )
+    accum = train_in_process(compose_config(*common, "trainer.micro_batch_size=2"), tmp_path / "accum")
+    whole = train_in_process(compose_config(*common, "trainer.micro_batch_size=8"), tmp_path / "whole")
+    assert (accum["micro_batch_size"], accum["grad_accum_steps"]) == (2, 4)
+    assert (whole["micro_batch_size"], whole["grad_accum_steps"]) == (8, 1)
+    a, w = read_rows(tmp_path / "accum"), read_rows(tmp_path / "whole")
+    assert len(a) == len(w) == 5
+    for ra, rw in zip(a, w, strict=True):
+        assert ra["loss"] == pytest.approx(rw["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rw["grad_norm"], rel=1e-5)
+    assert a[-1]["loss"] < a[0]["loss"]  # and the trajectory is one that learns
+
+
+def test_warmup_then_cosine_schedule(tmp_path, one_thread):
+    lr, warmup, steps, floor = 1e-3, 3, 10, 0.1
+    cfg = compose_config(
+        f"trainer.max_steps={steps}",
+        f"optim.lr={lr}",
+        f"optim.warmup_steps={warmup}",
+        f"optim.min_lr_ratio={floor}",
+    )
+    train_in_process(cfg, tmp_path / "run")
+    got = [r["lr"] for r in read_rows(tmp_path / "run")]  # the lr each optimizer step used
+    assert got[0] == pytest.approx(lr / warmup)  # first update: 1/warmup of the peak, not 0
+    assert got[warmup - 1] == pytest.approx(lr)  # end of warm-up: the peak
+    assert got[warmup] == pytest.approx(lr)  # cosine starts from the peak
+    # The last update is 1/7 of the way from the end of the cosine; it reaches the floor at max_steps.
+    assert got[-1] == pytest.approx(lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 6 / 7))))
+    assert lr_lambda(steps, warmup, steps, floor) == pytest.approx(floor)
+    assert lr_lambda(10 * steps, warmup, steps, floor) == pytest.approx(floor)  # and stays there
+    assert got[:warmup] == sorted(got[:warmup]) and got[warmup:] == sorted(got[warmup:], reverse=True)
+    assert all(lr * floor < x <= lr for x in got[warmup:])
+
+
+def test_warmup_zero_starts_at_the_peak():
+    assert lr_lambda(0, 0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(5, 0, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_clipping_reports_the_pre_clip_norm_and_clips(one_thread, clip):
+    torch.manual_seed(0)
+    model = build_model(build_model_args("debug"))
+    model.init_weights(0)
+    ref = copy.deepcopy(model)
+    x, y = next(micro_batches(SyntheticTokens(256, 32, 0), 1, 0, 1, 4, 1))
+    F.cross_entropy(ref(x).flatten(0, 1), y.flatten()).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+    assert norm > 0.05  # the clip below does bite
+
+    before = [p.detach().clone() for p in model.parameters()]
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)  # so the update is exactly the (clipped) gradient
+    env = init_distributed("cpu")
+    _, reported, _ = train_step(model, sgd, [(x, y)], build_precision("fp32", env.device), env, 1, clip)
+    assert float(reported) == pytest.approx(float(norm), rel=1e-5)  # the norm before clipping
+    after = [p.detach() for p in model.parameters()]
+    step = torch.linalg.vector_norm(torch.stack([(b - a).norm() for b, a in zip(before, after, strict=True)]))
+    assert float(step) == pytest.approx(clip if clip else float(norm), rel=1e-4)
+
+
+def test_clipping_in_a_run(tmp_path, one_thread):
+    clipped = train_in_process(compose_config("optim.grad_clip=0.01"), tmp_path / "clipped")
+    free = train_in_process(compose_config("optim.grad_clip=0"), tmp_path / "free")
+    c, f = read_rows(tmp_path / "clipped"), read_rows(tmp_path / "free")
+    # Same weights and batch at step 1: the same norm is reported, clipped or not; then they part.
+    assert c[0]["grad_norm"] == pytest.approx(f[0]["grad_norm"], rel=1e-6)
+    assert all(r["grad_norm"] > 0.01 for r in c)
+    assert c[1]["loss"] != f[1]["loss"]
+    assert clipped["status"] == free["status"] == "ok"
+
+
+def test_bf16_mixed_trains(tmp_path, one_thread, text_corpus):
+    cfg = compose_config(
+        *text_run(text_corpus),
+        "precision=bf16-mixed",
+        "trainer.max_steps=20",
+        "trainer.global_batch_size=4",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+    )
+    summary = train_in_process(cfg, tmp_path / "run")
+    losses = [r["loss"] for r in read_rows(tmp_path / "run")]
+    assert summary["precision"] == "bf16-mixed" and len(losses) == 20
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 1.0
+    # The matmuls really ran in bf16 while the master weights stayed fp32.
+    precision = build_precision("bf16-mixed", torch.device("cpu"))
+    model = build_model(build_model_args("debug"))
+    with precision.context():
+        assert model(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_concurrent_cli_runs_get_their_own_directories(tmp_path):
+    # The config's own run dir resolver, pointed at tmp_path instead of ./outputs.
+    base = tmp_path / "outputs"
+    run_dir = f"'${{shardlab_run_dir:{base},${{launcher.rdzv_id}}}}'"  # quoted: Hydra's override grammar
+    procs = [start_cli(tmp_path, "trainer.max_steps=2", run_dir=run_dir) for _ in range(2)]
+    results = [finish_cli(p) for p in procs]
+    dirs = []
+    for code, out, err in results:
+        assert code == 0, err
+        dirs.append(Path(re.search(r"shardlab: run directory (\S+)", out).group(1)))
+    assert dirs[0] != dirs[1]
+    for d in dirs:
+        assert d.parent.parent == base
+        assert read_summary(d)["status"] == "ok"
+        assert json.loads((d / "summary.json").read_text())["run_dir"] == str(d)
+    assert sorted(p for p in base.glob("*/*")) == sorted(dirs)
+
+
+def test_run_dir_resolver_never_reuses_a_directory(tmp_path, monkeypatch):
+    # Two runs in one second: the second gets a suffix instead of the first's directory.
+    made = []
+    for _ in range(3):
+        monkeypatch.setattr(launcher.compose, "_run_dir", None)  # a fresh process
+        made.append(launcher.compose._new_run_dir(str(tmp_path)))
+    assert len(set(made)) == 3 and all(Path(d).is_dir() for d in made)
