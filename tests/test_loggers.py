@@ -1,10 +1,9 @@
 import json
-import struct
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from wandb_reader import item_key, wandb_records
 
 from trainer import loggers as loggers_mod
 from trainer.loggers import build_loggers
@@ -70,34 +69,6 @@ def test_rank_one_writes_nothing(tmp_path):
     for name in ("none", "wandb", "tensorboard"):
         log_all(build_loggers({"name": name}, run_dir, {"a": 1}, rank=1))
     assert not run_dir.exists()
-
-
-def wandb_records(path: Path):
-    # The .wandb file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB
-    # blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle,
-    # 4 last) around a serialised `Record` protobuf. wandb 0.31 ships no Python reader for it.
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, pending = 7, b""
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if left < 7 or kind == 0:  # block trailer padding
-            pos += left
-            continue
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            yield record
-
-
-def item_key(item) -> str:
-    return item.key or "/".join(item.nested_key)
 
 
 def test_wandb_offline_run_holds_rows_and_summary(tmp_path, monkeypatch):
