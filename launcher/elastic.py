@@ -2,23 +2,27 @@
 # composed and resolved the config once; it starts the workers with torch's elastic launch API (spawn, a
 # module-level entrypoint, c10d rendezvous). The parent never touches CUDA.
 import os
+import sys
 import uuid
 
 from omegaconf import OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from trainer.dist import init_distributed
+from trainer.dist import broadcast_object, init_distributed
 
 CPU_DEFAULT_NPROC = 2  # nproc_per_node=auto without GPUs: enough to exercise the collectives
+NO_ERROR_FILE = "<N/A>"  # torch's ProcessFailure.error_file when a worker wrote none (a signal, an exit)
 
 
 class WorkerFailed(RuntimeError):
     pass
 
 
-def resolve_nproc(value: str) -> int:
+def resolve_nproc(value: str, device_pref: str = "auto") -> int:
     if value == "auto":
+        if device_pref == "cpu":  # a CPU run on a GPU host: its GPU count says nothing about it
+            return CPU_DEFAULT_NPROC
         import torch  # device_count() asks NVML/the driver; it creates no CUDA context here
 
         return torch.cuda.device_count() or CPU_DEFAULT_NPROC
@@ -75,7 +79,41 @@ def worker_entry(cfg_container: dict, nproc: int) -> dict:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     cfg = OmegaConf.create(cfg_container)
     env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+    if cfg.launcher.nnodes > 1:
+        check_same_config(cfg_container, env)
     return run_worker(cfg, env)
+
+
+# Keys that may differ between the nodes of one job: where each was told it stands, and its run dir as an
+# absolute path (each node resolves outputs/multinode/<rdzv_id> against its own working directory).
+NODE_LOCAL_KEYS = ("launcher.node_rank", "run_dir")
+
+
+def check_same_config(container: dict, env) -> None:
+    # Multi-node: each node's launcher composed its own config, but the nodes must run one job. A mismatch
+    # would otherwise fail obscurely inside DDP (another model) or silently train diverging replicas
+    # (another learning rate). Every rank learns every difference, so every rank fails with the same message.
+    import torch.distributed as dist
+
+    differences = _differences(container, broadcast_object(container, env))
+    everyone = [None] * env.world_size
+    dist.all_gather_object(everyone, differences)
+    where = "; ".join(f"rank {r} has {', '.join(d)}" for r, d in enumerate(everyone) if d)
+    if where:
+        raise ValueError(
+            f"the nodes of this job were started with different configs: {where}. "
+            "Start every node with the same overrides"
+        )
+
+
+def _differences(mine, rank0, prefix: str = "") -> list[str]:
+    if isinstance(mine, dict) and isinstance(rank0, dict):
+        out = []
+        for key in sorted(mine.keys() | rank0.keys(), key=str):
+            out += _differences(mine.get(key), rank0.get(key), f"{prefix}{key}.")
+        return out
+    key = prefix.rstrip(".")
+    return [] if mine == rank0 or key in NODE_LOCAL_KEYS else [f"{key}={mine!r} (rank 0: {rank0!r})"]
 
 
 def launch(cfg, nproc: int) -> dict | None:
@@ -83,19 +121,35 @@ def launch(cfg, nproc: int) -> dict | None:
     try:
         results = elastic_launch(launch_config(cfg.launcher, nproc), worker_entry)(container, nproc)
     except ChildFailedError as e:
+        # A spawned worker's traceback reaches nobody but the agent's error file: show the failed rank's.
+        rank, failure = e.get_first_failure()
+        if trace := _traceback(failure.message):
+            print(f"shardlab: rank {rank}:\n{trace.rstrip()}", file=sys.stderr, flush=True)
         raise WorkerFailed(describe_failure(e)) from None
     return results.get(0)  # rank 0's summary (None on the other nodes of a multi-node job)
 
 
 def describe_failure(e: ChildFailedError) -> str:
-    rank, failure = min(e.failures.items())  # the first rank that failed
-    cause = _last_error_line(failure.message) if isinstance(failure.message, str) else ""
-    if failure.signal_name() and failure.exitcode < 0:
+    rank, failure = e.get_first_failure()  # the earliest failure this node's agent saw
+    # The exception the worker recorded is the cause, even when the process then died of a signal on its
+    # way out; without one (no error file: torch's message is then a link to its docs) only the signal is.
+    cause = _error_line(failure.message) if failure.error_file != NO_ERROR_FILE else ""
+    if not cause and failure.exitcode < 0:
         cause = f"killed by {failure.signal_name()}"
     return f"rank {rank} failed (exit code {failure.exitcode}): {cause or 'see its output above'}"
 
 
-def _last_error_line(message: str) -> str:
-    # The recorded message ends with the traceback; its last non-empty line is "ExcType: what".
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+def _error_line(message) -> str:
+    # @record's error file holds {"message": "ExcType: what", "extraInfo": {"py_callstack": ...}}; an
+    # error file written by other means may hold a plain string that ends with the traceback.
+    if isinstance(message, dict):
+        lines = [line.strip() for line in str(message.get("message", "")).splitlines() if line.strip()]
+        return lines[0] if lines else ""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def _traceback(message) -> str:
+    if isinstance(message, dict):
+        return str(message.get("extraInfo", {}).get("py_callstack", ""))
+    return ""

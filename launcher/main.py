@@ -1,6 +1,7 @@
 # What train.py calls once Hydra has composed the config: validate at the boundary, then run in this
 # process (world size 1), under the torchrun that started us (style 1), or start the workers (styles 2, 3).
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -12,9 +13,12 @@ from launcher.compose import fail
 from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
 from trainer.checks import validate
 from trainer.config import SCHEMAS
-from trainer.dist import DistEnv, broadcast_object, close_distributed, init_distributed
+from trainer.dist import DistEnv, broadcast_object, close_distributed, device_type, init_distributed
 from trainer.loggers import write_json_atomic
 from trainer.loop import train
+
+# Longer than two polls of the elastic agent (launcher.monitor_interval, 0.5 s) and torchrun's (0.1 s).
+FAILURE_GRACE_S = 2.0
 
 
 def under_torchrun() -> bool:
@@ -40,13 +44,18 @@ def run_worker(cfg: DictConfig, env: DistEnv) -> dict:
         if env.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        return train(cfg, env, run_dir)
+        summary = train(cfg, env, run_dir)
     except BaseException as e:
         if env.is_rank0:
             record_failure(run_dir, f"rank {env.rank}: {first_line(e)}")
+        if isinstance(e, Exception) and env.world_size > 1:
+            # No barrier and no teardown here: the other ranks are still inside the step's collectives,
+            # so a barrier would wait for them forever. They fail when this process exits and closes its
+            # connections; waiting first lets the launcher see this rank fail before theirs, and name it.
+            time.sleep(FAILURE_GRACE_S)
         raise
-    finally:
-        close_distributed(env)
+    close_distributed(env)
+    return summary
 
 
 def record_failure(run_dir: Path, reason: str) -> None:
@@ -76,22 +85,33 @@ def main(cfg: DictConfig) -> dict | None:
         return main_torchrun(cfg)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        nproc = resolve_nproc(cfg.launcher.nproc_per_node)
+        nproc = resolve_nproc(cfg.launcher.nproc_per_node, cfg.trainer.device)
         check_gpus(nproc, cfg.trainer.device)
-        validate(cfg, nproc * cfg.launcher.nnodes, "cuda" if _cuda_available() else "cpu")
+        # The device the workers will use, not merely whether a GPU is present: trainer.device=cpu on a
+        # GPU machine must be checked as a CPU run.
+        validate(cfg, nproc * cfg.launcher.nnodes, device_type(cfg.trainer.device))
     except ValueError as e:
         if not multirun:
             fail(str(e))
         record_failure(run_dir, str(e))
         return job_outcome(run_dir, {"status": "failed", "error": str(e)})
+    # -m sweeps: name the job's wandb run after the sweep; with sweep.resume=true reuse an earlier success
+    from launcher.sweep import fill_sweep_logger, reuse_previous_success
+
+    fill_sweep_logger(cfg)
+    if (reused := reuse_previous_success(cfg, run_dir, nproc * cfg.launcher.nnodes)) is not None:
+        return reused
     print(f"shardlab: run directory {run_dir}", flush=True)
+    in_process = nproc * cfg.launcher.nnodes == 1 and not multirun
     try:
-        if nproc * cfg.launcher.nnodes == 1 and not multirun:
+        if in_process:
             summary = run_worker(cfg, init_distributed(cfg.trainer.device, cfg.strategy.name != "single"))
         else:  # a sweep job always runs in its own processes, so one job's crash cannot take the sweep down
             summary = launch(cfg, nproc)
     except Exception as e:
-        reason = str(e) if isinstance(e, WorkerFailed) else f"rank 0 failed: {first_line(e)}"
+        # Not a WorkerFailed from a launch: the launcher itself failed (rendezvous, a signal), not rank 0.
+        who = "rank 0" if in_process else "launcher"
+        reason = str(e) if isinstance(e, WorkerFailed) else f"{who} failed: {first_line(e)}"
         if not isinstance(e, WorkerFailed):
             traceback.print_exc()
         record_failure(run_dir, reason)
@@ -107,9 +127,3 @@ def job_outcome(run_dir: Path, summary: dict | None) -> dict | None:
         detail = summary.get("error") or f"final loss {summary.get('final_loss', float('nan')):.4f}"
         print(f"shardlab: {status}: {run_dir}: {detail}", flush=True)
     return summary
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

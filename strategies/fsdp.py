@@ -20,7 +20,8 @@ def apply_fsdp(model: nn.Module, mesh, cfg, *, precision, **_) -> nn.Module:
     mp = MixedPrecisionPolicy(
         param_dtype=precision.compute_dtype if precision.autocast else None, reduce_dtype=torch.float32
     )
-    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    # Pinned host memory needs an accelerator: on a CPU-only run the "offload" is a plain CPU copy.
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     for block in blocks(model):
         fully_shard(
             block,

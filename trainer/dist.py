@@ -23,12 +23,18 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-def pick_device(pref: str, local_rank: int) -> torch.device:
+def device_type(pref: str) -> str:
+    # trainer.device -> the device type the workers will use. The launcher asks this before any worker
+    # starts, so a bad value fails there; is_available() creates no CUDA context.
     if pref not in ("auto", "cpu", "cuda"):
         raise ValueError(f"unknown trainer.device {pref!r}: valid options are auto, cpu, cuda")
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu")
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu")
+    return "cuda" if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def pick_device(pref: str, local_rank: int) -> torch.device:
+    if device_type(pref) == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -1,0 +1,98 @@
+# One 2-process gloo group for many runs: torch's elastic launch (spawn, c10d rendezvous on localhost:0,
+# as launcher/elastic.py starts workers) calls a module-level function of this file in each worker, which
+# runs the given jobs one after another in the same process group. Starting a group costs seconds on this
+# machine; a tiny run costs a fraction of one.
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from torch.distributed.tensor import DTensor
+
+from trainer.dist import close_distributed, init_distributed
+
+
+def launch(fn, *args, nproc: int = 2) -> dict:
+    # -> {rank: what fn returned there}. A failing worker raises ChildFailedError naming its rank.
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex[:12],
+        rdzv_endpoint="localhost:0",
+        rdzv_backend="c10d",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    return elastic_launch(config, fn)(*args)
+
+
+def run_jobs(jobs: list[tuple[str, str, dict]], out: str) -> dict[str, dict]:
+    # jobs: (kind, name, resolved config). kind "train": trainer.loop.train in <out>/<name>, returning its
+    # summary (rank 0 also writes metrics.jsonl and summary.json there); "inspect": build the parallel
+    # model the way train() does and describe its parameters.
+    torch.set_num_threads(1)  # 2 cores, 2 ranks: more threads only spin against each other
+    env = init_distributed("cpu", need_group=True)
+    results = {}
+    for kind, name, container in jobs:
+        cfg = OmegaConf.create(container)
+        run_dir = Path(out) / name
+        cfg.run_dir = str(run_dir)
+        if env.is_rank0:
+            run_dir.mkdir(parents=True)
+        dist.barrier()
+        results[name] = _train(cfg, env, run_dir) if kind == "train" else _inspect(cfg, env)
+    close_distributed(env)
+    return results
+
+
+def _train(cfg, env, run_dir: Path) -> dict:
+    from trainer.loop import train
+
+    return train(cfg, env, run_dir)
+
+
+def _inspect(cfg, env) -> dict:
+    from trainer.checks import validate
+    from trainer.loop import build_parallel_model
+    from trainer.precision import build_precision
+
+    args = validate(cfg, env.world_size, env.device.type)
+    model, mesh, _ = build_parallel_model(args, cfg, env, build_precision(cfg.precision.name, env.device))
+    params = {}
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        params[name] = {
+            "dtensor": isinstance(p, DTensor),
+            "placements": [repr(pl) for pl in p.placements] if isinstance(p, DTensor) else [],
+            "mesh_shape": list(p.device_mesh.shape) if isinstance(p, DTensor) else [],
+            "global_numel": p.numel(),
+            "local_numel": local.numel(),
+            "local_device": str(local.device),
+        }
+    # FSDP2 keeps no public handle on the policy a module was sharded with; its parameter group does.
+    state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+    group = getattr(state, "_fsdp_param_group", None)
+    return {
+        "params": params,
+        "offload_policy": type(group.offload_policy).__name__ if group is not None else None,
+        "mesh": dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True)) if mesh is not None else None,
+    }
+
+
+def fail_on_rank(rank: int, container: dict, out: str) -> dict:
+    # The run launcher/elastic.worker_entry makes, except that one rank gets a config naming a data file
+    # its node does not have: the others are inside the model's first collectives when it raises.
+    from launcher.main import run_worker
+
+    torch.set_num_threads(1)
+    env = init_distributed("cpu", need_group=True)
+    cfg = OmegaConf.create(container)
+    cfg.run_dir = out
+    if env.rank == rank:
+        cfg.data.name = "text"
+        cfg.data.path = str(Path(out) / "not-on-this-node.txt")
+    return run_worker(cfg, env)

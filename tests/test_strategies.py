@@ -1,0 +1,210 @@
+# Strategies under a real 2-process gloo group: every strategy reproduces the single-process loss
+# trajectory, FSDP really shards (and so holds about half the state per rank), a bad HSDP mesh fails before
+# any worker starts. All distributed runs share ONE process group (tests/dist_helpers.py) to stay quick.
+import pytest
+import torch
+from conftest import compose_config, read_rows, read_summary, run_cli
+from omegaconf import OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import elastic_launch
+
+from launcher.elastic import describe_failure, launch_config
+from tests import dist_helpers
+from trainer.dist import close_distributed, init_distributed
+from trainer.loop import train
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+# fp32, global batch 8 on real text; a high constant learning rate so five steps move the loss a lot,
+# which makes any difference in gradients or updates show in the trajectory.
+PARITY = (
+    "precision=fp32",
+    "trainer.global_batch_size=8",
+    f"trainer.max_steps={STEPS}",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=0",
+    "optim.min_lr_ratio=1.0",
+)
+RTOL = 1e-5
+
+# name -> overrides on top of PARITY. micro 4 per rank = no accumulation on 2 ranks; micro 2 = 2 micro-steps.
+STRATEGIES = {
+    "ddp": ("strategy=ddp",),
+    "fsdp": ("strategy=fsdp",),
+    "fsdp_grad_op": ("strategy=fsdp_grad_op",),
+    "hsdp_shard2": ("strategy=hsdp", "strategy.shard_size=2"),
+    "hsdp_shard1": ("strategy=hsdp", "strategy.shard_size=1"),
+}
+MICRO = {"noaccum": "trainer.micro_batch_size=4", "accum": "trainer.micro_batch_size=2"}
+PARITY_RUNS = {f"{s}-{m}": (*o, MICRO[m]) for s, o in STRATEGIES.items() for m in MICRO}
+AC_RUNS = {
+    f"{s}-ac_{mode}": (f"strategy={s}", f"strategy.activation_checkpointing={mode}", MICRO["noaccum"])
+    for s in ("ddp", "fsdp")
+    for mode in ("full", "selective")
+}
+OFFLOAD_RUN = {"fsdp_offload-noaccum": ("strategy=fsdp_offload", MICRO["noaccum"])}
+INSPECT = {
+    "fsdp": ("strategy=fsdp",),
+    "hsdp_shard2": ("strategy=hsdp", "strategy.shard_size=2"),
+    "hsdp_shard1": ("strategy=hsdp", "strategy.shard_size=1"),
+    "fsdp_offload": ("strategy=fsdp_offload",),
+}
+
+
+def _config(corpus, *overrides) -> dict:
+    cfg = compose_config("data=text", f"data.path={corpus}", *PARITY, *overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory, text_corpus):
+    # Every distributed run of this file, in one 2-rank group: {rank: {name: summary or description}}.
+    out = tmp_path_factory.mktemp("group")
+    jobs = [
+        ("train", n, _config(text_corpus, *o)) for n, o in {**PARITY_RUNS, **AC_RUNS, **OFFLOAD_RUN}.items()
+    ]
+    jobs += [("inspect", f"inspect-{n}", _config(text_corpus, *o)) for n, o in INSPECT.items()]
+    results = dist_helpers.launch(dist_helpers.run_jobs, jobs, str(out))
+    return results, out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, text_corpus):
+    # The reference: one process, no process group, the whole global batch (and the same in 4 micro-steps).
+    out = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = {}
+        for name, micro in (("noaccum", ()), ("accum", ("trainer.micro_batch_size=2",))):
+            cfg = OmegaConf.create(_config(text_corpus, "strategy=single", *micro))
+            env = init_distributed("cpu", need_group=False)
+            (out / name).mkdir()
+            cfg.run_dir = str(out / name)
+            summary = train(cfg, env, out / name)
+            close_distributed(env)
+            assert summary["world_size"] == 1
+            rows[name] = read_rows(out / name)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _trajectory(rows: list[dict], key: str) -> list[float]:
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    return [r[key] for r in rows]
+
+
+def _assert_same(actual: list[float], expected: list[float], what: str) -> None:
+    worst = max(abs(a - e) / abs(e) for a, e in zip(actual, expected, strict=True))
+    assert worst <= RTOL, f"{what}: relative difference {worst:.2e} > {RTOL:.0e}\n{actual}\n{expected}"
+
+
+def test_single_reference_learns_and_accumulates(single):
+    losses = _trajectory(single["noaccum"], "loss")
+    # Guards the parity tests' power: a trajectory that barely moved would hide wrong gradients.
+    assert losses[0] - losses[-1] > 0.3, losses
+    _assert_same(_trajectory(single["accum"], "loss"), losses, "single, 4 micro-steps")
+
+
+@pytest.mark.parametrize("name", [*PARITY_RUNS, *OFFLOAD_RUN])
+def test_parity_with_single(group, single, name):
+    results, out = group
+    assert results[0][name]["world_size"] == 2
+    rows = read_rows(out / name)
+    for key in ("loss", "grad_norm"):
+        _assert_same(_trajectory(rows, key), _trajectory(single["noaccum"], key), f"{name} {key}")
+    applied = results[0][name]["strategy_applied"]
+    assert applied["name"] == name.split("-")[0].split("_")[0]  # fsdp_grad_op and fsdp_offload are fsdp
+    if name.startswith("fsdp_grad_op"):
+        assert applied["reshard_after_forward"] is False
+
+
+@pytest.mark.parametrize("name", AC_RUNS)
+def test_activation_checkpointing_changes_nothing(group, name):
+    results, out = group
+    strategy, _ = name.split("-")
+    assert results[0][name]["strategy_applied"]["activation_checkpointing"] == name.split("ac_")[1]
+    for key in ("loss", "grad_norm"):
+        _assert_same(
+            _trajectory(read_rows(out / name), key),
+            _trajectory(read_rows(out / f"{strategy}-noaccum"), key),
+            f"{name} {key}",
+        )
+
+
+def test_fsdp_holds_half_the_state_of_ddp(group):
+    results, out = group
+    ratios = []
+    for rank in (0, 1):
+        ddp = results[rank]["ddp-noaccum"]["state_bytes_per_rank"]
+        fsdp = results[rank]["fsdp-noaccum"]["state_bytes_per_rank"]
+        for key in ("params_bytes", "grads_bytes", "optim_state_bytes", "total"):
+            assert fsdp[key] > 0 and ddp[key] > 0, (key, ddp, fsdp)
+        ratios.append(fsdp["total"] / ddp["total"])
+        assert ratios[-1] == pytest.approx(0.5, rel=0.1), (rank, ddp, fsdp)
+    # What the user reads: summary.json, written by rank 0, carries rank 0's measurement.
+    on_disk = read_summary(out / "fsdp-noaccum")
+    assert on_disk["state_bytes_per_rank"] == results[0]["fsdp-noaccum"]["state_bytes_per_rank"]
+    assert (
+        read_summary(out / "ddp-noaccum")["state_bytes_per_rank"]["total"]
+        > on_disk["state_bytes_per_rank"]["total"]
+    )
+
+
+@pytest.mark.parametrize(
+    "name, placements, mesh",
+    [
+        ("fsdp", ["Shard(dim=0)"], {"shard": 2}),
+        ("hsdp_shard2", ["Replicate()", "Shard(dim=0)"], {"replicate": 1, "shard": 2}),
+        ("hsdp_shard1", ["Replicate()", "Shard(dim=0)"], {"replicate": 2, "shard": 1}),
+        ("fsdp_offload", ["Shard(dim=0)"], {"shard": 2}),
+    ],
+)
+def test_parameters_are_sharded(group, name, placements, mesh):
+    results, _ = group
+    shard = mesh["shard"]
+    for rank in (0, 1):
+        described = results[rank][f"inspect-{name}"]
+        assert described["mesh"] == mesh
+        params = described["params"]
+        assert params, "no parameters"
+        for pname, p in params.items():
+            assert p["dtensor"], pname
+            assert p["placements"] == placements, pname
+            assert p["mesh_shape"] == list(mesh.values()), pname
+        total_local = sum(p["local_numel"] for p in params.values())
+        total_global = sum(p["global_numel"] for p in params.values())
+        # Dim 0 of a few small tensors is padded unevenly across ranks, hence approximately.
+        assert total_local == pytest.approx(total_global / shard, rel=0.05), (rank, total_local, total_global)
+        if name == "fsdp_offload":
+            assert described["offload_policy"] == "CPUOffloadPolicy"
+            assert {p["local_device"] for p in params.values()} == {"cpu"}
+        else:
+            assert described["offload_policy"] == "OffloadPolicy"
+
+
+def test_hsdp_shard_size_must_divide_world_before_workers_start(tmp_path):
+    code, out, err = run_cli(tmp_path, "strategy=hsdp", "strategy.shard_size=3", "launcher.nproc_per_node=2")
+    assert code == 2, (out, err)
+    assert "strategy.shard_size=3" in err and "divide" in err, err
+    # The launcher prints the run directory only once validation has passed and workers are about to start.
+    assert "run directory" not in out, out
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.timeout(120)
+def test_failing_rank_is_named_and_nothing_hangs(tmp_path):
+    # Rank 1 raises before the model's first collective while rank 0 waits inside it. Before the fix the
+    # failing rank waited at a barrier in its teardown and the job hung until the gloo timeout (30 min);
+    # after it, rank 0's collective fails once rank 1 has gone, and the launcher names rank 1, not rank 0.
+    cfg = compose_config("strategy=ddp", "trainer.global_batch_size=4")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    with pytest.raises(ChildFailedError) as info:
+        elastic_launch(launch_config(cfg.launcher, 2), dist_helpers.fail_on_rank)(
+            1, container, str(tmp_path / "run")
+        )
+    message = describe_failure(info.value)
+    assert message.startswith("rank 1 failed (exit code 1): ValueError: data.path"), message
+    assert "not-on-this-node.txt" in message
