@@ -1,10 +1,12 @@
 # shardlab entry point: Hydra composes the config, then the launcher runs it.
 #   python train.py model=debug attention=standard data=synthetic trainer.max_steps=20
 #   torchrun --nproc_per_node=2 train.py strategy=fsdp
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from launcher.compose import setup_hydra
+from launcher.compose import check_output_dirs, setup_hydra
 from launcher.main import main as run
 
 setup_hydra()
@@ -16,4 +18,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    check_output_dirs(sys.argv[1:])
     main()

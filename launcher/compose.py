@@ -9,6 +9,7 @@ from pathlib import Path
 import psutil
 from omegaconf import OmegaConf
 
+from trainer.checks import unwritable_reason
 from trainer.config import register_configs
 
 _run_dir: str | None = None
@@ -30,6 +31,8 @@ def _new_run_dir(base: str, rdzv_id: str = "") -> str:
     # one multi-node job share launcher.rdzv_id, and so one directory (on a shared filesystem).
     global _run_dir
     if _run_dir is None:
+        if why := unwritable_reason(base):
+            fail(f"the run directory cannot be created under {base} ({why}): set hydra.run.dir=<a writable dir>")
         if rdzv_id:
             _run_dir = f"{base}/multinode/{rdzv_id}"
         elif "TORCHELASTIC_RUN_ID" in os.environ:
@@ -71,6 +74,18 @@ def setup_hydra() -> None:
 
 def config_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def check_output_dirs(argv: list[str]) -> None:
+    # Before Hydra creates the run (or sweep) directory, whose failure would be a traceback: a directory named
+    # on the command line must be one that can be created. Interpolations resolve later: their literal prefix.
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        value = value.strip("'\"")
+        literal = value.split("${", 1)[0]
+        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and literal:
+            if why := unwritable_reason(literal):
+                fail(f"{key}={value} cannot be created ({why}): choose another {key}")
 
 
 def fail(message: str, code: int = 2) -> None:

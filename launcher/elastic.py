@@ -44,6 +44,11 @@ def check_gpus(nproc: int, device_pref: str) -> None:
             f"launcher.nproc_per_node={nproc} but only {gpus} GPU(s) are present: "
             f"use launcher.nproc_per_node={gpus} (or auto), or trainer.device=cpu"
         )
+    if device_pref == "cuda" and not gpus and nproc > 1:  # one process: trainer.device's own check says it
+        raise ValueError(
+            f"launcher.nproc_per_node={nproc} with trainer.device=cuda, but no GPU is present (0 GPUs): "
+            f"run on a machine with {nproc} GPUs, or use trainer.device=cpu for {nproc} CPU processes"
+        )
 
 
 def launch_config(launcher_cfg, nproc: int) -> LaunchConfig:

@@ -15,7 +15,7 @@ from trainer.checks import validate
 from trainer.config import SCHEMAS
 from trainer.dist import DistEnv, broadcast_object, close_distributed, device_type, init_distributed
 from trainer.loggers import write_json_atomic
-from trainer.loop import train
+from trainer.loop import NonFiniteLoss, train
 
 # Longer than two polls of the elastic agent (launcher.monitor_interval, 0.5 s) and torchrun's (0.1 s).
 FAILURE_GRACE_S = 2.0
@@ -112,7 +112,7 @@ def main(cfg: DictConfig) -> dict | None:
         # Not a WorkerFailed from a launch: the launcher itself failed (rendezvous, a signal), not rank 0.
         who = "rank 0" if in_process else "launcher"
         reason = str(e) if isinstance(e, WorkerFailed) else f"{who} failed: {first_line(e)}"
-        if not isinstance(e, WorkerFailed):
+        if not isinstance(e, (WorkerFailed, NonFiniteLoss)):  # a NaN loss is the run's outcome, not a bug
             traceback.print_exc()
         record_failure(run_dir, reason)
         if not multirun:

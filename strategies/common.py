@@ -11,7 +11,23 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     for owner in (model, getattr(model, "model", None)):
         if owner is not None and isinstance(getattr(owner, "layers", None), nn.ModuleList):
             return owner.layers
-    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} (no .layers ModuleList)")
+    # Hugging Face models name their decoder-layer class in _no_split_modules (what accelerate's and FSDP's
+    # auto-wrap policies use): the blocks are the ModuleList made of it (LlamaDecoderLayer, GPT2Block, ...).
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(_is_one_of(b, names) for b in m):
+            return m
+    raise ValueError(
+        f"cannot find the transformer blocks of {type(model).__name__} (no .layers ModuleList, and no "
+        "ModuleList of the classes its _no_split_modules names)"
+    )
+
+
+def _is_one_of(block: nn.Module, class_names: set[str]) -> bool:
+    # Through the wrappers compile and AC put around a block, and FSDP2's subclass of its class.
+    for attr in ("_orig_mod", "_checkpoint_wrapped_module"):
+        block = getattr(block, attr, block)
+    return any(cls.__name__ in class_names for cls in type(block).__mro__)
 
 
 def apply_ac(model: nn.Module, mode: str, every: int) -> None:
@@ -22,6 +38,9 @@ def apply_ac(model: nn.Module, mode: str, every: int) -> None:
             f"unknown activation_checkpointing {mode!r}: valid options are {', '.join(AC_MODES)}"
         )
     if mode == "none":
+        return
+    if hasattr(model, "enable_activation_checkpointing"):  # HF models: their own checkpointing hook
+        model.enable_activation_checkpointing(1 if mode == "full" else every)
         return
     layers = blocks(model)
     for i, block in enumerate(layers):

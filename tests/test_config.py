@@ -20,7 +20,10 @@ NOT_WALKED = {"sweep", "hydra"}
 GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and d.name not in NOT_WALKED)
 # Trained in-process here; every other model preset is compose-only (counted, built on meta, never
 # allocated), and the other strategies need a world of 2: the distributed tests train them.
-TRAINED_MODELS = {"debug", "gpt2_debug", "llama_20m"}
+TRAINED_MODELS = {"debug", "gpt2_debug", "llama_20m", "hf_llama_debug", "hf_gpt2_debug"}
+# Options that need one more value to compose: bare model=hf needs a local path or an inline model_type
+# (LlamaConfig's defaults are Llama-2-7B shapes, so it stays compose-only).
+NEEDS = {("model", "hf"): ["+model.hf_config.model_type=llama"]}
 TRAINED_STRATEGIES = {"single"}
 # Published sizes of the big presets, to 1%.
 PUBLISHED_PARAMS = {"gpt2_124m": 124.4e6, "llama_160m": 162e6, "llama_1b": 1.236e9, "llama3_8b": 8.03e9}
@@ -45,7 +48,8 @@ def test_the_walk_sees_every_schema_group():
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_option(group, option, tmp_path):
     # A group outside the main config's defaults (an experiment/ preset) is added with `+`.
-    cfg = compose_config(f"{group}={option}" if group in SCHEMAS else f"+{group}={option}")
+    choice = f"{group}={option}" if group in SCHEMAS else f"+{group}={option}"
+    cfg = compose_config(choice, *NEEDS.get((group, option), []))
     if group in SCHEMAS:
         assert cfg.choices[group] == option
     if cfg.choices["model"] not in TRAINED_MODELS or cfg.strategy.name not in TRAINED_STRATEGIES:
@@ -93,6 +97,7 @@ def test_default_config_composes_to_the_documented_defaults():
         "logger": "none",
         "launcher": "local",
         "trainer": "default",
+        "checkpoint": "none",
     }
     assert cfg.data.path == sysconfig.get_paths()["stdlib"]
     assert validate(cfg, 1, "cpu").vocab_size == 256

@@ -1,20 +1,24 @@
 # Cross-field checks, run once at the boundary before any worker starts. Each failure is one ValueError
 # whose message names the fields and the fix.
 import dataclasses
+import os
+from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from models import FAMILIES, MODEL_PRESETS, build_model_args
+from models import FAMILIES, MODEL_PRESETS, build_model, build_model_args
 from models.attention import check_attention_supported
 from strategies.common import AC_MODES
+from trainer import checkpoint
 from trainer.data import data_vocab_size
 from trainer.loggers import BACKENDS
 from trainer.optim import IMPLEMENTATIONS, OPTIMIZERS
-from trainer.precision import PRECISIONS, build_precision
+from trainer.precision import PRECISIONS, Precision, build_precision, require_convertible
 
 DEVICES = ("auto", "cpu", "cuda")
+NONFINITE_POLICIES = ("error", "skip")  # trainer.on_nonfinite
 
 
 def _model_fields(name: str, overrides: dict) -> tuple[str, dict]:
@@ -55,9 +59,12 @@ def _kv_heads(att, name: str, fields: dict, user_kv: int | None) -> tuple[int | 
 
 def resolve_model_args(cfg: DictConfig):
     name = cfg.model.name
-    overrides = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    overrides = {k: v for k, v in model.items() if k != "name" and v is not None and v != {}}
     overrides["attention"] = cfg.attention.impl
     family, fields = _model_fields(name, overrides)
+    if family == "hf":
+        return _resolve_hf_args(cfg, name, overrides)
     for key in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
         if fields[key] < 1:
             raise ValueError(f"model.{key} must be at least 1, got {fields[key]}")
@@ -81,6 +88,25 @@ def resolve_model_args(cfg: DictConfig):
     if n_kv is not None:
         overrides["n_kv_heads"] = n_kv
     return build_model_args(name, overrides)
+
+
+def _resolve_hf_args(cfg: DictConfig, name: str, overrides: dict):
+    # transformers builds the config (a local config.json and/or model.hf_config): read its shapes, then
+    # the attention option's K/V heads become its num_key_value_heads.
+    args = build_model_args(name, overrides)
+    fields = {"n_heads": args.n_heads}
+    if args.has_kv_heads:
+        fields["n_kv_heads"] = args.n_kv_heads
+    user_kv = overrides.get("n_kv_heads", overrides.get("hf_config", {}).get("num_key_value_heads"))
+    n_kv, source = _kv_heads(cfg.attention, name, fields, user_kv)
+    if n_kv is not None and (n_kv < 1 or args.n_heads % n_kv):
+        raise ValueError(
+            f"the model's {args.n_heads} attention heads are not divisible by the K/V head count ({n_kv}, "
+            f"from {source}): choose a K/V head count that divides {args.n_heads}"
+        )
+    if n_kv != args.n_kv_heads:
+        args = build_model_args(name, {**overrides, "n_kv_heads": n_kv})
+    return args
 
 
 def check_model_args(args) -> None:
@@ -141,6 +167,11 @@ def check_strategy(s, world_size: int) -> None:
 def check_optim(o) -> None:
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("optim.implementation", o.implementation, ("auto", *IMPLEMENTATIONS))
+    if o.name == "adamw8bit" and o.implementation != "auto":
+        raise ValueError(
+            f"optim.implementation={o.implementation} picks a kernel of torch's AdamW; optim=adamw8bit has its "
+            "own (compiled on the first step): leave optim.implementation=auto"
+        )
     if not o.lr > 0:
         raise ValueError(f"optim.lr must be positive, got {o.lr}")
     for key in ("beta1", "beta2"):
@@ -159,6 +190,22 @@ def check_device(device: str, available: str) -> str:
     if device == "cuda" and available != "cuda":
         raise ValueError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu or auto")
     return "cpu" if device == "cpu" else available
+
+
+def check_precision(precision: Precision, capability, args) -> None:
+    # capability: the CUDA device's (major, minor), None off CUDA. Every strategy has a loss-scaling path
+    # (GradScaler; ShardedGradScaler under FSDP), so fp16-mixed needs no check here.
+    name = precision.name
+    if precision.linear and precision.linear.startswith("float8") and capability is not None:
+        if tuple(capability) < (8, 9):
+            major, minor = capability
+            raise ValueError(
+                f"precision={name} needs fp8 tensor cores, on NVIDIA GPUs of compute capability 8.9 or newer "
+                f"(L4, L40S, H100, H200); this GPU is {major}.{minor}: use precision=bf16-mixed or precision=int8"
+            )
+    if precision.linear is not None:
+        with torch.device("meta"):  # shapes only
+            require_convertible(build_model(args), name)
 
 
 def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None):
@@ -193,6 +240,7 @@ def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None
     _one_of("logger.name", cfg.logger.name, BACKENDS)
     _one_of("precision.name", cfg.precision.name, PRECISIONS)
     precision = build_precision(cfg.precision.name, torch.device(device_type))
+    check_precision(precision, capability, args)
     check_attention_supported(args.attention, device_type, precision.compute_dtype, capability)
     if cfg.data.max_bytes < 1:
         raise ValueError(f"data.max_bytes must be at least 1, got {cfg.data.max_bytes}")
@@ -202,4 +250,50 @@ def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None
             f"data needs a vocabulary of {need} tokens but model.vocab_size is {args.vocab_size}: "
             f"set model.vocab_size={need} or pick a model with a larger vocabulary"
         )
+    check_checkpoint(cfg, args)
     return args
+
+
+def unwritable_reason(path) -> str | None:
+    # -> why a directory cannot be made at path, or None if it can; creates nothing. The nearest existing
+    # ancestor must be a directory this process may write into (a path under a regular file fails even as root).
+    path = Path(path).expanduser().absolute()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                return f"{p} is a file, not a directory"
+            return None if os.access(p, os.W_OK | os.X_OK) else f"{p} is not writable"
+    return None
+
+
+def check_checkpoint(cfg: DictConfig, args) -> None:
+    # Fault tolerance and the checkpoint a run would resume from (readable, complete, of this model's shapes,
+    # below trainer.max_steps), all before any worker starts. Reads the checkpoint; writes nothing.
+    c, t = cfg.checkpoint, cfg.trainer
+    _one_of("trainer.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
+    for key in ("every_n_steps", "keep_last"):
+        if c[key] < 0:
+            raise ValueError(f"checkpoint.{key} must not be negative, got {c[key]}")
+    restarts = cfg.launcher.max_restarts
+    if restarts > 0 and c.every_n_steps < 1:
+        raise ValueError(
+            f"launcher.max_restarts={restarts} restarts failed workers from the newest checkpoint, but "
+            "checkpoint.every_n_steps=0 saves none, so a restart would start over: add checkpoint=periodic "
+            "(or checkpoint.every_n_steps=N), or set launcher.max_restarts=0"
+        )
+    run_dir = cfg.get("run_dir")
+    root = checkpoint.checkpoint_root(c, Path(run_dir or ".")) if c.dir or run_dir else None
+    if root is not None and (c.every_n_steps > 0 or c.save_final) and (why := unwritable_reason(root)):
+        raise ValueError(
+            f"checkpoint directory {root} cannot be created ({why}): set checkpoint.dir to a writable "
+            "directory, or checkpoint=none"
+        )
+    if root is None and c.resume == "auto":
+        return  # composed without a run directory (tests, planning): nothing to resume
+    path = checkpoint.resolve_resume(c.resume, root)
+    if path is None:
+        return
+    checkpoint.verify(path)
+    with torch.device("meta"):  # shapes only
+        checkpoint.check_compatible(path, build_model(args).state_dict())
+    checkpoint.check_below_max_steps(path, checkpoint.read_train_state(path)["step"], t.max_steps)

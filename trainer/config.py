@@ -22,6 +22,10 @@ class ModelConfig:
     rope_theta: float | None = None
     max_seq_len: int | None = None
     tie_embeddings: bool | None = None
+    # Hugging Face models (model=hf*): a local directory with config.json (and weights, if present), and/or
+    # config fields (model_type when there is no directory); the generic fields above override them.
+    name_or_path: str | None = None
+    hf_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,12 +123,32 @@ class TrainerConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: bool = True
+    on_nonfinite: str = "error"  # a NaN/inf loss: error (stop, keep the last good checkpoint) | skip the step
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: no periodic saves
+    save_final: bool = False  # also save after the last step
+    keep_last: int = 3  # older complete checkpoints are pruned
+    resume: str = "auto"  # auto: newest complete checkpoint in the run dir; none; or a checkpoint directory
+    dir: str | None = None  # default: <run dir>/checkpoints
 
 
 @dataclass
 class MetricsConfig:
     warmup_steps: int = 3  # kept out of throughput figures
     peak_tflops: float | None = None  # dense peak per device, for MFU where the device is unknown
+    # One step measured with PyTorch's MemTracker (params / grads / optimizer / activations / temporaries),
+    # next to the memory planner's prediction, in summary.json
+    memory_breakdown: bool = False
+
+
+@dataclass
+class PlanConfig:
+    # python -m launcher.plan: per-rank memory of this config, and whether it fits
+    device_memory_gb: float | None = None  # per device, decimal GB; None: the visible GPU's, if any
+    device: str | None = None  # cuda | cpu: what to plan for; None: trainer.device if set, else cuda
 
 
 @dataclass
@@ -144,8 +168,10 @@ class Config:
     logger: Any = MISSING
     launcher: Any = MISSING
     trainer: Any = MISSING
+    checkpoint: Any = MISSING
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     run_dir: str | None = None  # set by the launcher: where this run's outputs go
     choices: dict[str, str] = field(default_factory=dict)  # set by the launcher: the option of each group
 
@@ -160,6 +186,7 @@ SCHEMAS = {
     "logger": LoggerConfig,
     "launcher": LauncherConfig,
     "trainer": TrainerConfig,
+    "checkpoint": CheckpointConfig,
 }
 
 

@@ -80,6 +80,7 @@ PRECISION_CLASS: dict[str, str] = {
     "fp16-mixed": "fp16",
     "fp16-true": "fp16",
     "fp8": "fp8",
+    "fp8-rowwise": "fp8",
     "int8": "int8",
 }
 
@@ -107,6 +108,9 @@ def measure_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     # Bytes held by this rank: a DTensor (FSDP2 shard) counts its local shard only.
     def nbytes(t: torch.Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao's 8-bit states): its real storage
+            names, _ = t.__tensor_flatten__()
+            return sum(nbytes(getattr(t, name)) for name in names)
         return t.numel() * t.element_size()
 
     params = list(model.parameters())

@@ -1,9 +1,11 @@
 # AdamW and its schedule: linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps.
+# adamw8bit is torchao's AdamW with both moments quantised to 8 bits in blocks of 256 (one fp32 scale per
+# block): 2 bytes of state per parameter instead of 8. Tensors under 4096 elements keep fp32 states.
 import math
 
 import torch
 
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "adamw8bit")
 # optim.implementation -> torch.optim.AdamW flags; "auto" picks fused on CUDA, foreach elsewhere.
 IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
 
@@ -17,6 +19,13 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    betas = (cfg.beta1, cfg.beta2)
+    if (
+        cfg.name == "adamw8bit"
+    ):  # its own kernel, compiled on the first step: optim.implementation does not apply
+        from torchao.optim import AdamW8bit  # imported only when chosen: torchao is slow to import
+
+        return AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
@@ -24,9 +33,7 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
         raise ValueError(
             f"unknown optim.implementation {impl!r}: valid options are auto, {', '.join(IMPLEMENTATIONS)}"
         )
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **IMPLEMENTATIONS[impl]
-    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **IMPLEMENTATIONS[impl])
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

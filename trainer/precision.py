@@ -1,36 +1,200 @@
-# What each `precision=` option does: the dtype parameters are held in, the autocast dtype for compute,
-# and (under FSDP) the MixedPrecisionPolicy that replaces autocast.
+# What each `precision=` option does, behind one object so the loop never branches on names:
+#   prepare_model(model)   before any strategy wraps it: bf16-true casts the parameters; fp8 and int8 swap the
+#                          Linear layers for torchao's training versions (torchao is imported only then)
+#   context()              autocast for the mixed options (under FSDP its MixedPrecisionPolicy does the cast)
+#   backward / unscale_ / step   fp16-mixed: loss scaling; a step whose gradients overflowed is skipped, counted
 import contextlib
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
+
+# name -> fields of Precision. param_dtype: what the parameters (so the gradients and AdamW's states) are
+# held in; compute_dtype: what matmuls run in; linear: torchao's replacement for the Linear layers.
+PRECISIONS: dict[str, dict] = {
+    "fp32": dict(param_dtype=_F32, compute_dtype=_F32, autocast=False),
+    "tf32": dict(param_dtype=_F32, compute_dtype=_F32, autocast=False, tf32=True),
+    "bf16-mixed": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True),
+    "fp16-mixed": dict(param_dtype=_F32, compute_dtype=_F16, autocast=True, loss_scaling=True),
+    "bf16-true": dict(param_dtype=_BF16, compute_dtype=_BF16, autocast=False),
+    # fp8 and int8 are bf16-mixed whose Linear matmuls run in the low type (torchtitan's recipe): norms,
+    # attention and the output head stay in bf16 / fp32.
+    "fp8": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True, linear="float8_tensorwise"),
+    "fp8-rowwise": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True, linear="float8_rowwise"),
+    "int8": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True, linear="int8"),
+}
+
+# Leaf names of output heads (native models: output; Hugging Face: lm_head). torchao keeps the head in high
+# precision, as torchtitan does: the logits feed the loss directly and are the most sensitive matmul.
+HEAD_NAMES = ("output", "lm_head")
+
+
+class LossScaler:
+    # fp16 underflows below 6e-8 and overflows above 65504: the loss is multiplied by a large scale so small
+    # gradients survive, and a step whose gradients came out inf/nan is skipped and the scale halved. Under
+    # FSDP each rank sees only its shards' gradients, so ShardedGradScaler all-reduces the inf check and every
+    # rank skips the same steps.
+    def __init__(self, device_type: str, sharded: bool):
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(device=device_type)
+        else:
+            self.scaler = torch.amp.GradScaler(device_type)
+        self.skipped_steps = 0
+
+    def step(self, optimizer) -> bool:
+        # GradScaler.update() lowers the scale exactly when the step found inf/nan and was skipped.
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        stepped = self.scaler.get_scale() >= scale
+        self.skipped_steps += not stepped
+        return stepped
 
 
 @dataclass(frozen=True)
 class Precision:
     name: str
-    param_dtype: torch.dtype  # dtype the parameters (and so the optimizer's master copy) are held in
-    compute_dtype: torch.dtype  # dtype of matmuls in forward/backward
+    param_dtype: torch.dtype
+    compute_dtype: torch.dtype
     autocast: bool  # mixed: fp32 parameters, compute autocast to compute_dtype
     device_type: str = "cpu"
+    tf32: bool = False  # CUDA: fp32 matmuls on TF32 tensor cores (10-bit mantissa); nothing on CPU
+    loss_scaling: bool = False
+    linear: str | None = None  # float8_tensorwise | float8_rowwise | int8
+    scaler: LossScaler | None = None
+
+    @property
+    def emulated(self) -> bool:
+        # torchao has no fp8 GEMM off CUDA: it runs the same casts and scales, then a high-precision matmul.
+        return self.linear is not None and self.linear.startswith("float8") and self.device_type != "cuda"
+
+    @property
+    def skipped_steps(self) -> int | None:
+        return self.scaler.skipped_steps if self.scaler is not None else None
 
     def context(self):
         if not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.compute_dtype)
 
+    def with_scaler(self, sharded: bool) -> "Precision":
+        # A fresh scaler of the kind the strategy needs; options without loss scaling are returned as they are.
+        if not self.loss_scaling:
+            return self
+        return dataclasses.replace(self, scaler=LossScaler(self.device_type, sharded))
 
-PRECISIONS = {
-    # name: (parameter dtype, compute dtype, autocast)
-    "fp32": (torch.float32, torch.float32, False),
-    "bf16-mixed": (torch.float32, torch.bfloat16, True),
-}
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        # Before any strategy wraps the model (and on the meta device, for the sharded strategies).
+        if (
+            self.device_type == "cuda"
+        ):  # process-wide: set by every option, so one run never inherits another's
+            torch.set_float32_matmul_precision("high" if self.tf32 else "highest")
+        if self.param_dtype != torch.float32:
+            # Parameters only: buffers (RoPE tables) keep their fp32, as the models compute them.
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data = p.data.to(self.param_dtype)
+        if self.linear is not None:
+            require_convertible(model, self.name)
+            convert_linears(model, self.linear, emulate=self.emulated)
+            if self.emulated:
+                logger.warning(
+                    "precision=%s on %s: torchao emulates the fp8 matmuls in high precision; the loss is "
+                    "fp8's, the speed and memory are not",
+                    self.name,
+                    self.device_type,
+                )
+        return model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scaler.scale(loss)).backward()
+
+    def unscale_(self, optimizer) -> None:
+        # Before clipping: the norm and the clip threshold are about the true gradients, not scaled ones.
+        if self.scaler is not None:
+            self.scaler.scaler.unscale_(optimizer)
+
+    def step(self, optimizer) -> bool:
+        # False: skipped because a gradient was inf/nan (fp16-mixed only; others always step).
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        return self.scaler.step(optimizer)
+
+    def describe(self) -> dict:
+        # What was applied, for summary.json.
+        return {
+            "name": self.name,
+            "param_dtype": str(self.param_dtype).removeprefix("torch."),
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "autocast": self.autocast,
+            "tf32": self.tf32 and self.device_type == "cuda",
+            "linear": self.linear,
+            "emulated": self.emulated,
+            "loss_scaler": type(self.scaler.scaler).__name__ if self.scaler is not None else None,
+        }
 
 
 def build_precision(name: str, device: torch.device) -> Precision:
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}: valid options are {', '.join(PRECISIONS)}")
-    param_dtype, compute_dtype, autocast = PRECISIONS[name]
-    if compute_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    fields = PRECISIONS[name]
+    if fields["compute_dtype"] == _BF16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision={name} needs a GPU with bfloat16 support: use precision=fp32")
-    return Precision(name, param_dtype, compute_dtype, autocast, device.type)
+    return Precision(name, device_type=device.type, **fields).with_scaler(sharded=False)
+
+
+def is_convertible(module: nn.Module, fqn: str) -> bool:
+    # torchao's (and torchtitan's) filter: not the output head, and both dims multiples of 16, which the
+    # fp8 GEMM (torch._scaled_mm) requires. Embeddings are lookups, not Linears, and are never converted.
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.rsplit(".", 1)[-1] not in HEAD_NAMES
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def count_convertible(model: nn.Module) -> int:
+    return sum(is_convertible(m, fqn) for fqn, m in model.named_modules())
+
+
+def require_convertible(model: nn.Module, name: str) -> None:
+    if count_convertible(model) == 0:
+        raise ValueError(
+            f"precision={name} converts nn.Linear layers, and {type(model).__name__} has none that qualify "
+            "(not the output head, both dims multiples of 16; Hugging Face GPT-2 uses Conv1D, not Linear): "
+            "use precision=bf16-mixed, or a model built of nn.Linear (the native ones, Hugging Face Llama)"
+        )
+
+
+def convert_linears(model: nn.Module, kind: str, emulate: bool) -> None:
+    if kind.startswith("float8"):
+        from torchao.float8 import Float8LinearConfig, Float8LinearRecipeName, convert_to_float8_training
+
+        recipe = {"float8_tensorwise": Float8LinearRecipeName.TENSORWISE}.get(
+            kind, Float8LinearRecipeName.ROWWISE
+        )
+        config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+        convert_to_float8_training(model, config=config, module_filter_fn=is_convertible)
+    elif kind == "int8":
+        import torchao
+        from torchao.prototype.quantized_training import int8_mixed_precision_training
+
+        # Forward and both backward matmuls in int8 with dynamic row-wise scales; weights stay in the param
+        # dtype. module_swap: in torchao 0.18 the default tensor-subclass form registers its F.linear override
+        # in the aten table, where F.linear never looks, so it silently computes in high precision.
+        config = int8_mixed_precision_training(module_swap=True)
+        torchao.quantize_(model, config, filter_fn=is_convertible)
+    else:
+        raise ValueError(
+            f"unknown Linear conversion {kind!r}: valid are float8_tensorwise, float8_rowwise, int8"
+        )

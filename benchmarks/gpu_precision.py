@@ -1,0 +1,167 @@
+# Every precision option on a real device, side by side: each runs as its own `python train.py` (a fresh
+# process, so peak memory and process-wide settings such as TF32 are its own), then one table: did it
+# train (steps, finite loss), tokens/s and its ratio to fp32, peak memory, bytes per parameter of weights
+# and optimizer state. On CUDA fp8 must run for real (not emulated) on compute capability >= 8.9 and be
+# refused up front, with the reason, below it. Run from the repo root where a GPU is lent:
+#   python -m benchmarks.gpu_precision                       # llama_160m, single GPU
+#   python -m benchmarks.gpu_precision --model llama_1b --steps 30 --set trainer.seq_len=2048
+#   python -m benchmarks.gpu_precision --device cpu --model llama_20m   # the CPU figures in the README
+# Exit status 1 if a run failed that should have run, or fp8 misbehaved.
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trainer.precision import PRECISIONS
+
+REPO = Path(__file__).resolve().parent.parent
+# name -> overrides; adamw8bit is an optimizer, measured against fp32 + adamw.
+RUNS = {name: (f"precision={name}",) for name in PRECISIONS}
+RUNS["adamw8bit"] = ("precision=fp32", "optim=adamw8bit")
+
+
+def run_one(name: str, overrides: tuple[str, ...], opts, tmp: Path) -> dict:
+    run_dir = tmp / name
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"model={opts.model}",
+        "data=synthetic",
+        f"trainer.device={opts.device}",
+        f"trainer.max_steps={opts.steps}",
+        f"trainer.global_batch_size={opts.batch}",
+        f"trainer.seq_len={opts.seq_len}",
+        f"trainer.log_every={opts.steps}",
+        "trainer.progress_bar=false",
+        f"metrics.warmup_steps={opts.warmup}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+        *opts.set,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=opts.timeout)
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    if proc.returncode != 0 and summary.get("status") != "failed":
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        summary = {"status": "failed", "error": lines[-1] if lines else f"exit {proc.returncode}"}
+    return summary
+
+
+def median_run(runs: list[dict]) -> dict:
+    # The run with the median tokens/s stands for the option (a failure anywhere is the result).
+    if any(s.get("status") != "ok" for s in runs):
+        return next(s for s in runs if s.get("status") != "ok")
+    return sorted(runs, key=lambda s: s.get("tokens_per_s_median") or 0.0)[len(runs) // 2]
+
+
+def memory_gb(s: dict) -> float | None:
+    for key in ("mem_allocated_peak_gb_max", "mem_allocated_peak_gb", "peak_rss_gb_max", "peak_rss_gb"):
+        if s.get(key) is not None:
+            return s[key]
+    return None
+
+
+def per_param(s: dict, key: str) -> str:
+    state = s.get("state_bytes_per_rank") or {}
+    n = s.get("n_params")
+    return f"{state[key] / n:.2f}" if n and key in state else "-"
+
+
+def fp8_verdict(name: str, s: dict, capability) -> str | None:
+    # None: fine. On CUDA fp8 must be real on sm89+ and refused with the reason below it.
+    if not name.startswith("fp8") or capability is None:
+        return None
+    if tuple(capability) >= (8, 9):
+        if s.get("status") != "ok":
+            return f"{name} should run on sm{capability[0]}{capability[1]}: {s.get('error')}"
+        return f"{name} ran emulated on a GPU that has fp8" if s.get("emulated") else None
+    if s.get("status") == "ok" or "compute capability 8.9" not in str(s.get("error")):
+        return f"{name} on sm{capability[0]}{capability[1]} should be refused up front, got {s.get('status')}"
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--model", default="llama_160m")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat all runs, interleaved; report medians")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--only", nargs="*", default=None, help="a subset of: " + ", ".join(RUNS))
+    ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, key=value")
+    opts = ap.parse_args()
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU visible: run where a GPU is lent, or pass --device cpu", file=sys.stderr)
+        return 2
+    capability = torch.cuda.get_device_capability() if opts.device == "cuda" else None
+    device = torch.cuda.get_device_name() if capability else "cpu"
+    names = opts.only or list(RUNS)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        # Interleaved (fp32, bf16-mixed, ..., fp32, bf16-mixed, ...): machine noise hits every option alike.
+        for r in range(opts.rounds):
+            for name in names:
+                s = run_one(name, RUNS[name], opts, Path(tmp) / f"round{r}")
+                rounds[name].append(s)
+                print(
+                    f"round {r} {name}: {s.get('status')} {s.get('error', '')}", file=sys.stderr, flush=True
+                )
+    results = {name: median_run(runs) for name, runs in rounds.items()}
+
+    base = results.get("fp32", {}).get("tokens_per_s_median")
+    print(
+        f"\n{device} (capability {capability}), model={opts.model}, batch {opts.batch} x {opts.seq_len}, "
+        f"{opts.steps} steps ({opts.warmup} warm-up), median of {opts.rounds} round(s) {' '.join(opts.set)}"
+    )
+    mem_kind = "peak alloc GB" if capability else "peak RSS GB"
+    header = ["run", "status", "steps", "loss first->last", "tokens/s", "vs fp32", mem_kind, "W B/param",
+              "opt B/param", "notes"]  # fmt: skip
+    rows, problems = [], []
+    for name, s in results.items():
+        ok = s.get("status") == "ok"
+        loss_ok = ok and all(math.isfinite(s.get(k) or math.nan) for k in ("first_loss", "final_loss"))
+        tps = s.get("tokens_per_s_median")
+        notes = []
+        if s.get("emulated"):
+            notes.append("emulated")
+        if s.get("skipped_steps"):
+            notes.append(f"{s['skipped_steps']} skipped")
+        if not ok:
+            notes.append(str(s.get("error", ""))[:90])
+        rows.append([
+            name,
+            s.get("status", "?"),
+            str(s.get("steps", "-")),
+            f"{s['first_loss']:.3f}->{s['final_loss']:.3f}" if loss_ok else "-",
+            f"{tps:,.0f}" if tps else "-",
+            f"{tps / base:.2f}x" if tps and base else "-",
+            f"{memory_gb(s):.2f}" if memory_gb(s) is not None else "-",
+            per_param(s, "params_bytes"),
+            per_param(s, "optim_state_bytes"),
+            "; ".join(notes),
+        ])  # fmt: skip
+        if (verdict := fp8_verdict(name, s, capability)) is not None:
+            problems.append(verdict)
+        elif not name.startswith("fp8") and not loss_ok:
+            problems.append(f"{name}: {s.get('error', 'non-finite loss')}")
+        elif name.startswith("fp8") and ok and not loss_ok:
+            problems.append(f"{name}: non-finite loss")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    print("all checks passed" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

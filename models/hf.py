@@ -1,0 +1,327 @@
+# Hugging Face transformers causal LMs behind the native models' interface: forward(tokens) -> logits, and
+# seeded name-based initialisation (fill_param_ / init_weights / reset_buffers), so the meta-device FSDP
+# path and the single-process path start from the same weights. Strategies find the decoder layers through
+# the model's _no_split_modules (strategies/common.py) and checkpoint through its own hook
+# (enable_activation_checkpointing). transformers is imported only when an HF model is chosen, and nothing
+# is ever downloaded: name_or_path must be a local directory.
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .attention import ATTENTION
+from .flops import num_params
+from .llama import canonical_name, seeded_generator
+
+# shardlab's generic model fields -> the names every transformers config answers to (GPT2Config maps
+# hidden_size to n_embd and so on through its attribute_map).
+HF_NAMES = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+    "max_seq_len": "max_position_embeddings",
+    "tie_embeddings": "tie_word_embeddings",
+}
+# attention= option -> attn_implementation. flash is SDPA with its backend pinned to flash (see forward),
+# or flash_attention_2 where the flash-attn package is installed and the tokens are on a GPU.
+ATTN_IMPLEMENTATION = {"standard": "eager", "sdpa": "sdpa", "flash": "sdpa"}
+# Weight matrices that write into the residual stream (Llama o_proj/down_proj, GPT-2 c_proj): scaled by
+# 1/sqrt(2 * n_layers) at init, as the native models do.
+RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "c_proj.weight")
+_NO_PATH = (
+    "shardlab never downloads at run time: download the model first (e.g. `hf download <repo> --local-dir "
+    "DIR`, or save_pretrained(DIR)) and set model.name_or_path=DIR, or give the architecture inline as "
+    "model.hf_config (with its model_type, e.g. model=hf_llama_debug)"
+)
+
+PRESETS: dict[str, dict] = {
+    # model.name_or_path or model.hf_config says what to build; base_config is a preset's own config fields,
+    # which model.hf_config and then the generic fields (model.dim, ...) override.
+    "hf": {},
+    # The native `debug` Llama's shapes as transformers' LlamaConfig (~1.07 M parameters, byte vocab).
+    "hf_llama_debug": dict(
+        base_config=dict(
+            model_type="llama",
+            vocab_size=256,
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        )
+    ),
+    # The native `gpt2_debug` shapes as GPT2Config, without dropout (as the native model), byte vocab.
+    "hf_gpt2_debug": dict(
+        base_config=dict(
+            model_type="gpt2",
+            vocab_size=256,
+            n_embd=128,
+            n_layer=4,
+            n_head=4,
+            n_positions=512,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ),
+}
+
+
+@dataclass
+class HFArgs:
+    name_or_path: str | None = (
+        None  # a local directory with config.json (and, if present, safetensors weights)
+    )
+    hf_config: dict[str, Any] = field(default_factory=dict)  # config fields; with model_type when no path
+    base_config: dict[str, Any] = field(default_factory=dict)  # the preset's config fields, under hf_config
+    attention: str = "sdpa"  # a key of models.attention.ATTENTION
+    # Generic overrides (HF_NAMES); after __post_init__ they hold the built config's values.
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None  # None after __post_init__: the architecture has no grouped K/V heads
+    vocab_size: int | None = None
+    max_seq_len: int | None = None
+    tie_embeddings: bool | None = None
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION)}")
+        self.config = build_config(self)  # a transformers PretrainedConfig
+        for ours, theirs in HF_NAMES.items():
+            setattr(self, ours, getattr(self.config, theirs, None))
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def has_kv_heads(self) -> bool:
+        return hasattr(self.config, "num_key_value_heads")
+
+
+def build_config(args: HFArgs):
+    from transformers import AutoConfig
+
+    fields = {**args.base_config, **args.hf_config}
+    if args.name_or_path is not None:
+        path = Path(args.name_or_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model.name_or_path={args.name_or_path!r} is not a local directory with a config.json: {_NO_PATH}"
+            )
+        fields = {**json.loads((path / "config.json").read_text()), **fields}
+    elif "model_type" not in fields:
+        raise ValueError(f"model=hf needs model.name_or_path or model.hf_config.model_type: {_NO_PATH}")
+    for ours, theirs in HF_NAMES.items():
+        value = getattr(args, ours)
+        if value is None:
+            continue
+        key = next((k for k in (theirs, _attribute_map(fields).get(theirs)) if k in args.hf_config), theirs)
+        if key in args.hf_config and args.hf_config[key] != value:  # never silently overrule either
+            raise ValueError(
+                f"model.{ours}={value} and model.hf_config.{key}={args.hf_config[key]} both set the "
+                f"{theirs} of the Hugging Face config: keep one of them"
+            )
+        fields[_attribute_map(fields).get(theirs, theirs)] = value
+    # A config is built once, with every field: derived fields (Llama's head_dim) are computed at init.
+    config = AutoConfig.for_model(**fields)
+    _check_known(config, {**args.base_config, **args.hf_config})
+    if args.n_kv_heads is not None and not hasattr(config, "num_key_value_heads"):
+        raise ValueError(f"{type(config).__name__} has no grouped K/V heads: leave model.n_kv_heads unset")
+    return config
+
+
+def _attribute_map(fields: dict) -> dict:
+    from transformers import CONFIG_MAPPING
+
+    return getattr(CONFIG_MAPPING[fields["model_type"]], "attribute_map", {})
+
+
+def _check_known(config, overrides: dict) -> None:
+    # transformers keeps unknown keyword arguments as plain attributes, so a typo in model.hf_config would
+    # silently do nothing. Known: the config's dataclass fields, its attribute_map, or a key its __init__
+    # consumed (rope_theta goes into rope_parameters). config.json is not checked: old ones carry legacy keys.
+    if not dataclasses.is_dataclass(config):
+        return
+    known = {f.name for f in dataclasses.fields(config)} | set(type(config).attribute_map)
+    unknown = sorted(k for k in overrides if k not in known and k in vars(config))
+    if unknown:
+        raise ValueError(
+            f"{type(config).__name__} has no field(s) {unknown} (model.hf_config or config.json); valid: "
+            f"{', '.join(sorted(known))}"
+        )
+
+
+def _flash_attention_2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+_COUNTS: dict[tuple[str, bool], int] = {}
+
+
+def param_count(args: HFArgs, exclude_embedding: bool = False) -> int:
+    # The native models' convention (models/flops.py num_params), counted on the module the config builds:
+    # on the meta device, shapes only, so even an 8 B config allocates nothing.
+    key = (args.config.to_json_string(), exclude_embedding)
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            _COUNTS[key] = num_params(HFCausalLM(args), exclude_embedding=exclude_embedding)
+    return _COUNTS[key]
+
+
+def checkpoint_files(name_or_path: str | None) -> dict[str, Path] | None:
+    # tensor name -> safetensors file, when the directory holds weights; None: initialise randomly.
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path).expanduser()
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            return dict.fromkeys(f.keys(), path / "model.safetensors")
+    if (index := path / "model.safetensors.index.json").is_file():
+        return {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    if list(path.glob("*.bin")):
+        raise ValueError(
+            f"{path} holds PyTorch .bin weights; shardlab reads safetensors only: load the model once with "
+            "transformers and save_pretrained(DIR) (safetensors by default), then point model.name_or_path at DIR"
+        )
+    return None
+
+
+class HFCausalLM(nn.Module):
+    def __init__(self, args: HFArgs):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.args = args
+        # fp32 whatever the config says: the precision option decides dtypes. A copy: from_config writes to it.
+        self.hf = AutoModelForCausalLM.from_config(
+            copy.deepcopy(args.config),
+            attn_implementation=ATTN_IMPLEMENTATION[args.attention],
+            dtype=torch.float32,
+        )
+        self.hf.train()
+        self._checkpoint = checkpoint_files(args.name_or_path)
+        # Name-based init needs to know, before any wrapper renames things: which parameters are norms'
+        # (weight 1, bias 0: transformers' own rule is a class name with "Norm"), and which are tied.
+        self._norm_params = {
+            f"{mod_name}.{leaf}".lstrip(".")
+            for mod_name, m in self.hf.named_modules()
+            if "Norm" in type(m).__name__
+            for leaf, _ in m.named_parameters(recurse=False)
+        }
+        first: dict[int, str] = {}  # id(parameter) -> its first name
+        owner = {
+            name: first.setdefault(id(p), name)
+            for name, p in self.hf.named_parameters(remove_duplicate=False)
+        }
+        self._tied = {k: v for k, v in owner.items() if k != v}  # a tied weight's other names -> its first
+
+    def _apply(self, fn, recurse=True):
+        # to_empty() from meta makes a new Parameter per module, untying the output head from the embedding
+        # (as in the native Transformer); tie it again.
+        super()._apply(fn, recurse)
+        if self._tied and getattr(self.args.config, "tie_word_embeddings", False):
+            out, inp = self.hf.get_output_embeddings(), self.hf.get_input_embeddings()
+            if out is not None and out.weight is not inp.weight:
+                out.weight = inp.weight
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
+        if (
+            self.args.attention == "flash"
+            and tokens.is_cuda
+            and self.hf.config._attn_implementation == "sdpa"
+        ):
+            # Decided here, where the device is known (a sharded model is built on meta): the flash-attn
+            # package's kernels when it is installed, else SDPA's own flash kernel.
+            if _flash_attention_2_available():
+                self.hf.set_attn_implementation("flash_attention_2")
+        # flash: SDPA pinned to its flash kernel, so a fallback to the math kernel (T x T scores) is an error.
+        pinned = self.args.attention == "flash" and self.hf.config._attn_implementation == "sdpa"
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if pinned else contextlib.nullcontext():
+            return self.hf(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)
+
+    def enable_activation_checkpointing(self, every: int) -> None:
+        # The model's own hook: every `every`-th decoder layer recomputes its activations in backward.
+        # (transformers 5's name for gradient_checkpointing_enable). Non-reentrant, which FSDP2 needs.
+        self.hf.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every)
+
+    def _hf_name(self, name: str) -> str:
+        name = canonical_name(name)
+        return name.removeprefix("hf.")
+
+    def fill_param_(self, name: str, tensor: torch.Tensor, seed: int) -> None:
+        # The checkpoint's tensor when name_or_path holds weights; else seeded from (seed, name) alone, so
+        # every rank and every sharding gets the same numbers.
+        if tensor.is_meta:
+            return
+        name = self._tied.get(self._hf_name(name), self._hf_name(name))
+        if self._checkpoint is not None:
+            tensor.copy_(self._load(name))
+            return
+        if name in self._norm_params:
+            tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            tensor.zero_()
+        else:
+            std = getattr(self.args.config, "initializer_range", 0.02)
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                std /= math.sqrt(2 * self.args.n_layers)
+            tensor.normal_(0.0, std, generator=seeded_generator(name, seed, tensor.device))
+
+    def _load(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        prefix = f"{self.hf.base_model_prefix}."
+        # Base-model checkpoints (GPT-2's own) name tensors without the causal-LM wrapper's prefix.
+        key = name if name in self._checkpoint else name.removeprefix(prefix)
+        if key not in self._checkpoint:
+            raise ValueError(f"{self.args.name_or_path} has no tensor {name!r} for this model")
+        with safe_open(self._checkpoint[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
+        for name, p in self.named_parameters():
+            self.fill_param_(name, p.data, seed)
+        self.reset_buffers(buffer_device)
+
+    def reset_buffers(self, device: torch.device | None = None) -> None:
+        # After to_empty() the buffers (RoPE inv_freq) hold garbage: transformers' own _init_weights
+        # recomputes them, module by module; modules holding parameters too are left to fill_param_.
+        device = self.hf.get_input_embeddings().weight.device if device is None else device
+        with torch.no_grad():
+            for module in self.hf.modules():
+                names = [name for name, _ in module.named_buffers(recurse=False)]
+                if not names or any(True for _ in module.parameters(recurse=False)):
+                    continue
+                self.hf._init_weights(module)
+                for name in names:  # where compute runs, even when FSDP offloads the parameters to the CPU
+                    module._buffers[name] = module._buffers[name].to(device)
