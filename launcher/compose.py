@@ -32,7 +32,9 @@ def _new_run_dir(base: str, rdzv_id: str = "") -> str:
     global _run_dir
     if _run_dir is None:
         if why := unwritable_reason(base):
-            fail(f"the run directory cannot be created under {base} ({why}): set hydra.run.dir=<a writable dir>")
+            fail(
+                f"the run directory cannot be created under {base} ({why}): set hydra.run.dir=<a writable dir>"
+            )
         if rdzv_id:
             _run_dir = f"{base}/multinode/{rdzv_id}"
         elif "TORCHELASTIC_RUN_ID" in os.environ:

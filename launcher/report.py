@@ -80,7 +80,23 @@ def _world_size(config: dict) -> int | None:
 PASS_THROUGH = (
     "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "tokens_per_s_std", "tokens_per_s_per_device",
     "tflops_per_device", "mfu", "mfu_peak_source", "memory_kind", "final_loss",
+    "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio",
 )  # fmt: skip
+# Predicted (trainer/planner.py, every run) and, with metrics.memory_breakdown=true, measured (PyTorch's
+# MemTracker, one step) peak memory per rank.
+MEMORY_COLUMNS = [("predicted peak GB/rank", 1), ("MemTracker peak GB/rank", 1), ("predicted/measured", 1)]
+
+
+def memory_columns(rows: list[dict]) -> int:
+    # How many of MEMORY_COLUMNS the report shows: none, the prediction, or all three.
+    if any(r.get("memory_measured_peak_gb") is not None for r in rows):
+        return 3
+    return 1 if any(r.get("memory_predicted_peak_gb") is not None for r in rows) else 0
+
+
+def _memory_cells(r: dict, n: int) -> list[str]:
+    values = (r.get("memory_predicted_peak_gb"), r.get("memory_measured_peak_gb"), r.get("memory_peak_ratio"))
+    return ["n/a" if v is None else f"{v:.3f}" for v in values[:n]]
 
 
 def load_job(job_dir: Path) -> dict:
@@ -249,6 +265,7 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
         ("TFLOP/s/device", 1),
         ("MFU", 1),
         (memory_label(rows), 1),
+        *MEMORY_COLUMNS[: memory_columns(rows)],
         ("final loss", 1),
     ]
     head += [("tokens/step", 1)] * unequal + [("run dir", 0)]
@@ -261,7 +278,9 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
         if r["tokens_per_s_p10"] is not None:
             tps += f" ({r['tokens_per_s_p10']:,.0f}-{r['tokens_per_s_p90']:,.0f})"
         cells = [str(r["rank"]), *(str(r["settings"].get(k, "-")) for k in cols), str(r["world_size"] or "?")]
-        cells += [_status(r), tps, *(_cell(r, c, best) for c in list(BEST)[1:])]
+        # BEST's columns in order, with the memory columns before the last one (final loss)
+        cells += [_status(r), tps, *(_cell(r, c, best) for c in list(BEST)[1:-1])]
+        cells += _memory_cells(r, memory_columns(rows)) + [_cell(r, "final_loss", best)]
         cells += [f"{r['tokens_per_step']:,}" if r["tokens_per_step"] else "?"] * unequal
         cells.append(f"`{r['run_dir']}`")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -285,6 +304,12 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
         f"device; **MFU** {mfu}.",
         f"- **Memory:** {memory_label(rows)}.",
     ]
+    if memory_columns(rows):
+        notes.append(
+            "- **Predicted peak**: the memory planner's peak per rank for the job's config (`python -m "
+            "launcher.plan`); **MemTracker peak**: one training step measured by PyTorch's MemTracker on rank 0 "
+            "(metrics.memory_breakdown=true), tensors only, without the allocator's cache or other process memory."
+        )
     if reused:
         notes.append(
             "- **Reused** rows (sweep.resume=true) come from an earlier run of the same resolved config; "
@@ -314,7 +339,7 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
 CSV_COLUMNS = (
     "world_size", "status", "reason", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
     "tokens_per_s_std", "tokens_per_s_per_device", "tflops_per_device", "mfu", "peak_mem_gb", "memory_kind",
-    "final_loss", "tokens_per_step", "steps", "warmup_steps", "reused_from", "run_dir",
+    "final_loss", "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "tokens_per_step", "steps", "warmup_steps", "reused_from", "run_dir",
 )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 # The training loop: build what the config names, then step. Reads top to bottom; the step fits on a screen.
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from trainer.console import ProgressBar, format_summary
 from trainer.data import build_data, micro_batches
 from trainer.dist import DistEnv, mean_across_ranks
 from trainer.loggers import build_loggers
+from trainer.memory import measure_breakdown, memory_step, memory_summary, plan_for_run
 from trainer.metrics import Metrics, measure_state_bytes
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.precision import Precision, build_precision
@@ -102,21 +104,26 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     )
     loggers = build_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.rank)
     bar = ProgressBar(t.max_steps, enabled=env.is_rank0 and t.progress_bar, initial=start)
-    state = {"first_loss": None, "state_bytes": None, "nonfinite_skipped": 0}
+    state = {"first_loss": None, "state_bytes": None, "nonfinite_skipped": 0, "memory": None}
+    # The planner's per-rank peak for this config (arithmetic, every run); with metrics.memory_breakdown one
+    # step is also measured by PyTorch's MemTracker, next to it.
+    plan = plan_for_run(cfg, args, env)
+    mem_step = memory_step(cfg.metrics.memory_breakdown, start, t.max_steps)
     try:
         metrics.start()
         for step in range(start + 1, t.max_steps + 1):
             batches = micro_batches(data, step, env.rank, env.world_size, micro, accum)
-            loss, grad_norm, measured = train_step(
-                model,
-                optimizer,
-                batches,
-                precision,
-                env,
-                accum,
-                cfg.optim.grad_clip,
+            run = functools.partial(
+                train_step, model, optimizer, batches, precision, env, accum, cfg.optim.grad_clip,
                 measure_state=step == start + 1,
-            )
+            )  # fmt: skip
+            if step == mem_step:
+                fsdp = strategies.is_sharded(cfg.strategy.name)
+                state["memory"], (loss, grad_norm, measured) = measure_breakdown(
+                    model, optimizer, run, step, fsdp, env.device, plan
+                )
+            else:
+                loss, grad_norm, measured = run()
             state["state_bytes"] = measured or state["state_bytes"]
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -157,6 +164,8 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
             nonfinite_skipped_steps=state["nonfinite_skipped"],  # trainer.on_nonfinite=skip
             resumed_from=str(resumed_from) if resumed_from else None,
             strategy_applied=strategies.describe(model, cfg.strategy, mesh),
+            memory_breakdown=state["memory"],  # this rank's (rank 0's) measured step and the prediction
+            **memory_summary(plan, state["memory"]),
             run_dir=str(run_dir),
         )
         loggers.summary(summary)

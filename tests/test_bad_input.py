@@ -1,0 +1,196 @@
+# The README's bad-input table, one case per row, through the real CLI: each bad input gives one clear
+# message and a non-zero exit, before any worker starts, and damages nothing already saved (the checkpoints
+# the checkpoint rows point at are hashed before and after).
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cli_env, compose_config, finish_cli, start_cli, train_in_process
+
+from trainer.checks import validate
+
+pytestmark = pytest.mark.slow
+
+# row: (overrides, run dir or None for <tmp>/run, what the message must name). {tmp}: the row's own tmp dir,
+# {ckpt}: a directory of checkpoints made by the fixture, {file}: a regular file.
+HYDRA_ROWS = {
+    # Hydra's own messages (exit 1): what it names is asserted, its layout is Hydra's.
+    "unknown_option": (
+        ["model=nope"],
+        None,
+        ["Could not find 'model/nope'", "debug", "gpt2_debug", "llama_20m"],
+    ),
+    "unknown_key": (["trainer.max_stepz=3"], None, ["trainer.max_stepz", "not in 'TrainerConfig'"]),
+    "wrong_type": (["trainer.max_steps=abc"], None, ["trainer.max_steps", "'abc'", "Integer"]),
+}
+ROWS = {
+    "kv_heads": (["attention.n_kv_heads=3"], None, ["model.n_heads (4)", "K/V head count (3"]),
+    "dim_heads": (["model.n_heads=3"], None, ["model.dim (128)", "model.n_heads (3)"]),
+    "seq_len": (["trainer.seq_len=1024"], None, ["trainer.seq_len (1024)", "model.max_seq_len = 512"]),
+    # No GPU here: trainer.device=cuda is what this machine cannot run (the fp8 capability rule for a GPU
+    # older than 8.9 is checked in-process below).
+    "precision": (["precision=fp8", "trainer.device=cuda"], None, ["trainer.device=cuda", "no CUDA GPU"]),
+    "nproc_gpus": (
+        ["strategy=ddp", "launcher.nproc_per_node=2", "trainer.device=cuda"],
+        None,
+        ["launcher.nproc_per_node=2", "no GPU is present (0 GPUs)"],
+    ),
+    "hsdp_shard": (
+        ["strategy=hsdp", "strategy.shard_size=3", "launcher.nproc_per_node=2"],
+        None,
+        ["strategy.shard_size=3", "does not divide the world size 2"],
+    ),
+    "data_path": (
+        ["data=text", "data.path={tmp}/no-such-dir"],
+        None,
+        ["data.path", "no-such-dir", "does not exist"],
+    ),
+    "output_dir": ([], "{file}/run", ["hydra.run.dir={file}/run", "{file} is a file, not a directory"]),
+    "checkpoint_dir": (
+        ["checkpoint=periodic", "checkpoint.dir={file}/ckpt"],
+        None,
+        ["checkpoint directory {file}/ckpt cannot be created", "{file} is a file", "checkpoint.dir"],
+    ),
+    "corrupt_checkpoint": (
+        ["checkpoint.resume={ckpt}/corrupt"],
+        None,
+        ["checkpoint {ckpt}/corrupt cannot be read", "UnpicklingError"],
+    ),
+    "truncated_checkpoint": (
+        ["checkpoint.resume={ckpt}/truncated"],
+        None,
+        ["checkpoint {ckpt}/truncated is incomplete", "__0_0.distcp is 4096 bytes, short of the"],
+    ),
+    "incompatible_model": (
+        ["checkpoint.resume={ckpt}/good", "model.dim=64"],
+        None,
+        [
+            "checkpoint {ckpt}/good does not match this model",
+            "tok_embeddings.weight is [256, 128] there, [256, 64] here",
+        ],
+    ),
+    # Checkpoint settings that would otherwise fail late or silently.
+    "missing_checkpoint": (
+        ["checkpoint.resume={tmp}/no-such-checkpoint"],
+        None,
+        ["checkpoint.resume=", "no-such-checkpoint", "is not a checkpoint"],
+    ),
+    "checkpoint_at_max_steps": (
+        ["checkpoint.resume={ckpt}/good"],
+        None,
+        ["checkpoint {ckpt}/good is already at step 3", "trainer.max_steps=3"],
+    ),
+    "restarts_without_checkpoints": (
+        ["strategy=ddp", "launcher.nproc_per_node=2", "launcher.max_restarts=1"],
+        None,
+        ["launcher.max_restarts=1", "checkpoint.every_n_steps=0", "checkpoint=periodic"],
+    ),
+    "on_nonfinite": (
+        ["trainer.on_nonfinite=ignore"],
+        None,
+        ["trainer.on_nonfinite", "'ignore'", "error, skip"],
+    ),
+}
+PARALLEL = 8  # CLI processes at once: each imports torch and fails before training
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    # A real 3-step checkpoint (model=debug, as every row trains), a copy whose .metadata is garbage and one
+    # whose shard file was cut short.
+    root = tmp_path_factory.mktemp("checkpoints")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_in_process(compose_config("checkpoint=periodic", "checkpoint.every_n_steps=3"), root / "run")
+    finally:
+        torch.set_num_threads(threads)
+    shutil.copytree(root / "run" / "checkpoints" / "step_00000003", root / "good")
+    shutil.copytree(root / "good", root / "corrupt")
+    (root / "corrupt" / ".metadata").write_bytes(b"\x0bnot a pickle" * 100)
+    shutil.copytree(root / "good", root / "truncated")
+    with open(root / "truncated" / "__0_0.distcp", "r+b") as f:
+        f.truncate(4096)
+    return root
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory, ckpt):
+    # {row: (tmp, exit code, stdout, stderr, checkpoint digest before, after)}
+    afile = tmp_path_factory.mktemp("file") / "afile"
+    afile.write_text("a regular file where a directory is expected\n")
+    before = _digest(ckpt)
+    results, running = {}, []
+    for row, (overrides, run_dir, _) in {**HYDRA_ROWS, **ROWS}.items():
+        tmp = tmp_path_factory.mktemp(row)
+        fill = {"tmp": tmp, "ckpt": ckpt, "file": afile}
+        args = [o.format(**fill) for o in overrides]
+        running.append((row, tmp, start_cli(tmp, *args, run_dir=run_dir.format(**fill) if run_dir else None)))
+        if len(running) == PARALLEL:
+            row, tmp, proc = running.pop(0)
+            results[row] = (tmp, *finish_cli(proc))
+    for row, tmp, proc in running:
+        results[row] = (tmp, *finish_cli(proc))
+    return results, before, _digest(ckpt), afile, ckpt
+
+
+@pytest.mark.parametrize("row", HYDRA_ROWS)
+def test_hydra_rejects(failures, row):
+    results, *_ = failures
+    tmp, code, out, err = results[row]
+    assert code == 1, err
+    assert "Traceback" not in out + err
+    for name in HYDRA_ROWS[row][2]:
+        assert name in err, err
+    assert not (tmp / "run").exists()  # Hydra stopped before making the run directory
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_one_clear_line_before_any_worker_starts(failures, row):
+    results, before, after, afile, ckpt = failures
+    tmp, code, out, err = results[row]
+    assert code == 2, err
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardlab: error: "), err
+    for name in ROWS[row][2]:
+        assert name.format(tmp=tmp, ckpt=ckpt, file=afile) in lines[0], lines[0]
+    # The launcher says "run directory" only once the checks passed and workers are about to start.
+    assert "run directory" not in out, out
+    assert not (tmp / "run" / "metrics.jsonl").exists()
+    assert not (tmp / "run" / "checkpoints").exists()
+    # Nothing already saved is damaged: the checkpoints (good, corrupt, truncated) are byte-identical.
+    assert after == before
+    assert afile.read_text() == "a regular file where a directory is expected\n"
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
+    # The precision rule a GPU machine hits, checked as if this machine had an A100 (capability 8.0, bf16).
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    with pytest.raises(ValueError, match=r"precision=fp8 needs fp8 tensor cores.*this GPU is 8\.0"):
+        validate(compose_config("precision=fp8", "trainer.device=auto"), 1, "cuda", (8, 0))
+
+
+def test_export_of_a_corrupt_checkpoint_fails_in_one_line(ckpt, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.export", str(ckpt / "corrupt"), str(tmp_path / "m.pt")],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"shardlab: error: checkpoint {ckpt / 'corrupt'} cannot be read")
+    assert not (tmp_path / "m.pt").exists()

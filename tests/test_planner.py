@@ -1,0 +1,219 @@
+# The memory planner's arithmetic (trainer/planner.py) and `python -m launcher.plan`: the rules of thumb it
+# must reproduce as special cases, sharding, the activation formula's terms, and the CLI's verdicts.
+# Pure arithmetic, no tensors: fast. tests/test_memory.py checks the same numbers against MemTracker.
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, cli_env
+
+from launcher import plan as plan_cli
+from models import build_model_args
+from models.flops import param_count
+from models.llama import ModelArgs
+from trainer.optim import OPTIMIZERS as TRAINER_OPTIMIZERS
+from trainer.planner import (
+    GB,
+    OPTIMIZERS,
+    PRECISION_BYTES,
+    PlanSpec,
+    layer_terms,
+    model_state,
+    plan_memory,
+)
+from trainer.precision import PRECISIONS
+
+# A Llama-shaped model of ~1.06 B parameters (the seed text's "1 B parameters").
+ONE_B = ModelArgs(dim=2048, n_layers=18, n_heads=16, vocab_size=32000, max_seq_len=4096)
+
+
+def state_per_param(args, **spec) -> float:
+    s = model_state(args, PlanSpec(**spec))
+    return (s["params"] + s["grads"] + s["optimizer"]) / param_count(args)
+
+
+def test_fp32_weights_take_4_bytes_per_parameter_so_1b_loads_in_4_gb():
+    plan = plan_memory(ONE_B, PlanSpec(precision="fp32"))
+    assert plan.n_params == param_count(ONE_B)
+    assert plan.params == 4 * plan.n_params
+    assert plan.params / GB == pytest.approx(4 * plan.n_params / 1e9)  # 4.2 GB for 1.06 B
+
+
+def test_fp32_adam_is_16_bytes_of_state_and_about_24_to_train():
+    # 4 (weights) + 4 (gradients) + 8 (two Adam moments) = 16; with activations and temporaries at a modest
+    # batch (3072 tokens per step) the seed text's ~24 bytes per parameter, ~6x the weights: 1 B -> ~24 GB.
+    assert state_per_param(ONE_B, precision="fp32") == 16
+    plan = plan_memory(ONE_B, PlanSpec(precision="fp32", micro_batch=4, seq_len=768))
+    assert 20 <= plan.peak / plan.n_params <= 28
+    assert 5 <= plan.peak / plan.params <= 7
+
+
+def test_zero_mixed_precision_adam_is_16_bytes_divided_by_n_under_full_shard():
+    # ZeRO: 2 + 2 + 12 = 16 bytes per parameter of model state; here bf16-mixed keeps fp32 weights (the
+    # master) and fp32 gradients: 4 + 4 + 8, the same 16. ZeRO-3 / FSDP full shard: 16 / N per rank.
+    assert state_per_param(ONE_B, precision="bf16-mixed", strategy="ddp", world_size=8) == 16
+    for n in (2, 4, 8):
+        fsdp = state_per_param(ONE_B, precision="bf16-mixed", strategy="fsdp", world_size=n)
+        assert fsdp == pytest.approx(16 / n, rel=1e-4)  # padding of dim 0 to a multiple of n
+
+
+def test_fsdp_model_state_per_rank_is_1_over_n_of_ddp():
+    args = build_model_args("llama3_8b")
+    for precision in ("fp32", "bf16-mixed", "bf16-true"):
+        ddp = model_state(args, PlanSpec(precision=precision, strategy="ddp", world_size=8))
+        fsdp = model_state(args, PlanSpec(precision=precision, strategy="fsdp", world_size=8))
+        for key in ("params", "grads", "optimizer"):
+            assert fsdp[key] == pytest.approx(ddp[key] / 8, rel=1e-4)
+
+
+def test_sharding_variants():
+    args, base = build_model_args("llama_1b"), dict(precision="bf16-mixed", world_size=8, micro_batch=1)
+    full = plan_memory(args, PlanSpec(strategy="fsdp", **base))
+    # HSDP shards over its shard dim only: shard 4 of 8 ranks holds twice full shard's state.
+    hsdp = plan_memory(args, PlanSpec(strategy="hsdp", shard_size=4, **base))
+    assert hsdp.optimizer == pytest.approx(2 * full.optimizer, rel=1e-4)
+    # Shard-grad-op (ZeRO-2) keeps every block gathered (bf16) from forward to backward: 2 bytes/param more.
+    grad_op = plan_memory(args, PlanSpec(strategy="fsdp", reshard_after_forward=False, **base))
+    assert grad_op.optimizer == full.optimizer
+    gathered = (
+        grad_op.events["start of backward"]["gathered params"]
+        - full.events["start of backward"]["gathered params"]
+    )
+    blocks = param_count(args) - args.vocab_size * args.dim - args.dim  # tied head: root is embedding + norm
+    assert gathered == pytest.approx(2 * blocks, rel=1e-3)
+    # CPU offload: the sharded state moves to host memory.
+    offload = plan_memory(args, PlanSpec(strategy="fsdp", cpu_offload=True, **base))
+    assert offload.params == offload.grads == offload.optimizer == 0
+    assert offload.host == pytest.approx(full.params + full.grads + full.optimizer)
+    assert offload.peak < full.peak
+
+
+def test_8bit_optimizer_states_are_2_bytes_instead_of_8():
+    args = build_model_args("llama_1b")
+    adam = model_state(args, PlanSpec(optim="adamw"))["optimizer"]
+    eight_bit = model_state(args, PlanSpec(optim="adamw8bit"))["optimizer"]
+    assert adam / param_count(args) == 8
+    assert eight_bit / param_count(args) == pytest.approx(2, rel=0.02)  # + an fp32 scale per 256
+
+
+def test_every_precision_and_optimizer_of_the_trainer_has_a_row():
+    assert set(PRECISIONS) <= set(PRECISION_BYTES)
+    assert set(TRAINER_OPTIMIZERS) <= set(OPTIMIZERS)
+    with pytest.raises(ValueError, match="valid: fp32"):
+        plan_memory(ONE_B, PlanSpec(precision="fp4"))
+
+
+def _attention(args: ModelArgs, t: int, **spec) -> float:
+    terms = layer_terms(args, PlanSpec(micro_batch=1, seq_len=t, **spec))
+    return sum(v for k, v in terms.items() if "q, k, v" in k or "attention output" in k or "scores" in k)
+
+
+def test_standard_attention_grows_with_t_squared_and_flash_linearly():
+    standard = dataclasses.replace(ONE_B, attention="standard")
+    flash = dataclasses.replace(ONE_B, attention="flash")
+    # (B, H, T, T) softmax output in fp32 plus the (T, T) mask, a quarter more per element for the probs
+    # cast back to bf16: doubling T quadruples it.
+    for precision in ("fp32", "bf16-mixed"):
+        s1 = layer_terms(standard, PlanSpec(precision=precision, seq_len=1024))
+        s2 = layer_terms(standard, PlanSpec(precision=precision, seq_len=2048))
+        key = "scores: softmax (fp32) + probs, (B, H, T, T)"
+        assert s2[key] == 4 * s1[key]
+        assert not any("scores" in k for k in layer_terms(flash, PlanSpec(precision=precision, seq_len=1024)))
+    # Every flash term is linear in T; standard's attention grows faster than 2x per doubling.
+    assert sum(layer_terms(flash, PlanSpec(seq_len=2048)).values()) == 2 * sum(
+        layer_terms(flash, PlanSpec(seq_len=1024)).values()
+    )
+    assert _attention(standard, 4096) / _attention(standard, 2048) > 3.5
+    assert _attention(flash, 4096) / _attention(flash, 2048) == pytest.approx(2)
+
+
+def test_gqa_shrinks_kv_activations_by_n_heads_over_n_kv_heads():
+    mha = dataclasses.replace(ONE_B, attention="flash")
+    gqa = dataclasses.replace(mha, n_kv_heads=4)  # 16 query heads, 4 K/V heads
+    e, d, c = 2048, ONE_B.dim, 4
+    qkv_mha = layer_terms(mha, PlanSpec(seq_len=e))["q, k, v"]
+    qkv_gqa = layer_terms(gqa, PlanSpec(seq_len=e))["q, k, v"]
+    assert qkv_mha == c * e * 3 * d
+    assert qkv_gqa == c * e * (d + 2 * d // 4)  # K and V 4x smaller, Q unchanged
+    # Its projections shrink too: fewer parameters, so less model state.
+    assert param_count(gqa) < param_count(mha)
+
+
+def test_activation_checkpointing_keeps_only_block_inputs():
+    args, base = dataclasses.replace(ONE_B, attention="flash"), dict(micro_batch=2, seq_len=1024)
+    none = plan_memory(args, PlanSpec(**base))
+    full = plan_memory(args, PlanSpec(activation_checkpointing="full", **base))
+    selective = plan_memory(args, PlanSpec(activation_checkpointing="selective", ac_every=2, **base))
+    block_input = 4 * 2 * 1024 * args.dim  # the fp32 residual stream
+    assert full.layer_bytes == [block_input] * args.n_layers
+    assert selective.layer_bytes[0::2] == [block_input] * (args.n_layers // 2)
+    assert selective.layer_bytes[1::2] == none.layer_bytes[1::2]
+    assert full.activations < selective.activations < none.activations
+    # Backward then recomputes one block at a time: the peak can only fall.
+    assert full.peak <= selective.peak < none.peak
+
+
+def test_bf16_halves_the_compute_activations():
+    args = dataclasses.replace(ONE_B, attention="flash")
+    fp32 = layer_terms(args, PlanSpec(precision="fp32", seq_len=1024))
+    bf16 = layer_terms(args, PlanSpec(precision="bf16-mixed", seq_len=1024))
+    assert bf16["SwiGLU: w1, silu, w3, product"] == fp32["SwiGLU: w1, silu, w3, product"] / 2
+    # ... and adds autocast's bf16 copy of every weight, kept for backward.
+    assert bf16["bf16 weight copies (autocast cache)"] == 2 * (
+        4 * args.dim**2 + 3 * args.dim * args.ffn_hidden_dim
+    )
+
+
+PLAN_8B = ("model=llama3_8b", "precision=bf16-mixed", "launcher.nproc_per_node=8", "plan.device_memory_gb=80")
+
+
+def test_plan_llama3_8b_fits_8x80gb_with_fsdp(capsys):
+    plan_cli.main(["strategy=fsdp", *PLAN_8B])
+    out = capsys.readouterr().out
+    assert "fits:" in out and "does not fit" not in out
+    for row in ("parameters", "gradients", "optimizer state", "activations", "temporaries", "total (peak)"):
+        assert row in out
+    assert "fp32 weights, sharded 1/8" in out
+    params = next(line for line in out.splitlines() if line.strip().startswith("parameters"))
+    assert float(params.split()[-1]) == pytest.approx(8.03 * 4 / 8, rel=0.01)  # GB per rank
+
+
+def test_plan_llama3_8b_with_ddp_does_not_fit_and_proposes_fsdp(capsys):
+    plan_cli.main(["strategy=ddp", *PLAN_8B])
+    out = capsys.readouterr().out
+    assert "does not fit" in out
+    proposals = out.split("cheapest changes that fit")[1]
+    fsdp = next(line for line in proposals.splitlines() if "strategy=fsdp " in line + " ")
+    assert float(fsdp.split()[-2]) < 80
+
+
+def test_plan_cli_runs_as_a_module_and_reports_bad_overrides():
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.plan",
+            "model=llama_1b",
+            "strategy=ddp",
+            "precision=fp32",
+            "plan.device_memory_gb=24",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "does not fit" in ok.stdout and "optim=adamw8bit" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "launcher.plan", "precision=fp4"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "shardlab: error:" in bad.stderr and "precision/fp4" in bad.stderr
