@@ -14,7 +14,9 @@ def _num(x, fmt: str = ",.0f") -> str:
 class ProgressBar:
     def __init__(self, total_steps: int, enabled: bool, initial: int = 0):
         # initial: a resumed run's bar starts at the step it resumed from
-        self._bar = tqdm(total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True
+        )
 
     def update(self, step: int, row: dict | None = None) -> None:
         # Follow the step number rather than counting calls, so a resumed run starts where it was.
