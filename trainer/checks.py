@@ -251,6 +251,11 @@ def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None
             f"set model.vocab_size={need} or pick a model with a larger vocabulary"
         )
     check_checkpoint(cfg, args)
+    if cfg.metrics.memory_breakdown and cfg.strategy.compile:
+        raise ValueError(
+            "metrics.memory_breakdown=true cannot measure a torch.compile'd model (PyTorch's MemTracker does not "
+            "run under compile): set strategy.compile=false for the measured run"
+        )
     return args
 
 
