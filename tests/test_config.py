@@ -109,6 +109,11 @@ def test_default_config_composes_to_the_documented_defaults():
     ("overrides", "world", "names"),
     [
         (["model.n_heads=3"], 1, ["model.dim (128)", "model.n_heads (3)"]),
+        (
+            ["strategy.compile=true", "metrics.memory_breakdown=true"],
+            1,
+            ["metrics.memory_breakdown", "strategy.compile"],
+        ),
         (["model.n_heads=0"], 1, ["model.n_heads"]),
         (["model.dim=132"], 1, ["model.dim", "model.n_heads", "even"]),  # head_dim 33: no RoPE pairs
         (["attention.n_kv_heads=3"], 1, ["model.n_heads (4)", "K/V head count (3", "attention.n_kv_heads"]),
