@@ -92,7 +92,7 @@ def worker_entry(cfg_container: dict, nproc: int) -> dict:
 
 # Keys that may differ between the nodes of one job: where each was told it stands, and its run dir as an
 # absolute path (each node resolves outputs/multinode/<rdzv_id> against its own working directory).
-NODE_LOCAL_KEYS = ("launcher.node_rank", "run_dir")
+NODE_LOCAL_KEYS = ("run_dir",)
 
 
 def check_same_config(container: dict, env) -> None:

@@ -106,7 +106,6 @@ class LoggerConfig:
 class LauncherConfig:
     nproc_per_node: str = "1"  # an integer, or "auto" (GPUs present; CPU: 2)
     nnodes: int = 1
-    node_rank: int = 0
     rdzv_endpoint: str = ""  # host:port of the first node (multi-node)
     rdzv_id: str = ""  # shared by all nodes of one job
     max_restarts: int = 0
