@@ -158,7 +158,7 @@ def test_two_nodes_on_one_machine_form_one_world(tmp_path):
     # Two launchers, one per "node", sharing an endpoint and an id: one world of 2, one run dir
     # (outputs/multinode/<rdzv_id>), one summary, written by whichever node holds global rank 0.
     common = multinode_args("job-ok")
-    procs = [train_py(tmp_path, "strategy=ddp", *common, f"launcher.node_rank={n}") for n in (0, 1)]
+    procs = [train_py(tmp_path, "strategy=ddp", *common) for _ in (0, 1)]
     results = [finish(p) for p in procs]
     for code, _, err in results:
         assert code == 0, err[-3000:]
@@ -183,8 +183,8 @@ def test_nodes_started_with_different_configs_fail_naming_the_difference(tmp_pat
     # count; with another lr the replicas would silently diverge. Each launcher names its failed rank.
     common = multinode_args("job-mismatch")
     procs = [
-        train_py(tmp_path, "strategy=ddp", *common, "launcher.node_rank=0"),
-        train_py(tmp_path, "strategy=ddp", *common, "launcher.node_rank=1", "model.n_layers=4"),
+        train_py(tmp_path, "strategy=ddp", *common),
+        train_py(tmp_path, "strategy=ddp", *common, "model.n_layers=4"),
     ]
     results = [finish(p) for p in procs]
     named = set()
