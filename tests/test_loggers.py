@@ -15,15 +15,8 @@ ROWS = [
 SUMMARY = {"steps": 2, "tokens_per_s_median": 1234.5, "mfu": None, "device_name": "cpu", "final_loss": 3.5}
 
 
-@pytest.fixture(autouse=True)
-def offline_wandb(tmp_path, monkeypatch):
-    # wandb must never reach the network or write outside tmp_path.
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+# wandb must never reach the network or write outside tmp_path: conftest's fixture, for every test here.
+pytestmark = pytest.mark.usefixtures("wandb_offline")
 
 
 def log_all(lg) -> None:
