@@ -1,7 +1,6 @@
 # Style 2 (`python train.py launcher.nproc_per_node=N`) and each job of style 3 (`-m`): the parent has
 # composed and resolved the config once; it starts the workers with torch's elastic launch API (spawn, a
 # module-level entrypoint, c10d rendezvous). The parent never touches CUDA.
-import contextlib
 import os
 import sys
 import uuid
@@ -125,8 +124,7 @@ def _differences(mine, rank0, prefix: str = "") -> list[str]:
 def launch(cfg, nproc: int) -> dict | None:
     container = OmegaConf.to_container(cfg, resolve=True)
     try:
-        with _fresh_store_per_attempt(cfg.launcher.max_restarts > 0):
-            results = elastic_launch(launch_config(cfg.launcher, nproc), worker_entry)(container, nproc)
+        results = elastic_launch(launch_config(cfg.launcher, nproc), worker_entry)(container, nproc)
     except ChildFailedError as e:
         # A spawned worker's traceback reaches nobody but the agent's error file: show the failed rank's.
         rank, failure = e.get_first_failure()
@@ -134,24 +132,6 @@ def launch(cfg, nproc: int) -> dict | None:
             print(f"shardlab: rank {rank}:\n{trace.rstrip()}", file=sys.stderr, flush=True)
         raise WorkerFailed(describe_failure(e)) from None
     return results.get(0)  # rank 0's summary (None on the other nodes of a multi-node job)
-
-
-@contextlib.contextmanager
-def _fresh_store_per_attempt(enabled: bool):
-    # The c10d rendezvous shares the agent's TCPStore with the workers, and that store outlives a restart: the
-    # restarted ranks can read the dead ones' gloo addresses from it and fail ("connectFullMesh failed ...
-    # Connection refused") or hang. Unshared, rank 0 hosts a new store for each attempt (torchrun's old way).
-    key = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
-    before = os.environ.get(key)
-    if enabled:
-        os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 def describe_failure(e: ChildFailedError) -> str:

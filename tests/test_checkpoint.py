@@ -56,8 +56,8 @@ def _at(out: Path, name: str, step: int) -> Path:
     return checkpoint.step_dir(out / name / "checkpoints", step)
 
 
-def _config(corpus: Path, *overrides: str) -> dict:
-    cfg = compose_config("data=text", f"data.path={corpus}", *BASE, *overrides)
+def _config(corpus: Path, *overrides: str, base: tuple[str, ...] = BASE) -> dict:
+    cfg = compose_config("data=text", f"data.path={corpus}", *base, *overrides)
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -155,6 +155,27 @@ def test_resharding(runs, name, reference):
     assert here[HALF + 1] == pytest.approx(there[HALF + 1], rel=1e-6, abs=0)
     for step in range(HALF + 1, STEPS + 1):
         assert here[step] == pytest.approx(there[step], rel=1e-5, abs=0), (step, here, there)
+
+
+def test_fp16_loss_scale_is_checkpointed(tmp_path, text_corpus):
+    # fp16-mixed starts at a loss scale of 65536 and halves it on every step whose gradients overflow (the
+    # step is skipped). A resumed run goes on at the scale it had reached: started over at 65536 it would skip
+    # steps the straight run took, and its losses would part from the straight run's.
+    # lr 0.1: large enough that a step overflows (and the scale halves) before the save at step 5.
+    fp16 = (*(o for o in BASE if o.split("=")[0] not in ("precision", "optim.lr", "optim.warmup_steps")),)
+    fp16 += ("precision=fp16-mixed", "optim.lr=0.1", "optim.warmup_steps=0")
+    straight = _train_single(tmp_path, "straight", _config(text_corpus, base=fp16))
+    _train_single(tmp_path, "saved", _config(text_corpus, *SAVE, base=fp16))
+    resume = f"checkpoint.resume={_at(tmp_path, 'saved', HALF)}"
+    resumed = _train_single(tmp_path, "resumed", _config(text_corpus, resume, base=fp16))
+    scale = straight["precision_applied"]["loss_scale"]
+    at_save = checkpoint.read_train_state(
+        _at(tmp_path, "saved", HALF), {"loss_scale": torch.zeros((), dtype=torch.float64)}
+    )
+    assert at_save["loss_scale"] < 65536  # the scale had moved before the save
+    straight_losses, resumed_losses = _losses(tmp_path, "straight"), _losses(tmp_path, "resumed")
+    assert resumed_losses == {s: loss for s, loss in straight_losses.items() if s > HALF}
+    assert resumed["precision_applied"]["loss_scale"] == scale
 
 
 def test_keep_last_prunes_and_leaves_no_temporaries(runs):
@@ -329,6 +350,9 @@ def test_killed_worker_restarts_and_resumes_to_the_same_loss(runs, tmp_path):
     assert summary["resumed_from"] is not None  # the second attempt resumed, not started over
     reference = summaries["restart-reference"]
     assert summary["final_loss"] == reference["final_loss"]
+    # The restarted attempt dropped the rows the killed one had logged past its checkpoint: each step once.
+    steps = [r["step"] for r in read_rows(run_dir)]
+    assert steps == list(range(1, 41))
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):

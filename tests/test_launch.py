@@ -230,6 +230,27 @@ def test_style1_killed_worker_fails_the_job_naming_its_rank(tmp_path):
     assert "SIGKILL" in root_cause
 
 
+def test_style1_max_restarts_resumes_after_a_killed_worker(tmp_path):
+    # torchrun --max-restarts=1: the agent starts both ranks again in the same run dir; they take fresh keys
+    # in the agent's store (not the dead ranks' addresses), and resume from this run's newest checkpoint.
+    run_dir = tmp_path / "run"
+    save = ("trainer.max_steps=60", "checkpoint=periodic", "checkpoint.every_n_steps=2")
+    proc = torchrun(tmp_path, "strategy=ddp", *save, f"hydra.run.dir={run_dir}", flags=("--max-restarts=1",))
+    deadline = time.monotonic() + 90
+    while not (run_dir / "checkpoints" / "step_00000004").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc, timeout=5)
+        time.sleep(0.05)
+    workers(proc, "train.py")[0].kill()  # rank 0, SIGKILL, mid-run
+    code, out, err = finish(proc)
+    assert code == 0, err[-3000:]
+    summary = load(run_dir / "summary.json")
+    assert summary["status"] == "ok"
+    assert summary["resumed_from"] is not None  # the second attempt resumed, not started over
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 61))  # the killed attempt's extra rows were dropped
+    assert summary["final_loss"] == rows[-1]["loss"]
+
+
 def test_style2_killed_worker_fails_the_job_naming_its_rank(tmp_path):
     run_dir = tmp_path / "run"
     proc = train_py(tmp_path, "strategy=fsdp", "launcher.nproc_per_node=2", *LONG, f"hydra.run.dir={run_dir}")

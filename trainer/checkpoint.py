@@ -212,9 +212,10 @@ def verify(path: Path) -> None:
             )
 
 
-def read_train_state(path: Path) -> dict:
-    # The step and schedule position, without a process group or a model.
-    state = {"train": {"step": 0, "last_epoch": 0}}
+def read_train_state(path: Path, extra: dict | None = None) -> dict:
+    # The step and schedule position (and the `extra` tensors named by a template), without a process group
+    # or a model.
+    state = {"train": {"step": 0, "last_epoch": 0, **(extra or {})}}
     _read(state, path, no_dist=True)
     return state["train"]
 
@@ -244,13 +245,15 @@ def check_compatible(path: Path, model_sd: dict) -> None:
         )
 
 
-def load(path: Path, model, optimizer, scheduler) -> dict:
-    # -> the checkpoint's train state (step, meta). Model and optimizer are loaded in place.
+def load(path: Path, model, optimizer, scheduler, extra: dict | None = None) -> dict:
+    # -> the checkpoint's train state (step, meta, and the `extra` tensors it has, e.g. the fp16 loss scale).
+    # Model and optimizer are loaded in place.
     model_sd, optim_sd = get_state_dict(model, optimizer)
     check_compatible(path, model_sd)
     saved = read_metadata(path).state_dict_metadata
-    rng = {k: v for k, v in _rng_states().items() if f"train.{k}" in saved}  # a CPU run's has no cuda_rng
-    train_template = {"step": 0, "last_epoch": 0, "model_args": "", **rng}
+    # Only what this checkpoint holds: a CPU run's has no cuda_rng, an fp32 run's no loss scale.
+    optional = {k: v for k, v in {**_rng_states(), **(extra or {})}.items() if f"train.{k}" in saved}
+    train_template = {"step": 0, "last_epoch": 0, "model_args": "", **optional}
     state = {"model": model_sd, "optim": optim_sd, "train": train_template}
     _read(state, path, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -275,19 +278,20 @@ def checkpoint_root(ckpt_cfg, run_dir: Path) -> Path:
 
 
 def maybe_resume(
-    ckpt_cfg, root: Path, model, optimizer, scheduler, max_steps: int
-) -> tuple[int, Path | None]:
-    # -> (the last completed step, the checkpoint resumed from); (0, None) for a fresh start.
+    ckpt_cfg, root: Path, model, optimizer, scheduler, max_steps: int, extra: dict | None = None
+) -> tuple[int, Path | None, dict]:
+    # -> (the last completed step, the checkpoint resumed from, its train state); (0, None, {}) for a fresh
+    # start. `extra`: templates of the extra tensors save() was given, filled from the checkpoint if there.
     path = resolve_resume(ckpt_cfg.resume, root)
     if elastic_restart() and (own := complete_checkpoints(root)):
         path = own[-1][1]  # restarted after a failure: this run's newest save, whatever resume named
     if path is None:
-        return 0, None
-    step = load(path, model, optimizer, scheduler)["step"]
-    check_below_max_steps(path, step, max_steps)
+        return 0, None, {}
+    state = load(path, model, optimizer, scheduler, extra)
+    check_below_max_steps(path, state["step"], max_steps)
     if _is_rank0():
-        print(f"shardlab: resumed from {path} at step {step}", flush=True)
-    return step, path
+        print(f"shardlab: resumed from {path} at step {state['step']}", flush=True)
+    return state["step"], path, state
 
 
 def elastic_restart() -> bool:
@@ -303,8 +307,10 @@ def check_below_max_steps(path: Path, step: int, max_steps: int) -> None:
         )
 
 
-def maybe_save(ckpt_cfg, root: Path, step: int, max_steps: int, model, optimizer, scheduler, meta: dict):
+def maybe_save(ckpt_cfg, root: Path, step: int, max_steps: int, model, optimizer, scheduler, meta):
+    # meta: a function returning the extra train state, called only on the steps that save (the fp16 loss
+    # scale is read from the device, a sync that other steps should not pay).
     every = ckpt_cfg.every_n_steps
     if (every > 0 and step % every == 0) or (ckpt_cfg.save_final and step == max_steps):
-        return save(root, step, model, optimizer, scheduler, ckpt_cfg.keep_last, meta)
+        return save(root, step, model, optimizer, scheduler, ckpt_cfg.keep_last, meta())
     return None

@@ -50,12 +50,28 @@ def init_distributed(device_pref: str, need_group: bool = False) -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         device_id = device if device.type == "cuda" else None
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, device_id=device_id)
+            store = _attempt_store(world_size)
+            kwargs = {} if store is None else {"store": store, "rank": rank, "world_size": world_size}
+            dist.init_process_group(backend, device_id=device_id, **kwargs)
         else:  # one process, not started by a launcher: an in-process store needs no port
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id
             )
     return DistEnv(rank, local_rank, world_size, device)
+
+
+def _attempt_store(world_size: int):
+    # An elastic agent (torchrun, or launcher.nproc_per_node > 1) hosts one TCPStore that outlives a restart
+    # (launcher.max_restarts, torchrun --max-restarts): restarted ranks would find the dead ranks' gloo/nccl
+    # addresses under the same keys and fail ("connectFullMesh failed ... Connection refused") or hang. Each
+    # attempt gets its own key prefix in that store. None: the first attempt, or a store the ranks host.
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
+    return dist.PrefixStore(f"shardlab/attempt_{attempt}", agent_store)
 
 
 def broadcast_object(obj, env: DistEnv):

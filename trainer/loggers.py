@@ -6,6 +6,7 @@ Only rank 0 writes; on other ranks every method does nothing, so the loop never 
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import tempfile
@@ -109,11 +110,35 @@ class _TensorBoard:
 BACKENDS = {"none": None, "wandb": _Wandb, "tensorboard": _TensorBoard}
 
 
+def keep_rows_up_to(path: Path, step: int) -> None:
+    # A run that resumes at `step` in its own directory (an elastic restart, resume=auto) drops the rows
+    # logged after that step by the attempt that died, so each step appears once; a fresh start keeps none.
+    if not path.exists():
+        return
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [r for r in rows if r.strip() and _row_step(r) <= step]
+    if len(kept) == len(rows):
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except json.JSONDecodeError:  # a line cut short when the previous attempt was killed
+        return math.inf
+
+
 class Loggers:
-    def __init__(self, run_dir: Path, backend=None, enabled: bool = True):
+    def __init__(self, run_dir: Path, backend=None, enabled: bool = True, start_step: int = 0):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._backend = backend
+        if enabled:
+            keep_rows_up_to(self.run_dir / "metrics.jsonl", start_step)
         # Line-buffered append: each row reaches the file as it is logged, and a resumed run adds to it.
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None
 
@@ -140,7 +165,7 @@ class Loggers:
             self._backend.close()
 
 
-def build_loggers(logger_cfg, run_dir: Path, run_config: dict, rank: int) -> Loggers:
+def build_loggers(logger_cfg, run_dir: Path, run_config: dict, rank: int, start_step: int = 0) -> Loggers:
     cfg = (
         OmegaConf.to_container(logger_cfg, resolve=True) if isinstance(logger_cfg, DictConfig) else logger_cfg
     )
@@ -156,4 +181,4 @@ def build_loggers(logger_cfg, run_dir: Path, run_config: dict, rank: int) -> Log
     run_dir.mkdir(parents=True, exist_ok=True)
     backend_cls = BACKENDS[name]
     backend = backend_cls(cfg, run_dir, run_config) if backend_cls is not None else None
-    return Loggers(run_dir, backend)
+    return Loggers(run_dir, backend, start_step=start_step)

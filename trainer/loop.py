@@ -89,9 +89,10 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     optimizer = build_optimizer(model, cfg.optim, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     ckpt_root = checkpoint.checkpoint_root(cfg.checkpoint, run_dir)
-    start, resumed_from = checkpoint.maybe_resume(
-        cfg.checkpoint, ckpt_root, model, optimizer, scheduler, t.max_steps
+    start, resumed_from, saved = checkpoint.maybe_resume(
+        cfg.checkpoint, ckpt_root, model, optimizer, scheduler, t.max_steps, precision.state_tensors()
     )
+    precision.load_state_tensors(saved)  # fp16-mixed: the loss scale it had reached
     metrics = Metrics(
         device=env.device,
         flops_per_token=flops_per_token(args, t.seq_len),
@@ -102,13 +103,17 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
         world_size=env.world_size,
         rank=env.rank,
     )
-    loggers = build_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.rank)
+    loggers = build_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.rank, start)
     bar = ProgressBar(t.max_steps, enabled=env.is_rank0 and t.progress_bar, initial=start)
     state = {"first_loss": None, "state_bytes": None, "nonfinite_skipped": 0, "memory": None}
     # The planner's per-rank peak for this config (arithmetic, every run); with metrics.memory_breakdown one
     # step is also measured by PyTorch's MemTracker, next to it.
     plan = plan_for_run(cfg, args, env)
     mem_step = memory_step(cfg.metrics.memory_breakdown, start, t.max_steps)
+
+    def ckpt_meta() -> dict:  # what a checkpoint keeps besides model, optimizer, step and rng
+        return {"model_args": repr(args), **precision.state_tensors()}
+
     try:
         metrics.start()
         for step in range(start + 1, t.max_steps + 1):
@@ -139,9 +144,8 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
             if row is not None:
                 loggers.log(row, step)
             bar.update(step, row)
-            meta = {"model_args": repr(args)}
             checkpoint.maybe_save(
-                cfg.checkpoint, ckpt_root, step, t.max_steps, model, optimizer, scheduler, meta
+                cfg.checkpoint, ckpt_root, step, t.max_steps, model, optimizer, scheduler, ckpt_meta
             )
         bar.close()
         summary = metrics.summary()

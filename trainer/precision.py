@@ -49,6 +49,20 @@ class LossScaler:
             self.scaler = torch.amp.GradScaler(device_type)
         self.skipped_steps = 0
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        # The scale and the count of good steps since it last changed: checkpointed, so a resumed fp16 run
+        # goes on at the scale it had reached instead of starting over at 65536 and skipping steps to get back.
+        sd = self.scaler.state_dict()
+        return {
+            "loss_scale": torch.tensor(sd["scale"], dtype=torch.float64),
+            "loss_scale_growth_tracker": torch.tensor(sd["_growth_tracker"], dtype=torch.int64),
+        }
+
+    def load_state_tensors(self, state: dict) -> None:
+        sd = self.scaler.state_dict()
+        sd.update(scale=float(state["loss_scale"]), _growth_tracker=int(state["loss_scale_growth_tracker"]))
+        self.scaler.load_state_dict(sd)
+
     def step(self, optimizer) -> bool:
         # GradScaler.update() lowers the scale exactly when the step found inf/nan and was skipped.
         scale = self.scaler.get_scale()
@@ -129,6 +143,14 @@ class Precision:
             return True
         return self.scaler.step(optimizer)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        # What a checkpoint keeps of the precision: the loss scaler's state under fp16-mixed, else nothing.
+        return self.scaler.state_tensors() if self.scaler is not None else {}
+
+    def load_state_tensors(self, state: dict) -> None:
+        if self.scaler is not None and "loss_scale" in state:
+            self.scaler.load_state_tensors(state)
+
     def describe(self) -> dict:
         # What was applied, for summary.json.
         return {
@@ -140,6 +162,7 @@ class Precision:
             "linear": self.linear,
             "emulated": self.emulated,
             "loss_scaler": type(self.scaler.scaler).__name__ if self.scaler is not None else None,
+            "loss_scale": self.scaler.scaler.get_scale() if self.scaler is not None else None,
         }
 
 
