@@ -7,6 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from launcher.compose import check_output_dirs, setup_hydra
+from launcher.errors import one_line_errors
 from launcher.main import main as run
 
 setup_hydra()
@@ -19,4 +20,5 @@ def main(cfg: DictConfig):
 
 if __name__ == "__main__":
     check_output_dirs(sys.argv[1:])
-    main()
+    with one_line_errors():  # a bad override: one line and exit code 2, not Hydra's multi-line report
+        main()

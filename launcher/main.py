@@ -8,9 +8,11 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from launcher.compose import fail
 from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
+from launcher.errors import describe_error
 from trainer.checks import validate
 from trainer.config import SCHEMAS
 from trainer.dist import DistEnv, broadcast_object, close_distributed, device_type, init_distributed
@@ -71,10 +73,10 @@ def main_torchrun(cfg: DictConfig) -> dict:
     cfg = OmegaConf.create(broadcast_object(OmegaConf.to_container(cfg, resolve=True), env))
     try:
         validate(cfg, env.world_size, env.device.type)
-    except ValueError as e:
+    except (ValueError, OmegaConfBaseException) as e:
         close_distributed(env)
         if env.is_rank0:
-            fail(str(e))
+            fail(describe_error(e))
         raise SystemExit(2) from None
     return run_worker(cfg, env)
 
@@ -90,11 +92,12 @@ def main(cfg: DictConfig) -> dict | None:
         # The device the workers will use, not merely whether a GPU is present: trainer.device=cpu on a
         # GPU machine must be checked as a CPU run.
         validate(cfg, nproc * cfg.launcher.nnodes, device_type(cfg.trainer.device))
-    except ValueError as e:
+    except (ValueError, OmegaConfBaseException) as e:
+        reason = describe_error(e)
         if not multirun:
-            fail(str(e))
-        record_failure(run_dir, str(e))
-        return job_outcome(run_dir, {"status": "failed", "error": str(e)})
+            fail(reason)
+        record_failure(run_dir, reason)
+        return job_outcome(run_dir, {"status": "failed", "error": reason})
     # -m sweeps: name the job's wandb run after the sweep; with sweep.resume=true reuse an earlier success
     from launcher.sweep import fill_sweep_logger, reuse_previous_success
 

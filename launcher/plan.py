@@ -11,7 +11,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launcher.compose import config_dir, fail, setup_hydra
 from launcher.elastic import resolve_nproc
-from trainer.checks import check_strategy, resolve_model_args
+from launcher.errors import describe_error
+from trainer.checks import check_known_keys, check_strategy, resolve_model_args
 from trainer.planner import GB, OPTIMIZERS, MemoryPlan, plan_memory, precision_bytes, spec_from_config
 
 # Changes the planner may propose, cheapest first, by what they cost a run that fits either way:
@@ -112,6 +113,7 @@ def _with(overrides: list[str], extra: list[str]) -> list[str]:
 def _try(overrides: list[str]) -> tuple[list[str], MemoryPlan] | None:
     try:
         cfg = compose_config(overrides)
+        check_known_keys(cfg)
         return overrides, plan_config(cfg)
     except Exception:  # noqa: BLE001 - a candidate that does not compose or validate is not a suggestion
         return None
@@ -238,14 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = compose_config(overrides)
+        check_known_keys(cfg)
         plan = plan_config(cfg)
         limit = device_bytes(cfg)
     except (ValueError, HydraException, OmegaConfBaseException) as e:
-        fail(
-            str(e).strip().splitlines()[0]
-            if isinstance(e, HydraException | OmegaConfBaseException)
-            else str(e)
-        )
+        fail(describe_error(e))
     print(describe(cfg, plan))
     print(verdict(cfg, plan, overrides, limit), flush=True)
 

@@ -159,6 +159,8 @@ class SweepCallback(Callback):
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         # launcher.main has printed the job's one line. A task that raised (main.py turns every failure
         # into a result, so only a bug or an interrupt gets here) ends the sweep in Hydra: report first.
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return  # Hydra calls this after a single run too
         if job_return is None or job_return.status != JobStatus.COMPLETED:
             self.failed += 1
             error = getattr(job_return, "_return_value", None)

@@ -216,4 +216,4 @@ def test_plan_cli_runs_as_a_module_and_reports_bad_overrides():
         timeout=120,
     )
     assert bad.returncode == 2
-    assert "shardlab: error:" in bad.stderr and "precision/fp4" in bad.stderr
+    assert "shardlab: error:" in bad.stderr and "precision=fp4 is not an option of precision" in bad.stderr

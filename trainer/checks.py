@@ -208,9 +208,32 @@ def check_precision(precision: Precision, capability, args) -> None:
             require_convertible(build_model(args), name)
 
 
+def unknown_key_message(full_key: str, schema: type) -> str:
+    parent = full_key.rpartition(".")[0]
+    where = f"a key of {parent}" if parent else "a top-level key"
+    names = ", ".join(f.name for f in dataclasses.fields(schema))
+    return f"{full_key} is not {where}: valid keys are {names}"
+
+
+def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
+    # Hydra's `+key=value` adds a key even to a typed node, and nothing would ever read it: a typo such as
+    # +trainer.max_step=10 must not pass silently.
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return  # a free-form dict field (model.hf_config)
+    names = {f.name for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        if key not in names and not (prefix == "" and key == "hydra"):
+            raise ValueError(unknown_key_message(f"{prefix}{key}", schema))
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            check_known_keys(child, f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None):
     # device_type: what the machine offers; trainer.device=cpu narrows it, so a CPU run on a GPU host is
     # checked as the CPU run it is.
+    check_known_keys(cfg)
     device_type = check_device(cfg.trainer.device, device_type)
     if device_type != "cuda":
         capability = None
