@@ -1,5 +1,6 @@
 # What train.py calls once Hydra has composed the config: validate at the boundary, then run in this
 # process (world size 1), under the torchrun that started us (style 1), or start the workers (styles 2, 3).
+import contextlib
 import os
 import time
 import traceback
@@ -70,7 +71,13 @@ def record_failure(run_dir: Path, reason: str) -> None:
 def main_torchrun(cfg: DictConfig) -> dict:
     # Style 1: torchrun started every rank and each composed its own config; rank 0's resolved one is the run's.
     env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+    own_dir = Path(cfg.run_dir)
     cfg = OmegaConf.create(broadcast_object(OmegaConf.to_container(cfg, resolve=True), env))
+    if own_dir != Path(cfg.run_dir):
+        # Another node of a static-rendezvous job (no shared run id) named its own dir before any rank could
+        # talk, and Hydra made it; the run's dir is rank 0's, so this empty one goes (non-empty ones stay).
+        with contextlib.suppress(OSError):
+            own_dir.rmdir()
     try:
         validate(cfg, env.world_size, env.device.type)
     except (ValueError, OmegaConfBaseException) as e:

@@ -177,6 +177,21 @@ def multinode_args(rdzv_id: str) -> tuple[str, ...]:
     )
 
 
+def test_style1_two_nodes_with_a_static_rendezvous_leave_one_run_dir(tmp_path):
+    # torchrun --nnodes=2 --node-rank=N --master-port=P: the static rendezvous has no shared run id, so each
+    # node names a run dir of its own before any rank can talk; rank 0's is the run's, the other goes.
+    port = free_port()
+    node = (sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1")
+    node += ("--master-addr=127.0.0.1", f"--master-port={port}")
+    procs = [start(tmp_path, *node, f"--node-rank={n}", TRAIN, *TINY, "strategy=ddp") for n in (0, 1)]
+    for proc in procs:
+        code, _, err = finish(proc)
+        assert code == 0, err[-3000:]
+    run_dirs = list((tmp_path / "outputs" / "torchrun").iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    assert_ok(run_dirs[0], strategy="ddp")
+
+
 def test_nodes_started_with_different_configs_fail_naming_the_difference(tmp_path):
     # A Python exception raised inside the workers, for a real reason no launcher can see alone: each node
     # validated its own config, but they differ. Without the check DDP fails obscurely on the parameter
