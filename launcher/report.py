@@ -119,8 +119,11 @@ def load_job(job_dir: Path) -> dict:
         mem = s.get("peak_rss_gb_max")
     gbs, seq_len = trainer.get("global_batch_size"), trainer.get("seq_len")
     row = {k: s.get(k) for k in PASS_THROUGH}
+    settings = {**choices, **_override_settings(overrides)}
+    if s.get("emulated") and "precision" in settings:  # fp8 off CUDA: fp8's numerics, not its speed
+        settings["precision"] = f"{settings['precision']} (emulated)"
     return row | {
-        "settings": {**choices, **_override_settings(overrides)},
+        "settings": settings,
         "world_size": s.get("world_size") or _world_size(config),
         "status": ("reused" if reused_from else "ok") if ok else "failed",
         "reason": "" if ok else short_reason(s.get("error", ""), job_dir),
