@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ATTENTION, get_attention
-from .llama import canonical_name, is_residual_projection, seeded_generator
+from .llama import SeededInit, canonical_name, is_residual_projection, seeded_generator
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class GPT2(nn.Module):
+class GPT2(SeededInit, nn.Module):
     def __init__(self, args: GPT2Args):
         super().__init__()
         self.args = args
@@ -132,12 +132,6 @@ class GPT2(nn.Module):
         else:
             std = 0.02 / math.sqrt(2 * self.args.n_layers) if is_residual_projection(name) else 0.02
             tensor.normal_(0.0, std, generator=seeded_generator(name, seed, tensor.device))
-
-    @torch.no_grad()
-    def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
-        for name, p in self.named_parameters():  # the tied head appears once, as tok_embeddings
-            self.fill_param_(name, p.data, seed)
-        self.reset_buffers(buffer_device)
 
     def reset_buffers(self, device: torch.device | None = None) -> None:
         pass  # no buffers: positions are made in forward

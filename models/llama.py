@@ -122,6 +122,16 @@ def is_residual_projection(name: str) -> bool:
 
 
 # ---------------------------------------------------------------- modules
+class SeededInit:
+    # For models whose every parameter is a function of (seed, name): the model supplies fill_param_ and
+    # reset_buffers; this fills every parameter in place.
+    @torch.no_grad()
+    def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
+        for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings
+            self.fill_param_(name, p.data, seed)
+        self.reset_buffers(buffer_device)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -195,7 +205,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(SeededInit, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -241,12 +251,6 @@ class Transformer(nn.Module):
             return
         std = 0.02 / math.sqrt(2 * self.args.n_layers) if is_residual_projection(name) else 0.02
         tensor.normal_(0.0, std, generator=seeded_generator(name, seed, tensor.device))
-
-    @torch.no_grad()
-    def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
-        for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings
-            self.fill_param_(name, p.data, seed)
-        self.reset_buffers(buffer_device)
 
     def reset_buffers(self, device: torch.device | None = None) -> None:
         # After to_empty() the RoPE tables hold garbage: recompute them, by default where the

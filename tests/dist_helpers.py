@@ -30,10 +30,12 @@ def launch(fn, *args, nproc: int = 2) -> dict:
     return elastic_launch(config, fn)(*args)
 
 
-def run_jobs(jobs: list[tuple[str, str, dict]], out: str) -> dict[str, dict]:
-    # jobs: (kind, name, resolved config). kind "train": trainer.loop.train in <out>/<name>, returning its
-    # summary (rank 0 also writes metrics.jsonl and summary.json there); "inspect": build the parallel
-    # model the way train() does and describe its parameters.
+def run_jobs(jobs: list[tuple[str, str, dict]], out: str, kinds: dict | None = None) -> dict[str, dict]:
+    # jobs: (kind, name, resolved config), each run as kinds[kind](cfg, env, <out>/<name>). kinds: module-level
+    # functions (the spawned workers import them by name); by default "train": trainer.loop.train, returning
+    # its summary (rank 0 also writes metrics.jsonl and summary.json there), and "inspect": build the
+    # parallel model the way train() does and describe its parameters.
+    kinds = kinds or {"train": _train, "inspect": _inspect}
     torch.set_num_threads(1)  # 2 cores, 2 ranks: more threads only spin against each other
     env = init_distributed("cpu", need_group=True)
     results = {}
@@ -44,7 +46,7 @@ def run_jobs(jobs: list[tuple[str, str, dict]], out: str) -> dict[str, dict]:
         if env.is_rank0:
             run_dir.mkdir(parents=True)
         dist.barrier()
-        results[name] = _train(cfg, env, run_dir) if kind == "train" else _inspect(cfg, env)
+        results[name] = kinds[kind](cfg, env, run_dir)
     close_distributed(env)
     return results
 
@@ -55,7 +57,7 @@ def _train(cfg, env, run_dir: Path) -> dict:
     return train(cfg, env, run_dir)
 
 
-def _inspect(cfg, env) -> dict:
+def _inspect(cfg, env, run_dir: Path) -> dict:
     from trainer.checks import validate
     from trainer.loop import build_parallel_model
     from trainer.precision import build_precision

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import compose_config, read_rows, run_cli, train_in_process
 from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
@@ -19,7 +18,6 @@ from strategies.common import blocks
 from strategies.fsdp import materialize
 from tests import dist_helpers
 from trainer.checks import validate
-from trainer.dist import close_distributed, init_distributed
 from trainer.loop import build_parallel_model, train
 from trainer.precision import build_precision
 
@@ -238,24 +236,7 @@ def test_cli_missing_local_path_is_one_clear_line(tmp_path):
 
 
 # ---------------------------------------------------------------- single, ddp, fsdp on 2 processes
-def group_worker(jobs: list, out: str) -> dict:
-    from pathlib import Path
-
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", need_group=True)
-    results = {}
-    for kind, name, container in jobs:
-        cfg = OmegaConf.create(container)
-        cfg.run_dir = str(Path(out) / name)
-        if env.is_rank0:
-            Path(cfg.run_dir).mkdir(parents=True)
-        dist.barrier()
-        results[name] = train(cfg, env, Path(cfg.run_dir)) if kind == "train" else _inspect(cfg, env)
-    close_distributed(env)
-    return results
-
-
-def _inspect(cfg, env) -> dict:
+def _inspect(cfg, env, run_dir) -> dict:
     args = validate(cfg, env.world_size, "cpu")
     model, _, _ = build_parallel_model(args, cfg, env, build_precision(cfg.precision.name, env.device))
     layers = blocks(model)
@@ -302,7 +283,8 @@ def group(tmp_path_factory, text_corpus, checkpoint):
             )
         )
     out = tmp_path_factory.mktemp("hf-group")
-    return dist_helpers.launch(group_worker, jobs, str(out)), out
+    kinds = {"train": train, "inspect": _inspect}
+    return dist_helpers.launch(dist_helpers.run_jobs, jobs, str(out), kinds), out
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import compose_config, read_rows, train_in_process
 from omegaconf import OmegaConf
@@ -18,7 +17,7 @@ from models import build_model, build_model_args
 from tests import dist_helpers
 from trainer.checks import check_precision, validate
 from trainer.data import build_data, micro_batches
-from trainer.dist import close_distributed, init_distributed
+from trainer.dist import init_distributed
 from trainer.loop import build_parallel_model, train, train_step
 from trainer.metrics import PRECISION_CLASS
 from trainer.optim import build_optimizer
@@ -178,27 +177,6 @@ def test_unknown_precision_lists_the_valid_ones():
 
 
 # ---------------------------------------------------------------- 2-process gloo group
-def group_worker(jobs: list, out: str) -> dict:
-    # Runs in each of the 2 spawned ranks: every job in turn in one process group.
-    from pathlib import Path
-
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", need_group=True)
-    results = {}
-    for kind, name, container in jobs:
-        cfg = OmegaConf.create(container)
-        run_dir = Path(out) / name
-        cfg.run_dir = str(run_dir)
-        if env.is_rank0:
-            run_dir.mkdir(parents=True)
-        dist.barrier()
-        results[name] = {"train": train, "dtypes": _dtypes, "inf": _inf_on_rank0, "clean": _clean}[kind](
-            cfg, env, run_dir
-        )
-    close_distributed(env)
-    return results
-
-
 def _build(cfg, env):
     args = validate(cfg, env.world_size, "cpu")
     model, _, precision = build_parallel_model(
@@ -272,7 +250,8 @@ def group(tmp_path_factory, text_corpus):
     jobs.append(("inf", "inf", _cfg(text_corpus, "strategy=fsdp", "precision=fp16-mixed")))
     jobs.append(("clean", "clean", _cfg(text_corpus, "strategy=fsdp", "precision=fp16-mixed")))
     out = tmp_path_factory.mktemp("precision-group")
-    return dist_helpers.launch(group_worker, jobs, str(out)), out
+    kinds = {"train": train, "dtypes": _dtypes, "inf": _inf_on_rank0, "clean": _clean}
+    return dist_helpers.launch(dist_helpers.run_jobs, jobs, str(out), kinds), out
 
 
 def _cfg(corpus, *overrides) -> dict:
