@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose_config, read_rows, run_cli, train_in_process
+from conftest import as_hf_llama, compose_config, read_rows, run_cli, train_in_process
 from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,33 +38,7 @@ def save_native_as_hf(directory) -> None:
     args = build_model_args("debug", {"n_kv_heads": 2, "rope_theta": 500000.0})
     ours = build_model(args)
     ours.init_weights(SEED)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.dim,
-        intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.max_seq_len,
-        rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta,
-        tie_word_embeddings=False,
-    )
-    names = {
-        "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }  # fmt: skip
-    state = {"model.embed_tokens.weight": ours.tok_embeddings.weight, "model.norm.weight": ours.norm.weight}
-    state["lm_head.weight"] = ours.output.weight
-    for i, layer in enumerate(ours.layers):
-        for name, p in layer.named_parameters():
-            module, _, leaf = name.rpartition(".")
-            state[f"model.layers.{i}.{names[module]}.{leaf}"] = p
-    hf = transformers.LlamaForCausalLM(config)
-    hf.load_state_dict(state, strict=True)
+    hf = as_hf_llama(ours)
     hf.save_pretrained(directory)
 
 

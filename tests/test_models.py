@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import as_hf_llama
 
 from models import (
     GPT2,
@@ -282,39 +283,10 @@ def test_sequence_longer_than_max_is_rejected():
 # ---------------------------------------------------------------- parity with Hugging Face
 @pytest.mark.parametrize("tie", [False, True])
 def test_llama_matches_hf_llama(tie):
-    transformers = pytest.importorskip("transformers")
     args = build_model_args("debug", {**TINY, "n_kv_heads": 2, "tie_embeddings": tie, "rope_theta": 500000.0})
     ours = build_model(args)
     ours.init_weights(0)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.dim,
-        intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.max_seq_len,
-        rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta,
-        tie_word_embeddings=tie,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    hf = transformers.LlamaForCausalLM(config).eval()
-    names = {
-        "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }  # fmt: skip
-    state = {"model.embed_tokens.weight": ours.tok_embeddings.weight, "model.norm.weight": ours.norm.weight}
-    state["lm_head.weight"] = ours.output.weight
-    for i, layer in enumerate(ours.layers):
-        for ours_name, p in layer.named_parameters():
-            module, _, leaf = ours_name.rpartition(".")
-            state[f"model.layers.{i}.{names[module]}.{leaf}"] = p
-    hf.load_state_dict(state, strict=True)
+    hf = as_hf_llama(ours)
     x = tokens(T=48)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-4)
