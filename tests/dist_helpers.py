@@ -98,3 +98,26 @@ def fail_on_rank(rank: int, container: dict, out: str) -> dict:
         cfg.data.name = "text"
         cfg.data.path = str(Path(out) / "not-on-this-node.txt")
     return run_worker(cfg, env)
+
+
+def fail_mid_run(rank: int, step: int, container: dict, out: str) -> dict:
+    # The run launcher/elastic.worker_entry makes, except that on one rank the training step raises at
+    # `step`, after the earlier steps have trained and been logged: the others are inside that step's
+    # gradient all-reduce when it does.
+    import trainer.loop
+    from launcher.main import run_worker
+
+    torch.set_num_threads(1)
+    env = init_distributed("cpu", need_group=True)
+    cfg = OmegaConf.create(container)
+    cfg.run_dir = out
+    real_step, calls = trainer.loop.train_step, [0]
+
+    def train_step(*args, **kwargs):
+        calls[0] += 1
+        if env.rank == rank and calls[0] == step:
+            raise RuntimeError(f"worker failure injected at step {step}")
+        return real_step(*args, **kwargs)
+
+    trainer.loop.train_step = train_step  # train() looks the name up at every step
+    return run_worker(cfg, env)

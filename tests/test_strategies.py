@@ -208,3 +208,21 @@ def test_failing_rank_is_named_and_nothing_hangs(tmp_path):
     message = describe_failure(info.value)
     assert message.startswith("rank 1 failed (exit code 1): ValueError: data.path"), message
     assert "not-on-this-node.txt" in message
+
+
+@pytest.mark.timeout(120)
+def test_rank_that_raises_mid_run_is_named(tmp_path):
+    # Rank 1 raises at step 4 of 200, after three steps trained and were logged, while rank 0 waits in
+    # step 4's gradient all-reduce: the job fails, and the launcher names rank 1 and its exception.
+    cfg = compose_config("strategy=ddp", "trainer.global_batch_size=4", "trainer.max_steps=200")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ChildFailedError) as info:
+        elastic_launch(launch_config(cfg.launcher, 2), dist_helpers.fail_mid_run)(
+            1, 4, container, str(run_dir)
+        )
+    message = describe_failure(info.value)
+    assert message == "rank 1 failed (exit code 1): RuntimeError: worker failure injected at step 4", message
+    assert [r["step"] for r in read_rows(run_dir)] == [1, 2, 3]
+    summary = read_summary(run_dir)  # rank 0 recorded its own end: it failed too, and says so
+    assert summary["status"] == "failed" and summary["error"].startswith("rank 0:"), summary
