@@ -48,6 +48,17 @@ ROWS = {
         None,
         ["strategy.shard_size=3", "does not divide the world size 2"],
     ),
+    "static_graph_accum": (
+        [
+            "strategy=ddp",
+            "strategy.static_graph=true",
+            "trainer.global_batch_size=4",
+            "trainer.micro_batch_size=1",
+            "launcher.nproc_per_node=2",
+        ],
+        None,
+        ["strategy.static_graph=true", "gradient accumulation (2 micro-batches of 1 per rank)"],
+    ),
     "data_path": (
         ["data=text", "data.path={tmp}/no-such-dir"],
         None,

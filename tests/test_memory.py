@@ -24,12 +24,16 @@ pytestmark = pytest.mark.slow
 # Sequences per rank per forward at 256 tokens: the debug model's activations dwarf its model state, the
 # 20 M model's are a fifth of it, so both regimes of the peak (start of backward, optimizer step) show.
 SHAPES = {"debug": 4, "llama_20m": 1}
+# Less llama_20m in bf16-mixed with standard attention: bf16 matmuls are slow on this CPU (~16 s a config under
+# MemTracker, 3 configs = a quarter of the file's time); the standard-attention term is checked on llama_20m in
+# fp32 and on the debug model in bf16-mixed, where it dominates the peak.
 MATRIX = {
     f"{m}/{s}/{p}/{a}": (f"model={m}", f"strategy={s}", f"precision={p}", f"attention={a}")
     for m in SHAPES
     for s in ("single", "ddp", "fsdp")
     for p in ("fp32", "bf16-mixed")
     for a in ("standard", "flash")
+    if (m, p, a) != ("llama_20m", "bf16-mixed", "standard")
 }
 # Other layouts on the debug model: ZeRO-2, HSDP, checkpointing, gradient accumulation, GQA, 8-bit states.
 EXTRA = {

@@ -44,6 +44,24 @@ AC_RUNS = {
     for mode in ("full", "selective")
 }
 OFFLOAD_RUN = {"fsdp_offload-noaccum": ("strategy=fsdp_offload", MICRO["noaccum"])}
+# DDP's own options: a static graph, and buckets small enough to split the model (with no_sync accumulation;
+# a static graph with accumulation is refused, see test_bad_input).
+DDP_OPTIONS_RUN = {
+    "ddp_static-noaccum": ("strategy=ddp", "strategy.static_graph=true", MICRO["noaccum"]),
+    "ddp_small_buckets-accum": ("strategy=ddp", "strategy.bucket_cap_mb=1", MICRO["accum"]),
+}
+# Per-block torch.compile inside DDP, and inside FSDP over checkpointed blocks (the order AC -> compile ->
+# FSDP). Inductor fuses the norms and the SwiGLU, which rounds differently from eager: a looser tolerance.
+COMPILE_RUNS = {
+    "ddp-compile": ("strategy=ddp", "strategy.compile=true", MICRO["noaccum"]),
+    "fsdp-ac_full-compile": (
+        "strategy=fsdp",
+        "strategy.activation_checkpointing=full",
+        "strategy.compile=true",
+        MICRO["noaccum"],
+    ),
+}
+COMPILE_RTOL = 1e-4
 INSPECT = {
     "fsdp": ("strategy=fsdp",),
     "hsdp_shard2": ("strategy=hsdp", "strategy.shard_size=2"),
@@ -62,7 +80,8 @@ def group(tmp_path_factory, text_corpus):
     # Every distributed run of this file, in one 2-rank group: {rank: {name: summary or description}}.
     out = tmp_path_factory.mktemp("group")
     jobs = [
-        ("train", n, _config(text_corpus, *o)) for n, o in {**PARITY_RUNS, **AC_RUNS, **OFFLOAD_RUN}.items()
+        ("train", n, _config(text_corpus, *o))
+        for n, o in {**PARITY_RUNS, **AC_RUNS, **OFFLOAD_RUN, **DDP_OPTIONS_RUN, **COMPILE_RUNS}.items()
     ]
     jobs += [("inspect", f"inspect-{n}", _config(text_corpus, *o)) for n, o in INSPECT.items()]
     results = dist_helpers.launch(dist_helpers.run_jobs, jobs, str(out))
@@ -96,9 +115,9 @@ def _trajectory(rows: list[dict], key: str) -> list[float]:
     return [r[key] for r in rows]
 
 
-def _assert_same(actual: list[float], expected: list[float], what: str) -> None:
+def _assert_same(actual: list[float], expected: list[float], what: str, rtol: float = RTOL) -> None:
     worst = max(abs(a - e) / abs(e) for a, e in zip(actual, expected, strict=True))
-    assert worst <= RTOL, f"{what}: relative difference {worst:.2e} > {RTOL:.0e}\n{actual}\n{expected}"
+    assert worst <= rtol, f"{what}: relative difference {worst:.2e} > {rtol:.0e}\n{actual}\n{expected}"
 
 
 def test_single_reference_learns_and_accumulates(single):
@@ -108,7 +127,7 @@ def test_single_reference_learns_and_accumulates(single):
     _assert_same(_trajectory(single["accum"], "loss"), losses, "single, 4 micro-steps")
 
 
-@pytest.mark.parametrize("name", [*PARITY_RUNS, *OFFLOAD_RUN])
+@pytest.mark.parametrize("name", [*PARITY_RUNS, *OFFLOAD_RUN, *DDP_OPTIONS_RUN])
 def test_parity_with_single(group, single, name):
     results, out = group
     assert results[0][name]["world_size"] == 2
@@ -119,6 +138,10 @@ def test_parity_with_single(group, single, name):
     assert applied["name"] == name.split("-")[0].split("_")[0]  # fsdp_grad_op and fsdp_offload are fsdp
     if name.startswith("fsdp_grad_op"):
         assert applied["reshard_after_forward"] is False
+    if name.startswith("ddp_static"):
+        assert applied["static_graph"] is True
+    if name.startswith("ddp_small_buckets"):
+        assert applied["bucket_cap_mb"] == 1
 
 
 @pytest.mark.parametrize("name", AC_RUNS)
@@ -131,6 +154,22 @@ def test_activation_checkpointing_changes_nothing(group, name):
             _trajectory(read_rows(out / name), key),
             _trajectory(read_rows(out / f"{strategy}-noaccum"), key),
             f"{name} {key}",
+        )
+
+
+@pytest.mark.parametrize("name", COMPILE_RUNS)
+def test_compiled_blocks_train_like_eager(group, single, name):
+    results, out = group
+    applied = results[0][name]["strategy_applied"]
+    assert applied["compile"] is True
+    if "ac_full" in name:
+        assert applied["activation_checkpointing"] == "full"
+    for key in ("loss", "grad_norm"):
+        _assert_same(
+            _trajectory(read_rows(out / name), key),
+            _trajectory(single["noaccum"], key),
+            f"{name} {key}",
+            COMPILE_RTOL,
         )
 
 

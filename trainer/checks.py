@@ -257,8 +257,16 @@ def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None
             f"metrics.warmup_steps ({cfg.metrics.warmup_steps}) leaves no measured step of trainer.max_steps "
             f"({t.max_steps}): lower metrics.warmup_steps or raise trainer.max_steps"
         )
-    batch_layout(t, world_size)
+    micro, accum = batch_layout(t, world_size)
     check_strategy(cfg.strategy, world_size)
+    if cfg.strategy.get("static_graph") and accum > 1:
+        # torch 2.13's DDP reducer fails an INTERNAL ASSERT on the first no_sync backward under a static
+        # graph, and past that stops all-reducing (pytorch/pytorch#143580, the open fix #187732).
+        raise ValueError(
+            f"strategy.static_graph=true cannot be combined with gradient accumulation ({accum} micro-batches "
+            f"of {micro} per rank): DDP's static graph breaks under no_sync in this torch. Set "
+            f"strategy.static_graph=false, or trainer.micro_batch_size={micro * accum} for one micro-batch a step"
+        )
     check_optim(cfg.optim)
     _one_of("logger.name", cfg.logger.name, BACKENDS)
     _one_of("precision.name", cfg.precision.name, PRECISIONS)
