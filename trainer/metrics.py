@@ -148,7 +148,7 @@ def _memory(device: torch.device) -> dict[str, float]:
     return {"peak_rss_gb": _peak_rss_bytes() / _GB, "rss_gb": psutil.Process().memory_info().rss / _GB}
 
 
-def quantile(values: list[float], q: float) -> float:
+def _quantile(values: list[float], q: float) -> float:
     s = sorted(values)
     pos = (len(s) - 1) * q
     lo = math.floor(pos)
@@ -346,8 +346,8 @@ class Metrics:
             "warmup_steps": self._warmup_done,
             "warmup_time_s": self._warmup_time_s,
             "tokens_per_s_median": median_tps,
-            "tokens_per_s_p10": quantile(rates, 0.1) if rates else None,
-            "tokens_per_s_p90": quantile(rates, 0.9) if rates else None,
+            "tokens_per_s_p10": _quantile(rates, 0.1) if rates else None,
+            "tokens_per_s_p90": _quantile(rates, 0.9) if rates else None,
             "tokens_per_s_std": statistics.stdev(rates) if len(rates) > 1 else None,
             # Total tokens / total time: what a wall clock sees, including slow outlier steps.
             "tokens_per_s_mean": sum(tokens) / sum(times) if times else None,
