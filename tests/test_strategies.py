@@ -51,7 +51,7 @@ DDP_OPTIONS_RUN = {
     "ddp_small_buckets-accum": ("strategy=ddp", "strategy.bucket_cap_mb=1", MICRO["accum"]),
 }
 # Per-block torch.compile inside DDP, and inside FSDP over checkpointed blocks (the order AC -> compile ->
-# FSDP). Inductor fuses the norms and the SwiGLU, which rounds differently from eager: a looser tolerance.
+# FSDP). Inductor's fused kernels round a little differently from eager (8.7e-8 relative here), within RTOL.
 COMPILE_RUNS = {
     "ddp-compile": ("strategy=ddp", "strategy.compile=true", MICRO["noaccum"]),
     "fsdp-ac_full-compile": (
@@ -61,12 +61,12 @@ COMPILE_RUNS = {
         MICRO["noaccum"],
     ),
 }
-COMPILE_RTOL = 1e-4
 INSPECT = {
     "fsdp": ("strategy=fsdp",),
     "hsdp_shard2": ("strategy=hsdp", "strategy.shard_size=2"),
     "hsdp_shard1": ("strategy=hsdp", "strategy.shard_size=1"),
     "fsdp_offload": ("strategy=fsdp_offload",),
+    "fsdp_ac_compile": ("strategy=fsdp", "strategy.activation_checkpointing=full", "strategy.compile=true"),
 }
 
 
@@ -115,9 +115,9 @@ def _trajectory(rows: list[dict], key: str) -> list[float]:
     return [r[key] for r in rows]
 
 
-def _assert_same(actual: list[float], expected: list[float], what: str, rtol: float = RTOL) -> None:
+def _assert_same(actual: list[float], expected: list[float], what: str) -> None:
     worst = max(abs(a - e) / abs(e) for a, e in zip(actual, expected, strict=True))
-    assert worst <= rtol, f"{what}: relative difference {worst:.2e} > {rtol:.0e}\n{actual}\n{expected}"
+    assert worst <= RTOL, f"{what}: relative difference {worst:.2e} > {RTOL:.0e}\n{actual}\n{expected}"
 
 
 def test_single_reference_learns_and_accumulates(single):
@@ -169,8 +169,17 @@ def test_compiled_blocks_train_like_eager(group, single, name):
             _trajectory(read_rows(out / name), key),
             _trajectory(single["noaccum"], key),
             f"{name} {key}",
-            COMPILE_RTOL,
         )
+
+
+def test_wrappers_nest_ac_inside_compile_inside_fsdp(group):
+    # The order AC -> compile -> FSDP: each block is compiled around its checkpoint wrapper, and FSDP shards
+    # the parameters of the result (every one a DTensor).
+    results, _ = group
+    params = results[0]["inspect-fsdp_ac_compile"]["params"]
+    blocks = [n for n in params if n.startswith("layers.")]
+    assert blocks and all(n.split(".")[2:4] == ["_orig_mod", "_checkpoint_wrapped_module"] for n in blocks)
+    assert all(p["dtensor"] for p in params.values())
 
 
 def test_fsdp_holds_half_the_state_of_ddp(group):
