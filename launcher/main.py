@@ -2,6 +2,8 @@
 # process (world size 1), under the torchrun that started us (style 1), or start the workers (styles 2, 3).
 import contextlib
 import os
+import signal
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -10,13 +12,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from launcher.compose import fail
 from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
 from launcher.errors import describe_error
 from trainer.checks import validate
 from trainer.config import SCHEMAS
-from trainer.dist import DistEnv, broadcast_object, close_distributed, device_type, init_distributed
+from trainer.dist import (
+    DistEnv,
+    broadcast_object,
+    close_distributed,
+    device_type,
+    first_failure,
+    init_distributed,
+)
 from trainer.loggers import write_json_atomic
 from trainer.loop import NonFiniteLoss, train
 
@@ -40,17 +50,39 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
+class Terminated(BaseException):
+    # SIGTERM in a worker of a multi-process run, as an exception: a launcher stops every rank once one has
+    # failed, and rank 0 still records the run's failure on its way out. A BaseException: not its own failure.
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"stopped by {signal.Signals(signum).name} (a launcher stops all ranks when one fails)")
+
+
+def failure_reason(env: DistEnv, e: BaseException) -> str:
+    return f"rank {env.rank} failed: {first_line(e)}"
+
+
 def run_worker(cfg: DictConfig, env: DistEnv) -> dict:
-    # One rank's whole run. A failure is recorded in summary.json (rank 0) before it propagates.
+    # One rank's whole run. A failure is recorded in summary.json (rank 0: the run's first failure, whichever
+    # rank had it) before it propagates.
     run_dir = Path(cfg.run_dir)
+    if env.world_size > 1:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if env.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         summary = train(cfg, env, run_dir)
     except BaseException as e:
+        if env.world_size > 1:
+            signal.signal(
+                signal.SIGTERM, signal.SIG_IGN
+            )  # a launcher's SIGTERM must not cut the record short
+        cause = first_failure(env, failure_reason(env, e))
         if env.is_rank0:
-            record_failure(run_dir, f"rank {env.rank}: {first_line(e)}")
+            record_failure(run_dir, cause)
         if isinstance(e, Exception) and env.world_size > 1:
             # No barrier and no teardown here: the other ranks are still inside the step's collectives,
             # so a barrier would wait for them forever. They fail when this process exits and closes its
@@ -68,6 +100,7 @@ def record_failure(run_dir: Path, reason: str) -> None:
     )
 
 
+@record  # the exception goes to torchrun's error file, so its report names this rank's cause, not only its exit
 def main_torchrun(cfg: DictConfig) -> dict:
     # Style 1: torchrun started every rank and each composed its own config; rank 0's resolved one is the run's.
     env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
@@ -85,7 +118,14 @@ def main_torchrun(cfg: DictConfig) -> dict:
         if env.is_rank0:
             fail(describe_error(e))
         raise SystemExit(2) from None
-    return run_worker(cfg, env)
+    try:
+        return run_worker(cfg, env)
+    except BaseException as e:
+        # No launcher of ours sums up a torchrun job: the rank whose failure came first says it, in one line.
+        mine = failure_reason(env, e)
+        if first_failure(env, mine) == mine:
+            print(f"shardlab: error: {mine}", file=sys.stderr, flush=True)
+        raise
 
 
 def main(cfg: DictConfig) -> dict | None:

@@ -2,6 +2,7 @@
 # as launcher/elastic.py starts workers) calls a module-level function of this file in each worker, which
 # runs the given jobs one after another in the same process group. Starting a group costs seconds on this
 # machine; a tiny run costs a fraction of one.
+import os
 import uuid
 from pathlib import Path
 
@@ -100,24 +101,31 @@ def fail_on_rank(rank: int, container: dict, out: str) -> dict:
     return run_worker(cfg, env)
 
 
-def fail_mid_run(rank: int, step: int, container: dict, out: str) -> dict:
-    # The run launcher/elastic.worker_entry makes, except that on one rank the training step raises at
-    # `step`, after the earlier steps have trained and been logged: the others are inside that step's
-    # gradient all-reduce when it does.
+def raise_at_step(rank: int, step: int) -> None:
+    # In the process that is `rank` (RANK, as the launchers set it), the training step raises at `step`, after
+    # the earlier steps have trained and been logged: the others are inside that step's gradient all-reduce.
     import trainer.loop
-    from launcher.main import run_worker
 
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", need_group=True)
-    cfg = OmegaConf.create(container)
-    cfg.run_dir = out
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
     real_step, calls = trainer.loop.train_step, [0]
 
     def train_step(*args, **kwargs):
         calls[0] += 1
-        if env.rank == rank and calls[0] == step:
+        if calls[0] == step:
             raise RuntimeError(f"worker failure injected at step {step}")
         return real_step(*args, **kwargs)
 
     trainer.loop.train_step = train_step  # train() looks the name up at every step
+
+
+def fail_mid_run(rank: int, step: int, container: dict, out: str) -> dict:
+    # The run launcher/elastic.worker_entry makes, with raise_at_step.
+    from launcher.main import run_worker
+
+    torch.set_num_threads(1)
+    raise_at_step(rank, step)
+    env = init_distributed("cpu", need_group=True)
+    cfg = OmegaConf.create(container)
+    cfg.run_dir = out
     return run_worker(cfg, env)

@@ -34,12 +34,12 @@ LONG = ("trainer.max_steps=2000",)  # for the runs a test kills: far longer than
 TIMEOUT = 150
 
 
-def start(cwd: Path, *args: str) -> subprocess.Popen:
+def start(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     # Its own session, so that a timeout can end the launcher and every worker it started, by group id.
     return subprocess.Popen(
         [*args],
         cwd=cwd,
-        env=cli_env(),
+        env=env or cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -243,6 +243,31 @@ def test_style1_killed_worker_fails_the_job_naming_its_rank(tmp_path):
     root_cause = err[err.index("Root Cause") :]
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root_cause), root_cause
     assert "SIGKILL" in root_cause
+
+
+def test_style1_rank_that_raises_mid_run_is_named_with_its_cause(tmp_path):
+    # A real torchrun job whose rank 1 raises at step 4 (tests/failing_train.py): rank 1 says so in one line,
+    # torchrun's report names rank 1 with the exception (not only an exit code), and summary.json, which only
+    # rank 0 writes, records rank 1's failure rather than rank 0's own knock-on error or SIGTERM.
+    run_dir = tmp_path / "run"
+    failing = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2")
+    failing += (str(REPO / "tests" / "failing_train.py"), "1", "4")
+    env = {**cli_env(), "PYTHONPATH": str(REPO)}
+    proc = start(tmp_path, *failing, *TINY, "strategy=ddp", *LONG, f"hydra.run.dir={run_dir}", env=env)
+    code, out, err = finish(proc)
+    cause = "rank 1 failed: RuntimeError: worker failure injected at step 4"
+    assert code != 0
+    assert f"shardlab: error: {cause}" in err.splitlines(), err[-3000:]
+    assert err.count("shardlab: error:") == 1, err[-3000:]
+    root_cause = err[err.index("Root Cause") :]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root_cause), root_cause
+    assert "RuntimeError: worker failure injected at step 4" in root_cause, root_cause
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
+    assert load(run_dir / "summary.json") == {"status": "failed", "error": cause, "run_dir": str(run_dir)}
 
 
 def test_style1_max_restarts_resumes_after_a_killed_worker(tmp_path):

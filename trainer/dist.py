@@ -74,6 +74,19 @@ def _attempt_store(world_size: int):
     return dist.PrefixStore(f"shardlab/attempt_{attempt}", agent_store)
 
 
+def first_failure(env: DistEnv, reason: str) -> str:
+    # -> the run's first failure, whichever rank hit it, claimed in the process group's store (the first rank to
+    # set the key wins). Rank 0 writes summary.json, and its own error is often only a knock-on one: a peer
+    # gone mid-collective, or the SIGTERM a launcher sends the others once one rank has failed.
+    if not env.distributed:
+        return reason
+    key = f"shardlab/first_failure/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        return dist.distributed_c10d._get_default_store().compare_set(key, "", reason).decode()
+    except Exception:  # the store went down with its host: this rank's own reason is all there is
+        return reason
+
+
 def broadcast_object(obj, env: DistEnv):
     if not env.distributed:
         return obj
