@@ -76,10 +76,8 @@ def run_worker(cfg: DictConfig, env: DistEnv) -> dict:
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         summary = train(cfg, env, run_dir)
     except BaseException as e:
-        if env.world_size > 1:
-            signal.signal(
-                signal.SIGTERM, signal.SIG_IGN
-            )  # a launcher's SIGTERM must not cut the record short
+        if env.world_size > 1:  # a launcher's SIGTERM must not cut the record short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cause = first_failure(env, failure_reason(env, e))
         if env.is_rank0:
             record_failure(run_dir, cause)
