@@ -64,9 +64,9 @@ def failure_reason(env: DistEnv, e: BaseException) -> str:
     return f"rank {env.rank} failed: {first_line(e)}"
 
 
-def run_worker(cfg: DictConfig, env: DistEnv) -> dict:
+def run_worker(cfg: DictConfig, env: DistEnv, say_first_failure: bool = False) -> dict:
     # One rank's whole run. A failure is recorded in summary.json (rank 0: the run's first failure, whichever
-    # rank had it) before it propagates.
+    # rank had it) before it propagates; say_first_failure: the rank that had it also prints it in one line.
     run_dir = Path(cfg.run_dir)
     if env.world_size > 1:
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -78,7 +78,10 @@ def run_worker(cfg: DictConfig, env: DistEnv) -> dict:
     except BaseException as e:
         if env.world_size > 1:  # a launcher's SIGTERM must not cut the record short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        cause = first_failure(env, failure_reason(env, e))
+        mine = failure_reason(env, e)
+        cause = first_failure(env, mine)
+        if say_first_failure and cause == mine:
+            print(f"shardlab: error: {mine}", file=sys.stderr, flush=True)
         if env.is_rank0:
             record_failure(run_dir, cause)
         if isinstance(e, Exception) and env.world_size > 1:
@@ -116,14 +119,8 @@ def main_torchrun(cfg: DictConfig) -> dict:
         if env.is_rank0:
             fail(describe_error(e))
         raise SystemExit(2) from None
-    try:
-        return run_worker(cfg, env)
-    except BaseException as e:
-        # No launcher of ours sums up a torchrun job: the rank whose failure came first says it, in one line.
-        mine = failure_reason(env, e)
-        if first_failure(env, mine) == mine:
-            print(f"shardlab: error: {mine}", file=sys.stderr, flush=True)
-        raise
+    # No launcher of ours sums up a torchrun job: the rank whose failure came first says it, in one line.
+    return run_worker(cfg, env, say_first_failure=True)
 
 
 def main(cfg: DictConfig) -> dict | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import cli_env
+from conftest import cli_env, read_rows
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ def assert_ok(run_dir: Path, world_size: int = 2, strategy: str | None = None) -
     assert summary["world_size"] == world_size
     assert summary["steps"] == 3
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by rank 0 only
     if strategy is not None:
         assert summary["strategy_applied"]["name"] == strategy
@@ -262,11 +262,7 @@ def test_style1_rank_that_raises_mid_run_is_named_with_its_cause(tmp_path):
     root_cause = err[err.index("Root Cause") :]
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root_cause), root_cause
     assert "RuntimeError: worker failure injected at step 4" in root_cause, root_cause
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
-        1,
-        2,
-        3,
-    ]
+    assert [r["step"] for r in read_rows(run_dir)] == [1, 2, 3]
     assert load(run_dir / "summary.json") == {"status": "failed", "error": cause, "run_dir": str(run_dir)}
 
 
@@ -286,7 +282,7 @@ def test_style1_max_restarts_resumes_after_a_killed_worker(tmp_path):
     summary = load(run_dir / "summary.json")
     assert summary["status"] == "ok"
     assert summary["resumed_from"] is not None  # the second attempt resumed, not started over
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 61))  # the killed attempt's extra rows were dropped
     assert summary["final_loss"] == rows[-1]["loss"]
 
