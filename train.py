@@ -1,6 +1,8 @@
 # shardlab entry point: Hydra composes the config, then the launcher runs it.
 #   python train.py model=debug attention=standard data=synthetic trainer.max_steps=20
 #   torchrun --nproc_per_node=2 train.py strategy=fsdp
+# Nothing heavy is imported before Hydra has parsed the command line: `--help`, a bad override and `-m`'s
+# parent cost no torch import. The spawned workers of a launch import this file again (as __mp_main__).
 import sys
 
 import hydra
@@ -8,13 +10,14 @@ from omegaconf import DictConfig
 
 from launcher.compose import check_output_dirs, setup_hydra
 from launcher.errors import one_line_errors
-from launcher.main import main as run
 
 setup_hydra()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
+    from launcher.main import main as run  # torch and the trainer: only once there is a run
+
     return run(cfg)
 
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from models import build_model
 from models.attention import get_attention
 from models.llama import ModelArgs
-from trainer.memory import measure_step
-from trainer.planner import PlanSpec, plan_memory
+from trainer.memory import PlanSpec, plan_memory
+from trainer.memory.measure import measure_step
 from trainer.precision import build_precision
 
 SEQ_LENS = (512, 1024, 2048, 4096)

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 import trainer.loop
 from launcher.compose import config_dir, setup_hydra
 from models import build_model
-from trainer.checks import resolve_model_args
+from trainer.checks import model_args
 from trainer.data import build_data, micro_batches
 from trainer.dist import init_distributed
 
@@ -38,7 +38,7 @@ class RawLoop:
     # The loop a user would write by hand: same model, init, wrapper, optimizer, batches; nothing else.
     def __init__(self, cfg, env):
         t = cfg.trainer
-        args = resolve_model_args(cfg)
+        args = model_args(cfg)
         with torch.device("meta" if cfg.strategy.name == "fsdp" else env.device):
             model = build_model(args)
         if cfg.strategy.name == "ddp":

@@ -1,16 +1,16 @@
 # Hydra set-up shared by train.py, `python -m launcher.plan` and the tests: the schemas and the resolvers
-# that keep one run directory per run whichever way the run was started.
+# that keep one run directory per run whichever way the run was started. No torch here: train.py imports
+# this before Hydra has parsed the command line.
 import os
-import sys
-import sysconfig
 from datetime import datetime
 from pathlib import Path
 
-import psutil
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from trainer.checks import unwritable_reason
-from trainer.config import register_configs
+from launcher.errors import fail
+from trainer.config import SCHEMAS, register_configs
+from trainer.paths import stdlib_path, unwritable_reason
 
 _run_dir: str | None = None
 
@@ -22,6 +22,8 @@ def _torchrun_run_id() -> str:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id not in ("", "none"):
         return run_id
+    import psutil
+
     agent = psutil.Process(os.getppid())
     return f"{datetime.fromtimestamp(agent.create_time()):%Y-%m-%d_%H-%M-%S}-{agent.pid}"
 
@@ -58,10 +60,6 @@ def _hydra_subdir() -> str | None:
     return ".hydra" if int(os.environ.get("RANK", "0")) == 0 else None
 
 
-def stdlib_path() -> str:
-    return sysconfig.get_paths()["stdlib"]
-
-
 def setup_hydra() -> None:
     register_configs()
     resolvers = {
@@ -78,6 +76,19 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    # The config train.py would get, without a run: Hydra's own section dropped (its run-dir resolver must not
+    # run: planning writes nothing), cfg.choices filled in as launcher.main.stamp_run does.
+    setup_hydra()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg.choices = {g: str(choices[g]) for g in SCHEMAS if g in choices}
+    return cfg
+
+
 def check_output_dirs(argv: list[str]) -> None:
     # Before Hydra creates the run (or sweep) directory, whose failure would be a traceback: a directory named
     # on the command line must be one that can be created. Interpolations resolve later: their literal prefix.
@@ -88,8 +99,3 @@ def check_output_dirs(argv: list[str]) -> None:
         if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and literal:
             if why := unwritable_reason(literal):
                 fail(f"{key}={value} cannot be created ({why}): choose another {key}")
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"shardlab: error: {message}", file=sys.stderr)
-    raise SystemExit(code)

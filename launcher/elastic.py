@@ -9,10 +9,12 @@ from omegaconf import OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from launcher.errors import describe_failure, failure_traceback
+from launcher.worker import run_worker
+from trainer.checks import check_device_capabilities, model_args
 from trainer.dist import broadcast_object, init_distributed
 
 CPU_DEFAULT_NPROC = 2  # nproc_per_node=auto without GPUs: enough to exercise the collectives
-NO_ERROR_FILE = "<N/A>"  # torch's ProcessFailure.error_file when a worker wrote none (a signal, an exit)
 
 
 class WorkerFailed(RuntimeError):
@@ -76,8 +78,6 @@ def launch_config(launcher_cfg, nproc: int) -> LaunchConfig:
 @record
 def worker_entry(cfg_container: dict, nproc: int) -> dict:
     # Module-level so spawn can pickle it; @record writes the exception to the error file the agent reads.
-    from launcher.main import run_worker
-
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 
@@ -86,6 +86,8 @@ def worker_entry(cfg_container: dict, nproc: int) -> dict:
     env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
     if cfg.launcher.nnodes > 1:
         check_same_config(cfg_container, env)
+    # The parent validated the config; a worker asks only its own GPU what the parent could not.
+    check_device_capabilities(cfg, model_args(cfg), env.device)
     return run_worker(cfg, env)
 
 
@@ -127,34 +129,9 @@ def launch(cfg, nproc: int) -> dict | None:
         results = elastic_launch(launch_config(cfg.launcher, nproc), worker_entry)(container, nproc)
     except ChildFailedError as e:
         # A spawned worker's traceback reaches nobody but the agent's error file: show the failed rank's.
-        rank, failure = e.get_first_failure()
-        if trace := _traceback(failure.message):
-            print(f"shardlab: rank {rank}:\n{trace.rstrip()}", file=sys.stderr, flush=True)
+        if trace := failure_traceback(e):
+            print(
+                f"shardlab: rank {e.get_first_failure()[0]}:\n{trace.rstrip()}", file=sys.stderr, flush=True
+            )
         raise WorkerFailed(describe_failure(e)) from None
     return results.get(0)  # rank 0's summary (None on the other nodes of a multi-node job)
-
-
-def describe_failure(e: ChildFailedError) -> str:
-    rank, failure = e.get_first_failure()  # the earliest failure this node's agent saw
-    # The exception the worker recorded is the cause, even when the process then died of a signal on its
-    # way out; without one (no error file: torch's message is then a link to its docs) only the signal is.
-    cause = _error_line(failure.message) if failure.error_file != NO_ERROR_FILE else ""
-    if not cause and failure.exitcode < 0:
-        cause = f"killed by {failure.signal_name()}"
-    return f"rank {rank} failed (exit code {failure.exitcode}): {cause or 'see its output above'}"
-
-
-def _error_line(message) -> str:
-    # @record's error file holds {"message": "ExcType: what", "extraInfo": {"py_callstack": ...}}; an
-    # error file written by other means may hold a plain string that ends with the traceback.
-    if isinstance(message, dict):
-        lines = [line.strip() for line in str(message.get("message", "")).splitlines() if line.strip()]
-        return lines[0] if lines else ""
-    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-def _traceback(message) -> str:
-    if isinstance(message, dict):
-        return str(message.get("extraInfo", {}).get("py_callstack", ""))
-    return ""

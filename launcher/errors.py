@@ -1,10 +1,14 @@
+# Every failure as the one line a person reads: shardlab's own checks (ValueError, already one line), Hydra's
+# and OmegaConf's multi-line reports, a worker's failure as the elastic agent saw it, and a sweep job's reason.
 # Hydra reports a bad override over several lines, with a hint about HYDRA_FULL_ERROR, and exit code 1.
 # train.py runs Hydra with HYDRA_FULL_ERROR=1 so the exception reaches it instead, and says it in one line
 # that names what to change, with exit code 2, like shardlab's own checks. A user who sets HYDRA_FULL_ERROR
-# gets Hydra's full traceback, as Hydra documents.
+# gets Hydra's full traceback, as Hydra documents. No torch here: train.py imports this before Hydra parses.
 import contextlib
 import dataclasses
 import os
+import re
+import sys
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import (
@@ -14,8 +18,9 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from launcher.compose import fail
-from trainer.checks import unknown_key_message
+from trainer.config import unknown_key_message
+
+NO_ERROR_FILE = "<N/A>"  # torch's ProcessFailure.error_file when a worker wrote none (a signal, an exit)
 
 # Lines of Hydra's and OmegaConf's messages that say nothing a one-line error needs.
 _NOISE = (
@@ -25,6 +30,16 @@ _NOISE = (
     "Set the environment variable",
     "provider=",
 )
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"shardlab: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def one_line(e: BaseException) -> str:
@@ -72,3 +87,44 @@ def one_line_errors():
         if user_wants_traceback:
             raise
         fail(one_line(e))
+
+
+def describe_failure(e) -> str:
+    # A ChildFailedError from an elastic launch -> "rank R failed (exit code C): <cause>".
+    rank, failure = e.get_first_failure()  # the earliest failure this node's agent saw
+    # The exception the worker recorded is the cause, even when the process then died of a signal on its
+    # way out; without one (no error file: torch's message is then a link to its docs) only the signal is.
+    cause = _error_line(failure.message) if failure.error_file != NO_ERROR_FILE else ""
+    if not cause and failure.exitcode < 0:
+        cause = f"killed by {failure.signal_name()}"
+    return f"rank {rank} failed (exit code {failure.exitcode}): {cause or 'see its output above'}"
+
+
+def _error_line(message) -> str:
+    # @record's error file holds {"message": "ExcType: what", "extraInfo": {"py_callstack": ...}}; an
+    # error file written by other means may hold a plain string that ends with the traceback.
+    if isinstance(message, dict):
+        lines = [line.strip() for line in str(message.get("message", "")).splitlines() if line.strip()]
+        return lines[0] if lines else ""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def failure_traceback(e) -> str:
+    # The failed rank's Python traceback, as @record wrote it to its error file ("" when there is none).
+    _, failure = e.get_first_failure()
+    message = failure.message
+    return str(message.get("extraInfo", {}).get("py_callstack", "")) if isinstance(message, dict) else ""
+
+
+def short_reason(error: str, last_step: int | None) -> str:
+    # A sweep job's failure in one line a person can act on: OOM says when (last_step: the last step the job
+    # logged), anything else is the exception's own first line.
+    text = " ".join(str(error).split()) or "unknown error"
+    if re.search(r"out of memory|OutOfMemoryError", text, re.IGNORECASE):
+        return "out of memory" + (
+            f" after step {last_step}" if last_step else " before the first logged step"
+        )
+    if "SIGKILL" in text:
+        text += " (often the host's out-of-memory killer)"
+    return text if len(text) <= 160 else text[:157] + "..."

@@ -2,9 +2,6 @@
 # process (world size 1), under the torchrun that started us (style 1), or start the workers (styles 2, 3).
 import contextlib
 import os
-import signal
-import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -14,24 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from launcher.compose import fail
 from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
-from launcher.errors import describe_error
-from trainer.checks import validate
+from launcher.errors import describe_error, fail, first_line
+from launcher.sweep import fill_sweep_logger, reuse_previous_success
+from launcher.worker import record_failure, run_worker
+from trainer.checks import capability, check_device_capabilities, model_args, validate
 from trainer.config import SCHEMAS
-from trainer.dist import (
-    DistEnv,
-    broadcast_object,
-    close_distributed,
-    device_type,
-    first_failure,
-    init_distributed,
-)
-from trainer.loggers import write_json_atomic
-from trainer.loop import NonFiniteLoss, train
-
-# Longer than two polls of the elastic agent (launcher.monitor_interval, 0.5 s) and torchrun's (0.1 s).
-FAILURE_GRACE_S = 2.0
+from trainer.dist import broadcast_object, close_distributed, device_type, init_distributed
+from trainer.loop import NonFiniteLoss
 
 
 def under_torchrun() -> bool:
@@ -45,66 +32,18 @@ def stamp_run(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir)
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
-class Terminated(BaseException):
-    # SIGTERM in a worker of a multi-process run, as an exception: a launcher stops every rank once one has
-    # failed, and rank 0 still records the run's failure on its way out. A BaseException: not its own failure.
-    pass
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated(f"stopped by {signal.Signals(signum).name} (a launcher stops all ranks when one fails)")
-
-
-def failure_reason(env: DistEnv, e: BaseException) -> str:
-    return f"rank {env.rank} failed: {first_line(e)}"
-
-
-def run_worker(cfg: DictConfig, env: DistEnv, say_first_failure: bool = False) -> dict:
-    # One rank's whole run. A failure is recorded in summary.json (rank 0: the run's first failure, whichever
-    # rank had it) before it propagates; say_first_failure: the rank that had it also prints it in one line.
-    run_dir = Path(cfg.run_dir)
-    if env.world_size > 1:
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        if env.is_rank0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        summary = train(cfg, env, run_dir)
-    except BaseException as e:
-        if env.world_size > 1:  # a launcher's SIGTERM must not cut the record short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        mine = failure_reason(env, e)
-        cause = first_failure(env, mine)
-        if say_first_failure and cause == mine:
-            print(f"shardlab: error: {mine}", file=sys.stderr, flush=True)
-        if env.is_rank0:
-            record_failure(run_dir, cause)
-        if isinstance(e, Exception) and env.world_size > 1:
-            # No barrier and no teardown here: the other ranks are still inside the step's collectives,
-            # so a barrier would wait for them forever. They fail when this process exits and closes its
-            # connections; waiting first lets the launcher see this rank fail before theirs, and name it.
-            time.sleep(FAILURE_GRACE_S)
-        raise
-    close_distributed(env)
-    return summary
-
-
-def record_failure(run_dir: Path, reason: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        run_dir / "summary.json", {"status": "failed", "error": reason, "run_dir": str(run_dir)}
-    )
-
-
 @record  # the exception goes to torchrun's error file, so its report names this rank's cause, not only its exit
 def main_torchrun(cfg: DictConfig) -> dict:
     # Style 1: torchrun started every rank and each composed its own config; rank 0's resolved one is the run's.
+    # Each rank validates once, its own typed config (the same overrides everywhere) on its own device.
     env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+    try:
+        validate(cfg, env.world_size, env.device.type, capability(env.device))
+    except (ValueError, OmegaConfBaseException) as e:
+        close_distributed(env)
+        if env.is_rank0:
+            fail(describe_error(e))
+        raise SystemExit(2) from None
     own_dir = Path(cfg.run_dir)
     cfg = OmegaConf.create(broadcast_object(OmegaConf.to_container(cfg, resolve=True), env))
     if own_dir != Path(cfg.run_dir):
@@ -112,13 +51,6 @@ def main_torchrun(cfg: DictConfig) -> dict:
         # talk, and Hydra made it; the run's dir is rank 0's, so this empty one goes (non-empty ones stay).
         with contextlib.suppress(OSError):
             own_dir.rmdir()
-    try:
-        validate(cfg, env.world_size, env.device.type)
-    except (ValueError, OmegaConfBaseException) as e:
-        close_distributed(env)
-        if env.is_rank0:
-            fail(describe_error(e))
-        raise SystemExit(2) from None
     # No launcher of ours sums up a torchrun job: the rank whose failure came first says it, in one line.
     return run_worker(cfg, env, say_first_failure=True)
 
@@ -141,16 +73,16 @@ def main(cfg: DictConfig) -> dict | None:
         record_failure(run_dir, reason)
         return job_outcome(run_dir, {"status": "failed", "error": reason})
     # -m sweeps: name the job's wandb run after the sweep; with sweep.resume=true reuse an earlier success
-    from launcher.sweep import fill_sweep_logger, reuse_previous_success
-
     fill_sweep_logger(cfg)
     if (reused := reuse_previous_success(cfg, run_dir, nproc * cfg.launcher.nnodes)) is not None:
         return reused
     print(f"shardlab: run directory {run_dir}", flush=True)
     in_process = nproc * cfg.launcher.nnodes == 1 and not multirun
     try:
-        if in_process:
-            summary = run_worker(cfg, init_distributed(cfg.trainer.device, cfg.strategy.name != "single"))
+        if in_process:  # this process is the worker: it asks its own GPU what validate() could not
+            env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+            check_device_capabilities(cfg, model_args(cfg), env.device)
+            summary = run_worker(cfg, env)
         else:  # a sweep job always runs in its own processes, so one job's crash cannot take the sweep down
             summary = launch(cfg, nproc)
     except Exception as e:

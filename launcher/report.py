@@ -5,12 +5,13 @@
 import csv
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 import yaml
 
+from launcher.errors import short_reason
+from launcher.report_chart import plot, status_text
 from trainer.config import SCHEMAS
 
 # Shown first when they vary, in this order; any other group or key that varies follows.
@@ -55,17 +56,6 @@ def _last_logged_step(job_dir: Path) -> int | None:
         return None
     steps = [json.loads(line).get("step") for line in lines if line.strip()]
     return steps[-1] if steps else None
-
-
-def short_reason(error: str, job_dir: Path) -> str:
-    # One line a person can act on: OOM says when, anything else is the exception's own first line.
-    text = " ".join(str(error).split()) or "unknown error"
-    if re.search(r"out of memory|OutOfMemoryError", text, re.IGNORECASE):
-        step = _last_logged_step(job_dir)
-        return "out of memory" + (f" after step {step}" if step else " before the first logged step")
-    if "SIGKILL" in text:
-        text += " (often the host's out-of-memory killer)"
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _world_size(config: dict) -> int | None:
@@ -126,7 +116,7 @@ def load_job(job_dir: Path) -> dict:
         "settings": settings,
         "world_size": s.get("world_size") or _world_size(config),
         "status": ("reused" if reused_from else "ok") if ok else "failed",
-        "reason": "" if ok else short_reason(s.get("error", ""), job_dir),
+        "reason": "" if ok else short_reason(s.get("error", ""), _last_logged_step(job_dir)),
         "peak_mem_gb": mem,
         "tokens_per_step": s.get("tokens_per_step") or (gbs * seq_len if gbs and seq_len else None),
         "global_batch_size": gbs,
@@ -200,12 +190,6 @@ def memory_label(rows: list[dict]) -> str:
     if kinds == {"cpu_peak_rss"}:
         return "peak RSS, GB (whole process, max over ranks)"
     return "peak memory, GB (max over ranks)"
-
-
-def _status(r: dict) -> str:
-    if r["status"] == "failed":
-        return "failed: " + r["reason"]
-    return "ok (reused)" if r["status"] == "reused" else "ok"
 
 
 def work_notes(rows: list[dict]) -> tuple[str, str, bool]:
@@ -282,7 +266,7 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
             tps += f" ({r['tokens_per_s_p10']:,.0f}-{r['tokens_per_s_p90']:,.0f})"
         cells = [str(r["rank"]), *(str(r["settings"].get(k, "-")) for k in cols), str(r["world_size"] or "?")]
         # BEST's columns in order, with the memory columns before the last one (final loss)
-        cells += [_status(r), tps, *(_cell(r, c, best) for c in list(BEST)[1:-1])]
+        cells += [status_text(r), tps, *(_cell(r, c, best) for c in list(BEST)[1:-1])]
         cells += _memory_cells(r, memory_columns(rows)) + [_cell(r, "final_loss", best)]
         cells += [f"{r['tokens_per_step']:,}" if r["tokens_per_step"] else "?"] * unequal
         cells.append(f"`{r['run_dir']}`")
@@ -366,8 +350,6 @@ def build_report(sweep_dir: Path) -> list[dict]:
     title = str(sweep_dir)
     (sweep_dir / "report.md").write_text(render_markdown(rows, cols, title))
     write_csv(rows, cols, sweep_dir / "report.csv")
-    from launcher.report_chart import plot
-
     plot(rows, cols, sweep_dir / "report.png", title, memory_label(rows), work_notes(rows)[2])
     return rows
 

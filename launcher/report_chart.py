@@ -3,11 +3,17 @@ import itertools
 import math
 from pathlib import Path
 
-from launcher.report import _status
 from trainer.config import SCHEMAS
 
 MARKERS = "osD^vP*Xph<>"
 FULL_LABELS = 12  # more jobs than this: full labels for the top 3 and the frontier, "#n" for the rest
+
+
+def status_text(r: dict) -> str:
+    # A report row's status as the table and the chart's "not plotted" box say it.
+    if r["status"] == "failed":
+        return "failed: " + r["reason"]
+    return "ok (reused)" if r["status"] == "reused" else "ok"
 
 
 def _frontier(rows: list[dict]) -> list[dict]:
@@ -154,7 +160,7 @@ def plot(rows: list[dict], cols: list[str], path: Path, title: str, mem_label: s
     ax.set(xlabel=mem_label, ylabel="tokens/s, global (median after warm-up; bars p10-p90)")
     ax.grid(alpha=0.3)
     if left_out := [r for r in rows if r not in done]:
-        lines = [f"{_label(r, cols)}: {_status(r)}"[:110] for r in left_out[:6]]
+        lines = [f"{_label(r, cols)}: {status_text(r)}"[:110] for r in left_out[:6]]
         lines += [f"+{len(left_out) - 6} more"] if len(left_out) > 6 else []
         ax.text(0.99, 0.02, "not plotted:\n" + "\n".join(lines), transform=ax.transAxes, ha="right", va="bottom",
                 fontsize=7.5, color="firebrick", bbox={"fc": "white", "ec": "firebrick", "alpha": 0.85})  # fmt: skip

@@ -1,5 +1,6 @@
 # What is trained. One registry of named model presets across families; a family is a file.
 import dataclasses
+from collections.abc import Mapping
 
 import torch.nn as nn
 
@@ -7,9 +8,10 @@ from . import flops, gpt2, hf, llama
 from .flops import num_params
 from .gpt2 import GPT2, GPT2Args
 from .hf import HFArgs, HFCausalLM
-from .llama import ModelArgs, Transformer
+from .llama import ModelArgs, ParamShapes, Transformer
 
 FAMILIES = {"llama": (ModelArgs, Transformer), "gpt2": (GPT2Args, GPT2), "hf": (HFArgs, HFCausalLM)}
+SHAPES = {ModelArgs: llama.param_shapes, GPT2Args: gpt2.param_shapes}  # the native families' layouts
 
 # preset name -> (family, argument dict)
 MODEL_PRESETS: dict[str, tuple[str, dict]] = {
@@ -19,21 +21,101 @@ MODEL_PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_model_args(name: str, overrides: dict | None = None) -> ModelArgs | GPT2Args | HFArgs:
-    # Overrides set to None are ignored, so a config can list every field and leave most unset.
+def build_model_args(
+    name: str, overrides: Mapping | None = None, attention: Mapping | None = None
+) -> ModelArgs | GPT2Args | HFArgs:
+    # A preset, its fields overridden (None = keep the preset's), and the attention option's kernel and K/V
+    # head count (attention: impl, n_kv_heads, kv_head_divisor, as conf/attention/*.yaml). Shapes that cannot
+    # work fail here with the config keys to change, before any module is built.
     if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_PRESETS)}")
+        raise ValueError(f"unknown model.name {name!r}: valid options are {', '.join(MODEL_PRESETS)}")
     family, preset = MODEL_PRESETS[name]
     args_cls = FAMILIES[family][0]
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given = {k: v for k, v in (overrides or {}).items() if k != "name" and v is not None and v != {}}
     valid = [f.name for f in dataclasses.fields(args_cls)]
-    unknown = sorted(set(overrides) - set(valid))
+    unknown = sorted(set(given) - set(valid))
     if unknown:
         hint = " (any Hugging Face config field goes under model.hf_config)" if family == "hf" else ""
         raise ValueError(
             f"model {name!r} ({family}) has no field(s) {unknown}{hint}; valid: {', '.join(valid)}"
         )
-    return args_cls(**{**preset, **overrides})
+    if attention is not None:
+        given["attention"] = attention["impl"]
+    if family == "hf":
+        return _hf_args(name, preset, given, attention)
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(args_cls) if f.default is not dataclasses.MISSING
+    }
+    fields = {**defaults, **preset, **given}
+    dim, n_heads = fields["dim"], fields["n_heads"]
+    if dim % n_heads:
+        raise ValueError(
+            f"model.dim ({dim}) is not divisible by model.n_heads ({n_heads}): "
+            f"choose model.n_heads that divides {dim}"
+        )
+    user_kv = given.get("n_kv_heads")
+    n_kv, source = _kv_heads(
+        attention, name, n_heads, "n_kv_heads" in fields, fields.get("n_kv_heads"), user_kv
+    )
+    if n_kv is not None and n_heads % n_kv:
+        raise ValueError(
+            f"model.n_heads ({n_heads}) is not divisible by the K/V head count ({n_kv}, from {source}): "
+            f"choose a K/V head count that divides {n_heads}"
+        )
+    if family == "llama" and (dim // n_heads) % 2:
+        raise ValueError(
+            f"model.dim / model.n_heads = {dim} / {n_heads} = {dim // n_heads} is odd, but rotary "
+            "embeddings need an even head dimension: choose model.n_heads so that the quotient is even"
+        )
+    if n_kv is not None:
+        given["n_kv_heads"] = n_kv
+    return args_cls(**{**preset, **given})
+
+
+def _kv_heads(attention, name: str, n_heads: int, grouped: bool, own: int | None, user_kv: int | None):
+    # -> (K/V head count, which key set it). An explicit attention.n_kv_heads wins over the divisor; neither:
+    # the model's own (own). grouped: the family has K/V heads of its own to set.
+    n_kv, divisor = (attention or {}).get("n_kv_heads"), (attention or {}).get("kv_head_divisor")
+    if n_kv is None and divisor is None:
+        return own, "model.n_kv_heads"
+    if not grouped:
+        raise ValueError(
+            f"model={name} has no grouped K/V heads: use attention=standard, flash or sdpa with it"
+        )
+    if user_kv is not None:  # never silently overrule a value the user set
+        raise ValueError(
+            f"model.n_kv_heads={user_kv} and the attention option's K/V heads (attention.n_kv_heads="
+            f"{n_kv}, attention.kv_head_divisor={divisor}) both set the K/V head count: keep one of them"
+        )
+    if n_kv is not None:
+        return n_kv, "attention.n_kv_heads"
+    if n_heads % divisor:
+        raise ValueError(
+            f"model.n_heads ({n_heads}) is not divisible by attention.kv_head_divisor ({divisor}): "
+            f"set attention.n_kv_heads to a divisor of {n_heads}"
+        )
+    return n_heads // divisor, f"model.n_heads / attention.kv_head_divisor ({divisor})"
+
+
+def _hf_args(name: str, preset: dict, given: dict, attention) -> HFArgs:
+    # transformers builds the config (a local config.json and/or model.hf_config): read its shapes, then
+    # the attention option's K/V heads become its num_key_value_heads.
+    args = HFArgs(**{**preset, **given})
+    user_kv = given.get("n_kv_heads", given.get("hf_config", {}).get("num_key_value_heads"))
+    n_kv, source = _kv_heads(attention, name, args.n_heads, args.has_kv_heads, args.n_kv_heads, user_kv)
+    if n_kv is not None and args.n_heads % n_kv:
+        raise ValueError(
+            f"the model's {args.n_heads} attention heads are not divisible by the K/V head count ({n_kv}, "
+            f"from {source}): choose a K/V head count that divides {args.n_heads}"
+        )
+    if args.dim % args.n_heads:
+        raise ValueError(
+            f"model.dim ({args.dim}) is not divisible by model.n_heads ({args.n_heads}): "
+            f"choose model.n_heads that divides {args.dim}"
+        )
+    if n_kv != args.n_kv_heads:
+        args = HFArgs(**{**preset, **given, "n_kv_heads": n_kv})
+    return args
 
 
 def build_model(args: ModelArgs | GPT2Args | HFArgs) -> nn.Module:
@@ -45,19 +127,26 @@ def build_model(args: ModelArgs | GPT2Args | HFArgs) -> nn.Module:
     raise TypeError(f"build_model: unsupported args type {type(args).__name__}")
 
 
+def param_shapes(args) -> ParamShapes:
+    # The native families' parameters by name; a Hugging Face model's are its module's (issue: not planned).
+    if type(args) not in SHAPES:
+        raise ValueError(
+            f"no parameter layout for {type(args).__name__}: the native llama and gpt2 families have one"
+        )
+    return SHAPES[type(args)](args)
+
+
 def param_count(args, exclude_embedding: bool = False) -> int:
     if isinstance(args, HFArgs):  # counted on the module its config builds (meta device)
         return hf.param_count(args, exclude_embedding)
-    return flops.param_count(args, exclude_embedding)
+    return flops.count(param_shapes(args), args.n_layers, exclude_embedding)
 
 
 def flops_per_token(args, seq_len: int) -> float:
-    # models.flops.flops_per_token's formula (PaLM appendix B), for HF models with N and the shapes from
-    # the model's config: 6 * N_non_embedding + 12 * L * H * d_head * T.
-    if isinstance(args, HFArgs):
-        n = param_count(args, exclude_embedding=True)
-        return 6.0 * n + 12.0 * args.n_layers * args.n_heads * args.head_dim * seq_len
-    return flops.flops_per_token(args, seq_len)
+    # models/flops.py's formula (PaLM appendix B), with N and the shapes from the arguments (HF models: from
+    # the module their config builds).
+    n = param_count(args, exclude_embedding=True)
+    return flops.flops_per_token(n, args.n_layers, args.n_heads, args.head_dim, seq_len)
 
 
 __all__ = [
@@ -68,10 +157,12 @@ __all__ = [
     "HFCausalLM",
     "MODEL_PRESETS",
     "ModelArgs",
+    "ParamShapes",
     "Transformer",
     "build_model",
     "build_model_args",
     "flops_per_token",
     "num_params",
     "param_count",
+    "param_shapes",
 ]

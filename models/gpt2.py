@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ATTENTION, get_attention
-from .llama import SeededInit, canonical_name, is_residual_projection, seeded_generator
+from .llama import ParamShapes, SeededInit, canonical_name, is_residual_projection, seeded_generator
 
 
 @dataclass
@@ -45,6 +45,32 @@ PRESETS: dict[str, dict] = {
     # GPT-2 small: 124 M parameters.
     "gpt2_124m": dict(dim=768, n_layers=12, n_heads=12, vocab_size=50257, max_seq_len=1024),
 }
+
+
+def param_shapes(args: GPT2Args) -> ParamShapes:
+    # Fused qkv and biases, a 4 * dim GELU MLP, LayerNorms with bias; the head is the token embedding.
+    d, v = args.dim, args.vocab_size
+    block = {
+        "attention_norm.weight": (d,),
+        "attention_norm.bias": (d,),
+        "attention.wqkv.weight": (3 * d, d),
+        "attention.wqkv.bias": (3 * d,),
+        "attention.wo.weight": (d, d),
+        "attention.wo.bias": (d,),
+        "ffn_norm.weight": (d,),
+        "ffn_norm.bias": (d,),
+        "feed_forward.w1.weight": (4 * d, d),
+        "feed_forward.w1.bias": (4 * d,),
+        "feed_forward.w2.weight": (d, 4 * d),
+        "feed_forward.w2.bias": (d,),
+    }
+    root = {
+        "tok_embeddings.weight": (v, d),
+        "pos_embeddings.weight": (args.max_seq_len, d),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+    }
+    return ParamShapes(root, block, ("pos_embeddings.weight",))
 
 
 def build_args(preset: str, **overrides) -> GPT2Args:

@@ -4,6 +4,7 @@
 import math
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -87,6 +88,34 @@ PRESETS: dict[str, dict] = {
         max_seq_len=8192,
     ),
 }
+
+
+class ParamShapes(NamedTuple):
+    # A family's parameters by name, from its arguments alone (nothing allocated): what FSDP shards apart
+    # (each block, then the root), what the parameter count and the memory planner read.
+    root: dict[str, tuple[int, ...]]  # outside the blocks; a tied output head appears once
+    block: dict[str, tuple[int, ...]]  # one transformer block (all n_layers are alike)
+    lookups: tuple[str, ...]  # root tables used only as lookups, never as a matmul weight (no FLOPs)
+
+
+def param_shapes(args: ModelArgs) -> ParamShapes:
+    d, v = args.dim, args.vocab_size
+    hq, hkv, f = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    block = {
+        "attention_norm.weight": (d,),
+        "attention.wq.weight": (hq, d),
+        "attention.wk.weight": (hkv, d),
+        "attention.wv.weight": (hkv, d),
+        "attention.wo.weight": (d, hq),
+        "ffn_norm.weight": (d,),
+        "feed_forward.w1.weight": (f, d),
+        "feed_forward.w2.weight": (d, f),
+        "feed_forward.w3.weight": (f, d),
+    }
+    root = {"tok_embeddings.weight": (v, d), "norm.weight": (d,)}
+    if not args.tie_embeddings:  # tied: the embedding is the output head, a matmul weight
+        root["output.weight"] = (v, d)
+    return ParamShapes(root, block, () if args.tie_embeddings else ("tok_embeddings.weight",))
 
 
 def build_args(preset: str, **overrides) -> ModelArgs:

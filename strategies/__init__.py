@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from strategies import fsdp
+from strategies.common import checkpointed
 from strategies.ddp import apply_ddp
 from strategies.single import apply_single
 
@@ -28,13 +29,27 @@ def is_sharded(name: str) -> bool:
     return name in SHARDED
 
 
+def check_config(cfg, world_size: int) -> None:
+    # The strategy sub-config against the world it will run in, before any worker starts.
+    get_strategy(cfg.name)
+    checkpointed(cfg.activation_checkpointing, cfg.ac_every, 0)  # the mode's name
+    if cfg.name == "single" and world_size > 1:
+        # Without a wrapper nothing would average the gradients: each rank would train its own model.
+        raise ValueError(
+            f"strategy=single trains one process, but the world size is {world_size}: "
+            "use strategy=ddp or strategy=fsdp, or launcher.nproc_per_node=1"
+        )
+    if cfg.name == "hsdp" and cfg.shard_size:  # 0, the ranks of one node, divides the world by construction
+        hsdp_shape(cfg.shard_size, world_size)
+
+
 def hsdp_shape(shard_size: int, world_size: int) -> tuple[int, int]:
     # -> (replicate, shard) sizes of the 2-D mesh; shard_size 0 means the ranks of one node.
     shard = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if shard < 1 or world_size % shard:
         raise ValueError(
             f"strategy.shard_size={shard} does not divide the world size {world_size}: "
-            f"choose a shard_size that divides {world_size}"
+            f"choose a shard_size that divides {world_size} (or 0 for the ranks of one node)"
         )
     return world_size // shard, shard
 

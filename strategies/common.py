@@ -6,6 +6,16 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 AC_MODES = ("none", "full", "selective")
 
 
+def checkpointed(mode: str, every: int, n_layers: int) -> list[bool]:
+    # Which blocks recompute their activations in backward (keeping only their input): full, every one;
+    # selective, every `every`-th, trading some memory back for speed. The memory planner reads the same.
+    if mode not in AC_MODES:
+        raise ValueError(
+            f"unknown strategy.activation_checkpointing {mode!r}: valid options are {', '.join(AC_MODES)}"
+        )
+    return [mode == "full" or (mode == "selective" and i % every == 0) for i in range(n_layers)]
+
+
 def blocks(model: nn.Module) -> nn.ModuleList:
     # The repeated transformer blocks: native models keep them in `layers`; HF decoders under .model.
     for owner in (model, getattr(model, "model", None)):
@@ -31,21 +41,16 @@ def _is_one_of(block: nn.Module, class_names: set[str]) -> bool:
 
 
 def apply_ac(model: nn.Module, mode: str, every: int) -> None:
-    # full: every block recomputes its activations in backward, keeping only its input;
-    # selective: every `every`-th block does, trading some memory back for speed.
-    if mode not in AC_MODES:
-        raise ValueError(
-            f"unknown activation_checkpointing {mode!r}: valid options are {', '.join(AC_MODES)}"
-        )
     if mode == "none":
         return
     if hasattr(model, "enable_activation_checkpointing"):  # HF models: their own checkpointing hook
+        checkpointed(mode, every, 0)  # the mode's check
         model.enable_activation_checkpointing(1 if mode == "full" else every)
         return
     layers = blocks(model)
-    for i, block in enumerate(layers):
-        if mode == "full" or i % every == 0:
-            layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    for i, wrap in enumerate(checkpointed(mode, every, len(layers))):
+        if wrap:
+            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:

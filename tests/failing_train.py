@@ -5,7 +5,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from tests.dist_helpers import raise_at_step
+from tests.helpers.dist import raise_at_step
 
 if __name__ == "__main__":
     raise_at_step(int(sys.argv[1]), int(sys.argv[2]))

@@ -1,6 +1,9 @@
-# The README's bad-input table, one case per row, through the real CLI: each bad input gives one clear
-# message and a non-zero exit, before any worker starts, and damages nothing already saved (the checkpoints
-# the checkpoint rows point at are hashed before and after).
+# The README's bad-input table, one case per row: each bad input gives one clear message, before any worker
+# starts, and damages nothing already saved (the checkpoints the checkpoint rows point at are hashed before
+# and after). The distinct ways a bad input reaches the user run through the real CLI (Hydra's composition
+# errors, the output dir checked before Hydra, the launcher's GPU count, one of validate()'s checks), with
+# exit code 2 and one line on stderr; every other row is one of validate()'s checks, which the CLI reports
+# the same way, and is checked in-process.
 import hashlib
 import shutil
 import subprocess
@@ -9,15 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env, compose_config, finish_cli, start_cli, train_in_process
 
+from launcher import export
+from launcher.errors import describe_error
+from tests.helpers.cli import cli_env, finish, start_cli
+from tests.helpers.run import REPO, compose_config, train_in_process
 from trainer.checks import validate
 
 pytestmark = pytest.mark.slow
 
 # row: (overrides, run dir or None for <tmp>/run, what the message must name). {tmp}: the row's own tmp dir,
 # {ckpt}: a directory of checkpoints made by the fixture, {file}: a regular file.
-ROWS = {
+CLI_ROWS = {
     # Composition errors, which Hydra would report over several lines (launcher/errors.py condenses them).
     "unknown_option": (
         ["model=nope"],
@@ -29,23 +35,29 @@ ROWS = {
         None,
         ["trainer.max_stepz is not a key of trainer", "max_steps"],
     ),
-    "added_key": (["+trainer.max_step=3"], None, ["trainer.max_step is not a key of trainer", "max_steps"]),
     "wrong_type": (["trainer.max_steps=abc"], None, ["trainer.max_steps=abc", "'abc'", "Integer"]),
     "bad_syntax": (["trainer.max_steps=[1"], None, ["cannot parse the override 'trainer.max_steps=[1'"]),
-    "kv_heads": (["attention.n_kv_heads=3"], None, ["model.n_heads (4)", "K/V head count (3"]),
-    "dim_heads": (["model.n_heads=3"], None, ["model.dim (128)", "model.n_heads (3)"]),
-    "seq_len": (["trainer.seq_len=1024"], None, ["trainer.seq_len (1024)", "model.max_seq_len = 512"]),
-    # No GPU here: trainer.device=cuda is what this machine cannot run (the fp8 capability rule for a GPU
-    # older than 8.9 is checked in-process below).
-    "precision": (["precision=fp8", "trainer.device=cuda"], None, ["trainer.device=cuda", "no CUDA GPU"]),
+    # Checked before Hydra makes the run dir, and by the launcher before it validates.
+    "output_dir": ([], "{file}/run", ["hydra.run.dir={file}/run", "{file} is a file, not a directory"]),
     "nproc_gpus": (
         ["strategy=ddp", "launcher.nproc_per_node=2", "trainer.device=cuda"],
         None,
         ["launcher.nproc_per_node=2", "no GPU is present (0 GPUs)"],
     ),
+    # One of validate()'s checks through the CLI: every row of CHECK_ROWS is reported this way.
+    "kv_heads": (["attention.n_kv_heads=3"], None, ["model.n_heads (4)", "K/V head count (3"]),
+}
+
+CHECK_ROWS = {
+    "added_key": (["+trainer.max_step=3"], 1, ["trainer.max_step is not a key of trainer", "max_steps"]),
+    "dim_heads": (["model.n_heads=3"], 1, ["model.dim (128)", "model.n_heads (3)"]),
+    "seq_len": (["trainer.seq_len=1024"], 1, ["trainer.seq_len (1024)", "model.max_seq_len = 512"]),
+    # No GPU here: trainer.device=cuda is what this machine cannot run (the fp8 capability rule for a GPU
+    # older than 8.9 is checked below, as if on an A100).
+    "precision": (["precision=fp8", "trainer.device=cuda"], 1, ["trainer.device=cuda", "no CUDA GPU"]),
     "hsdp_shard": (
-        ["strategy=hsdp", "strategy.shard_size=3", "launcher.nproc_per_node=2"],
-        None,
+        ["strategy=hsdp", "strategy.shard_size=3", "trainer.global_batch_size=4"],
+        2,
         ["strategy.shard_size=3", "does not divide the world size 2"],
     ),
     "static_graph_accum": (
@@ -54,35 +66,38 @@ ROWS = {
             "strategy.static_graph=true",
             "trainer.global_batch_size=4",
             "trainer.micro_batch_size=1",
-            "launcher.nproc_per_node=2",
         ],
-        None,
+        2,
         ["strategy.static_graph=true", "gradient accumulation (2 micro-batches of 1 per rank)"],
+    ),
+    "bucket_size": (
+        ["strategy=ddp", "strategy.bucket_cap_mb=-1"],
+        2,
+        ["strategy.bucket_cap_mb must be at least 1"],
     ),
     "data_path": (
         ["data=text", "data.path={tmp}/no-such-dir"],
-        None,
+        1,
         ["data.path", "no-such-dir", "does not exist"],
     ),
-    "output_dir": ([], "{file}/run", ["hydra.run.dir={file}/run", "{file} is a file, not a directory"]),
     "checkpoint_dir": (
         ["checkpoint=periodic", "checkpoint.dir={file}/ckpt"],
-        None,
+        1,
         ["checkpoint directory {file}/ckpt cannot be created", "{file} is a file", "checkpoint.dir"],
     ),
     "corrupt_checkpoint": (
         ["checkpoint.resume={ckpt}/corrupt"],
-        None,
+        1,
         ["checkpoint {ckpt}/corrupt cannot be read", "UnpicklingError"],
     ),
     "truncated_checkpoint": (
         ["checkpoint.resume={ckpt}/truncated"],
-        None,
+        1,
         ["checkpoint {ckpt}/truncated is incomplete", "__0_0.distcp is 4096 bytes, short of the"],
     ),
     "incompatible_model": (
         ["checkpoint.resume={ckpt}/good", "model.dim=64"],
-        None,
+        1,
         [
             "checkpoint {ckpt}/good does not match this model",
             "tok_embeddings.weight is [256, 128] there, [256, 64] here",
@@ -91,26 +106,22 @@ ROWS = {
     # Checkpoint settings that would otherwise fail late or silently.
     "missing_checkpoint": (
         ["checkpoint.resume={tmp}/no-such-checkpoint"],
-        None,
+        1,
         ["checkpoint.resume=", "no-such-checkpoint", "is not a checkpoint"],
     ),
     "checkpoint_at_max_steps": (
         ["checkpoint.resume={ckpt}/good"],
-        None,
+        1,
         ["checkpoint {ckpt}/good is already at step 3", "trainer.max_steps=3"],
     ),
     "restarts_without_checkpoints": (
-        ["strategy=ddp", "launcher.nproc_per_node=2", "launcher.max_restarts=1"],
-        None,
+        ["strategy=ddp", "trainer.global_batch_size=4", "launcher.max_restarts=1"],
+        2,
         ["launcher.max_restarts=1", "checkpoint.every_n_steps=0", "checkpoint=periodic"],
     ),
-    "on_nonfinite": (
-        ["trainer.on_nonfinite=ignore"],
-        None,
-        ["trainer.on_nonfinite", "'ignore'", "error, skip"],
-    ),
+    "on_nonfinite": (["trainer.on_nonfinite=ignore"], 1, ["trainer.on_nonfinite", "'ignore'", "error, skip"]),
 }
-PARALLEL = 8  # CLI processes at once: each imports torch and fails before training
+PARALLEL = 8  # CLI processes at once: each fails before training
 
 
 def _digest(root: Path) -> str:
@@ -141,26 +152,31 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def failures(tmp_path_factory, ckpt):
+def failures(tmp_path_factory, ckpt, afile):
     # {row: (tmp, exit code, stdout, stderr, checkpoint digest before, after)}
-    afile = tmp_path_factory.mktemp("file") / "afile"
-    afile.write_text("a regular file where a directory is expected\n")
     before = _digest(ckpt)
     results, running = {}, []
-    for row, (overrides, run_dir, _) in ROWS.items():
+    for row, (overrides, run_dir, _) in CLI_ROWS.items():
         tmp = tmp_path_factory.mktemp(row)
         fill = {"tmp": tmp, "ckpt": ckpt, "file": afile}
         args = [o.format(**fill) for o in overrides]
         running.append((row, tmp, start_cli(tmp, *args, run_dir=run_dir.format(**fill) if run_dir else None)))
         if len(running) == PARALLEL:
             row, tmp, proc = running.pop(0)
-            results[row] = (tmp, *finish_cli(proc))
+            results[row] = (tmp, *finish(proc))
     for row, tmp, proc in running:
-        results[row] = (tmp, *finish_cli(proc))
+        results[row] = (tmp, *finish(proc))
     return results, before, _digest(ckpt), afile, ckpt
 
 
-@pytest.mark.parametrize("row", ROWS)
+@pytest.fixture(scope="module")
+def afile(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("file") / "afile"
+    path.write_text("a regular file where a directory is expected\n")
+    return path
+
+
+@pytest.mark.parametrize("row", CLI_ROWS)
 def test_one_clear_line_before_any_worker_starts(failures, row):
     results, before, after, afile, ckpt = failures
     tmp, code, out, err = results[row]
@@ -168,7 +184,7 @@ def test_one_clear_line_before_any_worker_starts(failures, row):
     assert "Traceback" not in out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("shardlab: error: "), err
-    for name in ROWS[row][2]:
+    for name in CLI_ROWS[row][2]:
         assert name.format(tmp=tmp, ckpt=ckpt, file=afile) in lines[0], lines[0]
     # The launcher says "run directory" only once the checks passed and workers are about to start.
     assert "run directory" not in out, out
@@ -176,6 +192,21 @@ def test_one_clear_line_before_any_worker_starts(failures, row):
     assert not (tmp / "run" / "checkpoints").exists()
     # Nothing already saved is damaged: the checkpoints (good, corrupt, truncated) are byte-identical.
     assert after == before
+    assert afile.read_text() == "a regular file where a directory is expected\n"
+
+
+@pytest.mark.parametrize("row", CHECK_ROWS)
+def test_checks_name_the_fix_and_touch_nothing(ckpt, afile, tmp_path, row):
+    overrides, world, names = CHECK_ROWS[row]
+    fill = {"tmp": tmp_path, "ckpt": ckpt, "file": afile}
+    before = _digest(ckpt)
+    with pytest.raises(ValueError) as info:
+        validate(compose_config(*(o.format(**fill) for o in overrides)), world, "cpu")
+    line = describe_error(info.value)  # what the CLI prints after "shardlab: error: "
+    assert "\n" not in line
+    for name in names:
+        assert name.format(**fill) in line, line
+    assert _digest(ckpt) == before and list(tmp_path.iterdir()) == []
     assert afile.read_text() == "a regular file where a directory is expected\n"
 
 
@@ -201,15 +232,10 @@ def test_fp8_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
         validate(compose_config("precision=fp8", "trainer.device=auto"), 1, "cuda", (8, 0))
 
 
-def test_export_of_a_corrupt_checkpoint_fails_in_one_line(ckpt, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher.export", str(ckpt / "corrupt"), str(tmp_path / "m.pt")],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith(f"shardlab: error: checkpoint {ckpt / 'corrupt'} cannot be read")
+def test_export_of_a_corrupt_checkpoint_fails_in_one_line(ckpt, tmp_path, capsys):
+    # launcher.export's command line (its success path runs as a subprocess in tests/test_checkpoint.py).
+    assert export.main([str(ckpt / "corrupt"), str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith(f"shardlab: error: checkpoint {ckpt / 'corrupt'} cannot be read")
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.pt").exists()

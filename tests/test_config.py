@@ -1,16 +1,16 @@
-# Every option of every config group composes, validates and (where it runs on one CPU process) trains;
-# bad input fails at the boundary with one clear line, through the real CLI.
+# Every option of every config group composes, validates and, unless another test file trains it, trains in
+# one CPU process; cross-field checks name the keys to change (their CLI path: tests/test_bad_input.py).
 import math
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, finish_cli, read_rows, start_cli, train_in_process
 from omegaconf import OmegaConf
 
 from launcher.compose import config_dir
 from models import build_model, flops_per_token, num_params, param_count
+from tests.helpers.run import compose_config, read_rows, train_in_process
 from trainer.checks import validate
 from trainer.config import SCHEMAS
 
@@ -20,7 +20,11 @@ NOT_WALKED = {"sweep", "hydra"}
 GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and d.name not in NOT_WALKED)
 # Trained in-process here; every other model preset is compose-only (counted, built on meta, never
 # allocated), and the other strategies need a world of 2: the distributed tests train them.
-TRAINED_MODELS = {"debug", "gpt2_debug", "llama_20m", "hf_llama_debug", "hf_gpt2_debug"}
+TRAINED_MODELS = {"debug", "gpt2_debug"}
+# Options another file trains already, so the walk only composes and validates them: every precision and
+# optimizer (tests/test_precision.py), the HF presets (tests/test_hf.py), llama_20m (tests/test_memory.py,
+# tests/test_checkpoint.py), data=text (tests/test_train.py), checkpoint=periodic (tests/test_checkpoint.py).
+TRAINED_ELSEWHERE = {"precision", "optim", ("data", "text"), ("checkpoint", "periodic")}
 # Options that need one more value to compose: bare model=hf needs a local path or an inline model_type
 # (LlamaConfig's defaults are Llama-2-7B shapes, so it stays compose-only).
 NEEDS = {("model", "hf"): ["+model.hf_config.model_type=llama"]}
@@ -52,7 +56,8 @@ def test_every_option(group, option, tmp_path):
     cfg = compose_config(choice, *NEEDS.get((group, option), []))
     if group in SCHEMAS:
         assert cfg.choices[group] == option
-    if cfg.choices["model"] not in TRAINED_MODELS or cfg.strategy.name not in TRAINED_STRATEGIES:
+    elsewhere = group in TRAINED_ELSEWHERE or (group, option) in TRAINED_ELSEWHERE
+    if elsewhere or cfg.choices["model"] not in TRAINED_MODELS or cfg.strategy.name not in TRAINED_STRATEGIES:
         check_compose_only(cfg)
         return
 
@@ -117,19 +122,31 @@ def test_default_config_composes_to_the_documented_defaults():
         (["model.n_heads=0"], 1, ["model.n_heads"]),
         (["model.dim=132"], 1, ["model.dim", "model.n_heads", "even"]),  # head_dim 33: no RoPE pairs
         (["attention.n_kv_heads=3"], 1, ["model.n_heads (4)", "K/V head count (3", "attention.n_kv_heads"]),
-        (["attention.n_kv_heads=0"], 1, ["model.n_heads", "K/V head count (0"]),
+        (["attention.n_kv_heads=0"], 1, ["attention.n_kv_heads must be at least 1, got 0"]),
         (["attention=gqa", "model.n_heads=2"], 1, ["model.n_heads (2)", "attention.kv_head_divisor (4)"]),
         (["model=gpt2_debug", "attention=mqa"], 1, ["model=gpt2_debug", "attention=standard"]),
         (["model.name=nope"], 1, ["model.name", "debug", "llama_20m"]),
         (["trainer.seq_len=1024"], 1, ["trainer.seq_len (1024)", "model.max_seq_len = 512"]),
-        (["trainer.max_steps=1"], 1, ["metrics.warmup_steps", "trainer.max_steps"]),
         (
             ["trainer.global_batch_size=3", "strategy=ddp"],
             2,
             ["trainer.global_batch_size (3)", "world size (2)"],
         ),
         (["trainer.global_batch_size=8", "trainer.micro_batch_size=3"], 1, ["trainer.micro_batch_size (3)"]),
-        (["trainer.micro_batch_size=0"], 1, ["trainer.micro_batch_size (0)"]),  # not "unset"
+        (
+            ["trainer.micro_batch_size=0"],
+            1,
+            ["trainer.micro_batch_size must be at least 1, got 0"],
+        ),  # not "unset"
+        # Every numeric field's range, stated in its schema (trainer/config.py), checked in one walk.
+        (
+            ["strategy=ddp", "strategy.bucket_cap_mb=-1"],
+            2,
+            ["strategy.bucket_cap_mb must be at least 1, got -1"],
+        ),
+        (["launcher.monitor_interval=0"], 1, ["launcher.monitor_interval must be positive, got 0.0"]),
+        (["optim.beta2=1"], 1, ["optim.beta2 must be in [0, 1), got 1.0"]),
+        (["model.norm_eps=0"], 1, ["model.norm_eps must be positive, got 0.0"]),
         (["metrics.warmup_steps=-1"], 1, ["metrics.warmup_steps"]),
         (["metrics.peak_tflops=0"], 1, ["metrics.peak_tflops"]),
         (["trainer.device=cuda"], 1, ["trainer.device=cuda", "no CUDA GPU"]),
@@ -161,46 +178,6 @@ def test_validation_names_the_keys(overrides, world, names):
     assert "\n" not in message
     for name in names:
         assert name in message
-
-
-# ---------------------------------------------------------------- bad input, through the real CLI
-# Composition errors (unknown key or option, wrong type) are rows of tests/test_bad_input.py.
-OUR_ERRORS = {
-    "heads": (["model.n_heads=3"], ["model.dim", "model.n_heads"]),
-    "kv_heads": (["attention.n_kv_heads=3"], ["model.n_heads", "K/V head count (3"]),
-    "seq_len": (["trainer.seq_len=1024"], ["trainer.seq_len", "model.max_seq_len"]),
-    "data_path": (["data=text", "data.path={tmp}/no-such-dir"], ["data.path", "no-such-dir"]),
-    "batch": (
-        ["strategy=ddp", "launcher.nproc_per_node=2", "trainer.global_batch_size=3"],
-        ["trainer.global_batch_size"],
-    ),
-}
-
-
-@pytest.fixture(scope="module")
-def cli_failures(tmp_path_factory):
-    # Started together: each is a fresh interpreter importing torch, and they fail before any training.
-    procs = {}
-    for case, (overrides, _) in OUR_ERRORS.items():
-        tmp = tmp_path_factory.mktemp(case)
-        procs[case] = (tmp, start_cli(tmp, *[o.format(tmp=tmp) for o in overrides]))
-    return {case: (tmp, *finish_cli(proc)) for case, (tmp, proc) in procs.items()}
-
-
-@pytest.mark.parametrize("case", OUR_ERRORS)
-def test_cli_validation_error_is_one_line(cli_failures, case):
-    tmp, code, out, err = cli_failures[case]
-    assert code == 2, err
-    assert "Traceback" not in out + err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("shardlab: error: "), err
-    for name in OUR_ERRORS[case][1]:
-        assert name in lines[0]
-    # Nothing ran, so nothing claims to have: no metrics, and a summary only if it says failed.
-    run_dir = tmp / "run"
-    assert not (run_dir / "metrics.jsonl").exists()
-    if (run_dir / "summary.json").exists():
-        assert '"status": "failed"' in (run_dir / "summary.json").read_text()
 
 
 def test_a_cpu_run_on_a_gpu_host_is_checked_as_a_cpu_run():

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
 from omegaconf import OmegaConf
 
+from tests.helpers.run import compose_config
 from trainer.checks import validate
 from trainer.data import SyntheticTokens, build_data, micro_batches, read_text
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 from omegaconf import OmegaConf
-from wandb_reader import item_key, wandb_records
 
+from tests.helpers.wandb import item_key, wandb_records
 from trainer import loggers as loggers_mod
 from trainer.loggers import build_loggers
 

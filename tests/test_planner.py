@@ -1,4 +1,4 @@
-# The memory planner's arithmetic (trainer/planner.py) and `python -m launcher.plan`: the rules of thumb it
+# The memory planner's arithmetic (trainer/memory/) and `python -m launcher.plan`: the rules of thumb it
 # must reproduce as special cases, sharding, the activation formula's terms, and the CLI's verdicts.
 # Pure arithmetic, no tensors: fast. tests/test_memory.py checks the same numbers against MemTracker.
 import dataclasses
@@ -6,23 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cli_env
 
 from launcher import plan as plan_cli
-from models import build_model_args
-from models.flops import param_count
+from models import build_model_args, param_count
 from models.llama import ModelArgs
-from trainer.optim import OPTIMIZERS as TRAINER_OPTIMIZERS
-from trainer.planner import (
-    GB,
-    OPTIMIZERS,
-    PRECISION_BYTES,
-    PlanSpec,
-    layer_terms,
-    model_state,
-    plan_memory,
-)
-from trainer.precision import PRECISIONS
+from tests.helpers.cli import cli_env
+from tests.helpers.run import REPO
+from trainer.memory import PlanSpec, model_state, plan_memory
+from trainer.memory.activations import layer_terms
 
 # A Llama-shaped model of ~1.06 B parameters (the seed text's "1 B parameters").
 ONE_B = ModelArgs(dim=2048, n_layers=18, n_heads=16, vocab_size=32000, max_seq_len=4096)
@@ -36,8 +27,7 @@ def state_per_param(args, **spec) -> float:
 def test_fp32_weights_take_4_bytes_per_parameter_so_1b_loads_in_4_gb():
     plan = plan_memory(ONE_B, PlanSpec(precision="fp32"))
     assert plan.n_params == param_count(ONE_B)
-    assert plan.params == 4 * plan.n_params
-    assert plan.params / GB == pytest.approx(4 * plan.n_params / 1e9)  # 4.2 GB for 1.06 B
+    assert plan.params == 4 * plan.n_params  # 4.2 GB for 1.06 B
 
 
 def test_fp32_adam_is_16_bytes_of_state_and_about_24_to_train():
@@ -97,10 +87,8 @@ def test_8bit_optimizer_states_are_2_bytes_instead_of_8():
     assert eight_bit / param_count(args) == pytest.approx(2, rel=0.02)  # + an fp32 scale per 256
 
 
-def test_every_precision_and_optimizer_of_the_trainer_has_a_row():
-    assert set(PRECISIONS) <= set(PRECISION_BYTES)
-    assert set(TRAINER_OPTIMIZERS) <= set(OPTIMIZERS)
-    with pytest.raises(ValueError, match="valid: fp32"):
+def test_an_unknown_precision_is_named():
+    with pytest.raises(ValueError, match="valid options are fp32"):
         plan_memory(ONE_B, PlanSpec(precision="fp4"))
 
 

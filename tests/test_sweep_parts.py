@@ -6,7 +6,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import assert_png, compose_config, csv_rows, md_rows
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 from omegaconf import OmegaConf
@@ -15,6 +14,8 @@ from launcher import report
 from launcher.compose import config_dir, setup_hydra
 from launcher.elastic import resolve_nproc
 from launcher.sweep import config_key, fill_sweep_logger, swept_keys
+from tests.helpers.reports import assert_png, csv_rows, md_rows
+from tests.helpers.run import compose_config
 from trainer.checks import validate
 from trainer.precision import PRECISIONS
 

@@ -1,7 +1,6 @@
-# Training for real: the CLI end to end, gradient accumulation, the LR schedule, clipping, bf16-mixed,
-# and one run directory per run.
+# Training for real: the CLI end to end, gradient accumulation, the LR schedule, clipping, a run no longer
+# than its warm-up, and one run directory per run (two at once: tests/test_launch.py).
 import copy
-import json
 import math
 import re
 import sysconfig
@@ -10,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, finish_cli, read_rows, read_summary, run_cli, start_cli, train_in_process
 from omegaconf import OmegaConf
 
 import launcher.compose
 from models import build_model, build_model_args
+from tests.helpers.cli import run_cli
+from tests.helpers.run import compose_config, read_rows, read_summary, train_in_process
 from trainer.config import SCHEMAS
 from trainer.data import SyntheticTokens, micro_batches
 from trainer.dist import init_distributed
@@ -137,62 +137,11 @@ def test_clipping_reports_the_pre_clip_norm_and_clips(one_thread, clip):
     before = [p.detach().clone() for p in model.parameters()]
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)  # so the update is exactly the (clipped) gradient
     env = init_distributed("cpu")
-    _, reported, _ = train_step(model, sgd, [(x, y)], build_precision("fp32", env.device), env, 1, clip)
+    _, reported = train_step(model, sgd, [(x, y)], build_precision("fp32", env.device), env, 1, clip)
     assert float(reported) == pytest.approx(float(norm), rel=1e-5)  # the norm before clipping
     after = [p.detach() for p in model.parameters()]
     step = torch.linalg.vector_norm(torch.stack([(b - a).norm() for b, a in zip(before, after, strict=True)]))
     assert float(step) == pytest.approx(clip if clip else float(norm), rel=1e-4)
-
-
-def test_clipping_in_a_run(tmp_path, one_thread):
-    clipped = train_in_process(compose_config("optim.grad_clip=0.01"), tmp_path / "clipped")
-    free = train_in_process(compose_config("optim.grad_clip=0"), tmp_path / "free")
-    c, f = read_rows(tmp_path / "clipped"), read_rows(tmp_path / "free")
-    # Same weights and batch at step 1: the same norm is reported, clipped or not; then they part.
-    assert c[0]["grad_norm"] == pytest.approx(f[0]["grad_norm"], rel=1e-6)
-    assert all(r["grad_norm"] > 0.01 for r in c)
-    assert c[1]["loss"] != f[1]["loss"]
-    assert clipped["status"] == free["status"] == "ok"
-
-
-def test_bf16_mixed_trains(tmp_path, one_thread, text_corpus):
-    cfg = compose_config(
-        *text_run(text_corpus),
-        "precision=bf16-mixed",
-        "trainer.max_steps=20",
-        "trainer.global_batch_size=4",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=2",
-    )
-    summary = train_in_process(cfg, tmp_path / "run")
-    losses = [r["loss"] for r in read_rows(tmp_path / "run")]
-    assert summary["precision"] == "bf16-mixed" and len(losses) == 20
-    assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0] - 1.0
-    # The matmuls really ran in bf16 while the master weights stayed fp32.
-    precision = build_precision("bf16-mixed", torch.device("cpu"))
-    model = build_model(build_model_args("debug"))
-    with precision.context():
-        assert model(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-
-
-def test_concurrent_cli_runs_get_their_own_directories(tmp_path):
-    # The config's own run dir resolver, pointed at tmp_path instead of ./outputs.
-    base = tmp_path / "outputs"
-    run_dir = f"'${{shardlab_run_dir:{base},${{launcher.rdzv_id}}}}'"  # quoted: Hydra's override grammar
-    procs = [start_cli(tmp_path, "trainer.max_steps=2", run_dir=run_dir) for _ in range(2)]
-    results = [finish_cli(p) for p in procs]
-    dirs = []
-    for code, out, err in results:
-        assert code == 0, err
-        dirs.append(Path(re.search(r"shardlab: run directory (\S+)", out).group(1)))
-    assert dirs[0] != dirs[1]
-    for d in dirs:
-        assert d.parent.parent == base
-        assert read_summary(d)["status"] == "ok"
-        assert json.loads((d / "summary.json").read_text())["run_dir"] == str(d)
-    assert sorted(p for p in base.glob("*/*")) == sorted(dirs)
 
 
 def test_run_dir_resolver_never_reuses_a_directory(tmp_path, monkeypatch):
@@ -202,3 +151,16 @@ def test_run_dir_resolver_never_reuses_a_directory(tmp_path, monkeypatch):
         monkeypatch.setattr(launcher.compose, "_run_dir", None)  # a fresh process
         made.append(launcher.compose._new_run_dir(str(tmp_path)))
     assert len(set(made)) == 3 and all(Path(d).is_dir() for d in made)
+
+
+def test_a_run_no_longer_than_its_warm_up_runs_and_says_so(tmp_path, one_thread):
+    # `python train.py trainer.max_steps=3` with the default 3 warm-up steps: it trains, and the summary says
+    # why it has no throughput instead of the run being refused.
+    summary = train_in_process(compose_config("trainer.max_steps=2", "metrics.warmup_steps=3"), tmp_path)
+    assert summary["status"] == "ok" and summary["steps"] == 2 and summary["warmup_steps"] == 2
+    assert summary["tokens_per_s_median"] is None and summary["mfu"] is None
+    assert (
+        "no step was measured: all 2 steps were warm-up (metrics.warmup_steps=3)"
+        in summary["throughput_note"]
+    )
+    assert [r["step"] for r in read_rows(tmp_path)] == [1, 2]

@@ -20,6 +20,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from models import build_model
+from trainer.paths import unwritable_reason
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Globals a DCP .metadata pickle names besides the classes of torch.distributed.checkpoint.metadata.
 _METADATA_GLOBALS = {
@@ -314,3 +317,33 @@ def maybe_save(ckpt_cfg, root: Path, step: int, max_steps: int, model, optimizer
     if (every > 0 and step % every == 0) or (ckpt_cfg.save_final and step == max_steps):
         return save(root, step, model, optimizer, scheduler, ckpt_cfg.keep_last, meta())
     return None
+
+
+def preflight(cfg, args) -> None:
+    # Before any worker starts: fault tolerance that could not work, a checkpoint directory that cannot be
+    # made, and the checkpoint a run would resume from (readable, complete, of this model's shapes, below
+    # trainer.max_steps). Reads the checkpoint; writes nothing.
+    c, t = cfg.checkpoint, cfg.trainer
+    restarts = cfg.launcher.max_restarts
+    if restarts > 0 and c.every_n_steps < 1:
+        raise ValueError(
+            f"launcher.max_restarts={restarts} restarts failed workers from the newest checkpoint, but "
+            "checkpoint.every_n_steps=0 saves none, so a restart would start over: add checkpoint=periodic "
+            "(or checkpoint.every_n_steps=N), or set launcher.max_restarts=0"
+        )
+    run_dir = cfg.get("run_dir")
+    root = checkpoint_root(c, Path(run_dir or ".")) if c.dir or run_dir else None
+    if root is not None and (c.every_n_steps > 0 or c.save_final) and (why := unwritable_reason(root)):
+        raise ValueError(
+            f"checkpoint directory {root} cannot be created ({why}): set checkpoint.dir to a writable "
+            "directory, or checkpoint=none"
+        )
+    if root is None and c.resume == "auto":
+        return  # composed without a run directory (tests, planning): nothing to resume
+    path = resolve_resume(c.resume, root)
+    if path is None:
+        return
+    verify(path)
+    with torch.device("meta"):  # shapes only
+        check_compatible(path, build_model(args).state_dict())
+    check_below_max_steps(path, read_train_state(path)["step"], t.max_steps)

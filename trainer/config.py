@@ -1,26 +1,59 @@
 # Typed schemas for every config group, registered with Hydra's ConfigStore so that an unknown key or a
-# wrong type fails at composition with Hydra's own message. Cross-field checks live in `validate`, which
-# runs once, before any worker starts.
+# wrong type fails at composition with Hydra's own message. Every numeric field states its valid range
+# beside it (`ranged`), and check_schema checks them all, and that no key was added that nothing reads, in
+# one walk. Cross-field checks live in trainer/checks.py's `validate`, which runs once, before any worker
+# starts. No torch here: train.py imports this before Hydra has parsed the command line.
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+_RULE = re.compile(r"^(>=|>) (-?[\d.e+-]+)$|^([\[(])(-?[\d.]+), (-?[\d.]+)([\])])$")
+
+
+def ranged(default, rule: str):
+    # A numeric field and its valid range: ">= 1", "> 0", "[0, 1)", "[0, 1]". None (unset) is always valid.
+    if not _RULE.match(rule):
+        raise ValueError(f"bad range rule {rule!r}")
+    return field(default=default, metadata={"range": rule})
+
+
+def _in_range(value, rule: str) -> bool:
+    m = _RULE.match(rule)
+    if m.group(1):
+        bound = float(m.group(2))
+        return value >= bound if m.group(1) == ">=" else value > bound
+    lo, hi = float(m.group(4)), float(m.group(5))
+    above = value >= lo if m.group(3) == "[" else value > lo
+    below = value <= hi if m.group(6) == "]" else value < hi
+    return above and below
+
+
+def _phrase(rule: str) -> str:
+    m = _RULE.match(rule)
+    if m.group(1) == ">=":
+        return "not be negative" if float(m.group(2)) == 0 else f"be at least {m.group(2)}"
+    if m.group(1) == ">":
+        return "be positive" if float(m.group(2)) == 0 else f"be above {m.group(2)}"
+    return f"be in {rule}"
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING  # a preset of models.MODEL_PRESETS; the fields below override it when set
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    vocab_size: int | None = None
-    multiple_of: int | None = None
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float | None = None
-    rope_theta: float | None = None
-    max_seq_len: int | None = None
+    dim: int | None = ranged(None, ">= 1")
+    n_layers: int | None = ranged(None, ">= 1")
+    n_heads: int | None = ranged(None, ">= 1")
+    n_kv_heads: int | None = ranged(None, ">= 1")
+    vocab_size: int | None = ranged(None, ">= 1")
+    multiple_of: int | None = ranged(None, ">= 1")
+    ffn_dim_multiplier: float | None = ranged(None, "> 0")
+    norm_eps: float | None = ranged(None, "> 0")
+    rope_theta: float | None = ranged(None, "> 0")
+    max_seq_len: int | None = ranged(None, ">= 1")
     tie_embeddings: bool | None = None
     # Hugging Face models (model=hf*): a local directory with config.json (and weights, if present), and/or
     # config fields (model_type when there is no directory); the generic fields above override them.
@@ -32,8 +65,8 @@ class ModelConfig:
 class AttentionConfig:
     impl: str = "sdpa"  # standard | flash | sdpa
     # K/V heads: an explicit count wins; else n_heads // kv_head_divisor; else the model preset's own.
-    n_kv_heads: int | None = None
-    kv_head_divisor: int | None = None
+    n_kv_heads: int | None = ranged(None, ">= 1")
+    kv_head_divisor: int | None = ranged(None, ">= 1")
 
 
 @dataclass
@@ -45,14 +78,14 @@ class PrecisionConfig:
 class StrategyConfig:
     name: str = "single"
     activation_checkpointing: str = "none"  # none | full | selective
-    ac_every: int = 2  # selective: checkpoint every n-th block
+    ac_every: int = ranged(2, ">= 1")  # selective: checkpoint every n-th block
     compile: bool = False  # torch.compile each block
 
 
 @dataclass
 class DDPConfig(StrategyConfig):
     name: str = "ddp"
-    bucket_cap_mb: int = 25
+    bucket_cap_mb: int = ranged(25, ">= 1")  # DDP's gradient bucket size, MB
     static_graph: bool = False
 
 
@@ -66,7 +99,9 @@ class FSDPConfig(StrategyConfig):
 @dataclass
 class HSDPConfig(FSDPConfig):
     name: str = "hsdp"
-    shard_size: int = 0  # ranks per shard group (the mesh's inner dim); 0 = the ranks of one node
+    shard_size: int = ranged(
+        0, ">= 0"
+    )  # ranks per shard group (the mesh's inner dim); 0 = the ranks of one node
 
 
 @dataclass
@@ -74,21 +109,23 @@ class DataConfig:
     name: str = "synthetic"  # synthetic | text
     path: str | None = None  # text: a file or a directory (read recursively, sorted)
     glob: str = "*"  # text, directory: which files to read
-    max_bytes: int = 8_000_000  # text: read at most this many bytes (deterministic: sorted file order)
+    max_bytes: int = ranged(
+        8_000_000, ">= 1"
+    )  # text: read at most this many bytes (deterministic: sorted file order)
     tokenizer: str | None = None  # text: None = bytes (vocab 256); or a local HF tokenizer directory
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still reported)
+    lr: float = ranged(3e-4, "> 0")
+    weight_decay: float = ranged(0.1, ">= 0")
+    beta1: float = ranged(0.9, "[0, 1)")
+    beta2: float = ranged(0.95, "[0, 1)")
+    eps: float = ranged(1e-8, ">= 0")
+    warmup_steps: int = ranged(10, ">= 0")
+    min_lr_ratio: float = ranged(0.1, "[0, 1]")  # cosine decays to lr * min_lr_ratio at max_steps
+    grad_clip: float = ranged(1.0, ">= 0")  # 0 disables clipping (the norm is still reported)
     implementation: str = "auto"  # auto | fused | foreach | for_loop
 
 
@@ -105,21 +142,23 @@ class LoggerConfig:
 @dataclass
 class LauncherConfig:
     nproc_per_node: str = "1"  # an integer, or "auto" (GPUs present; CPU: 2)
-    nnodes: int = 1
+    nnodes: int = ranged(1, ">= 1")
     rdzv_endpoint: str = ""  # host:port of the first node (multi-node)
     rdzv_id: str = ""  # shared by all nodes of one job
-    max_restarts: int = 0
-    monitor_interval: float = 0.5
+    max_restarts: int = ranged(0, ">= 0")
+    monitor_interval: float = ranged(0.5, "> 0")  # seconds between the elastic agent's polls
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 100
-    global_batch_size: int = 8  # sequences per optimizer step, all ranks together
-    micro_batch_size: int | None = None  # per rank per forward; None = no gradient accumulation
-    seq_len: int = 256
-    seed: int = 1234
-    log_every: int = 10
+    max_steps: int = ranged(100, ">= 1")
+    global_batch_size: int = ranged(8, ">= 1")  # sequences per optimizer step, all ranks together
+    micro_batch_size: int | None = ranged(
+        None, ">= 1"
+    )  # per rank per forward; None = no gradient accumulation
+    seq_len: int = ranged(256, ">= 1")
+    seed: int = ranged(1234, ">= 0")
+    log_every: int = ranged(10, ">= 1")
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: bool = True
     on_nonfinite: str = "error"  # a NaN/inf loss: error (stop, keep the last good checkpoint) | skip the step
@@ -127,17 +166,19 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 0  # 0: no periodic saves
+    every_n_steps: int = ranged(0, ">= 0")  # 0: no periodic saves
     save_final: bool = False  # also save after the last step
-    keep_last: int = 3  # older complete checkpoints are pruned
+    keep_last: int = ranged(3, ">= 0")  # older complete checkpoints are pruned
     resume: str = "auto"  # auto: newest complete checkpoint in the run dir; none; or a checkpoint directory
     dir: str | None = None  # default: <run dir>/checkpoints
 
 
 @dataclass
 class MetricsConfig:
-    warmup_steps: int = 3  # kept out of throughput figures
-    peak_tflops: float | None = None  # dense peak per device, for MFU where the device is unknown
+    warmup_steps: int = ranged(3, ">= 0")  # kept out of throughput figures
+    peak_tflops: float | None = ranged(
+        None, "> 0"
+    )  # dense peak per device, for MFU where the device is unknown
     # One step measured with PyTorch's MemTracker (params / grads / optimizer / activations / temporaries),
     # next to the memory planner's prediction, in summary.json
     memory_breakdown: bool = False
@@ -146,7 +187,9 @@ class MetricsConfig:
 @dataclass
 class PlanConfig:
     # python -m launcher.plan: per-rank memory of this config, and whether it fits
-    device_memory_gb: float | None = None  # per device, decimal GB; None: the visible GPU's, if any
+    device_memory_gb: float | None = ranged(
+        None, "> 0"
+    )  # per device, decimal GB; None: the visible GPU's, if any
     device: str | None = None  # cuda | cpu: what to plan for; None: trainer.device if set, else cuda
 
 
@@ -198,3 +241,55 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     for name, schema in {**SCHEMAS, **OPTION_SCHEMAS}.items():
         cs.store(group="schema", name=name, node=schema)
+
+
+def unknown_key_message(full_key: str, schema: type) -> str:
+    parent = full_key.rpartition(".")[0]
+    where = f"a key of {parent}" if parent else "a top-level key"
+    names = ", ".join(f.name for f in dataclasses.fields(schema))
+    return f"{full_key} is not {where}: valid keys are {names}"
+
+
+def check_schema(cfg: DictConfig, prefix: str = "") -> None:
+    # One walk of the composed config against its schemas. Hydra's `+key=value` adds a key even to a typed
+    # node, and nothing would ever read it: a typo such as +trainer.max_step=10 must not pass silently. And
+    # each numeric field must lie in the range its schema states.
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return  # a free-form dict field (model.hf_config)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        if key not in fields and not (prefix == "" and key == "hydra"):
+            raise ValueError(unknown_key_message(f"{prefix}{key}", schema))
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig):
+            if not child._is_missing() and not child._is_none():
+                check_schema(child, f"{prefix}{key}.")
+            continue
+        rule = fields[key].metadata.get("range") if key in fields else None
+        value = cfg[key]
+        if rule and value is not None and not _in_range(value, rule):
+            raise ValueError(f"{prefix}{key} must {_phrase(rule)}, got {value}")
+
+
+def one_of(key: str, value, valid) -> None:
+    # A name that picks one of a registry's entries (the registry lives beside what it names).
+    if value not in valid:
+        raise ValueError(f"unknown {key} {value!r}: valid options are {', '.join(valid)}")
+
+
+def batch_layout(trainer_cfg, world_size: int) -> tuple[int, int]:
+    # -> (micro_batch_size per rank, gradient accumulation steps)
+    gbs = trainer_cfg.global_batch_size
+    if gbs < 1 or gbs % world_size:
+        raise ValueError(
+            f"trainer.global_batch_size ({gbs}) must be a positive multiple of the world size ({world_size})"
+        )
+    per_rank = gbs // world_size
+    micro = per_rank if trainer_cfg.micro_batch_size is None else trainer_cfg.micro_batch_size
+    if micro < 1 or per_rank % micro:
+        raise ValueError(
+            f"trainer.micro_batch_size ({micro}) must divide the per-rank batch "
+            f"(global_batch_size {gbs} / world size {world_size} = {per_rank})"
+        )
+    return micro, per_rank // micro

@@ -58,7 +58,7 @@ def _memory_lines(s: dict) -> list[tuple[str, str]]:
 def _throughput_lines(s: dict) -> list[tuple[str, str]]:
     med = s.get("tokens_per_s_median")
     if med is None:
-        return [("tokens/s (global)", "n/a (no steps after warm-up)")]
+        return [("tokens/s (global)", f"n/a ({s.get('throughput_note') or 'no steps after warm-up'})")]
     spread = f"p10 {_num(s.get('tokens_per_s_p10'))} / p90 {_num(s.get('tokens_per_s_p90'))}"
     if s.get("tokens_per_s_std") is not None:
         spread += f", std {_num(s['tokens_per_s_std'])}"

@@ -1,4 +1,5 @@
 # The training loop: build what the config names, then step. Reads top to bottom; the step fits on a screen.
+# The config was validated where it was composed (trainer/checks.py), once; nothing here checks it again.
 import dataclasses
 import functools
 import math
@@ -9,15 +10,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from models import build_model, flops_per_token, param_count
+from models import build_model
 from trainer import checkpoint
-from trainer.checks import batch_layout, validate
+from trainer.checks import model_args
+from trainer.config import batch_layout
 from trainer.console import ProgressBar, format_summary
 from trainer.data import build_data, micro_batches
 from trainer.dist import DistEnv, mean_across_ranks
 from trainer.loggers import build_loggers
-from trainer.memory import measure_breakdown, memory_step, memory_summary, plan_for_run
-from trainer.metrics import Metrics, measure_state_bytes
+from trainer.metrics import Metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.precision import Precision, build_precision
 
@@ -41,16 +42,8 @@ def build_parallel_model(args, cfg: DictConfig, env: DistEnv, precision: Precisi
     return model, mesh, precision.with_scaler(sharded)  # fp16-mixed: the scaler this strategy needs
 
 
-def train_step(
-    model,
-    optimizer,
-    batches,
-    precision: Precision,
-    env: DistEnv,
-    accum: int,
-    grad_clip: float,
-    measure_state: bool = False,
-):
+def train_step(model, optimizer, batches, precision: Precision, env: DistEnv, accum: int, grad_clip: float):
+    # -> (the step's loss, averaged over micro-batches and ranks; the gradient norm before clipping)
     loss_sum = torch.zeros((), device=env.device)
     for i, (x, y) in enumerate(batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -64,14 +57,12 @@ def train_step(
     loss_mean = mean_across_ranks(loss_sum / accum, env)  # every rank sees the same value, so all skip alike
     if not torch.isfinite(loss_mean):
         optimizer.zero_grad(set_to_none=True)
-        return loss_mean, torch.tensor(float("nan")), None
+        return loss_mean, torch.tensor(float("nan"))
     precision.unscale_(optimizer)
     grad_norm = strategies.clip_grad_norm(model, grad_clip)
     precision.step(optimizer)  # fp16-mixed: skipped (and counted) when a gradient is inf/nan
-    # Parameters, gradients and optimizer state all exist now, before the gradients are freed.
-    state_bytes = measure_state_bytes(model, optimizer) if measure_state else None
     optimizer.zero_grad(set_to_none=True)
-    return loss_mean, grad_norm, state_bytes
+    return loss_mean, grad_norm
 
 
 class NonFiniteLoss(RuntimeError):
@@ -80,11 +71,10 @@ class NonFiniteLoss(RuntimeError):
 
 def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     torch.manual_seed(cfg.trainer.seed)
-    args = validate(cfg, env.world_size, env.device.type, _capability(env.device))
-    precision = build_precision(cfg.precision.name, env.device)
-    t = cfg.trainer
+    t, args = cfg.trainer, model_args(cfg)
     micro, accum = batch_layout(t, env.world_size)
     data = build_data(cfg.data, t.seq_len, t.seed, args.vocab_size)
+    precision = build_precision(cfg.precision.name, env.device)
     model, mesh, precision = build_parallel_model(args, cfg, env, precision)
     optimizer = build_optimizer(model, cfg.optim, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
@@ -93,23 +83,14 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
         cfg.checkpoint, ckpt_root, model, optimizer, scheduler, t.max_steps, precision.state_tensors()
     )
     precision.load_state_tensors(saved)  # fp16-mixed: the loss scale it had reached
-    metrics = Metrics(
-        device=env.device,
-        flops_per_token=flops_per_token(args, t.seq_len),
-        precision=cfg.precision.name,
-        warmup_steps=cfg.metrics.warmup_steps,
-        log_every=t.log_every,
-        peak_tflops=cfg.metrics.peak_tflops,
-        world_size=env.world_size,
-        rank=env.rank,
-    )
+    metrics = Metrics.for_run(
+        cfg, env, args, precision, layout=(micro, accum), data=data, model=model, mesh=mesh,
+        resumed_from=resumed_from, run_dir=run_dir,
+    )  # fmt: skip
+    metrics.watch_state(model, optimizer)
     loggers = build_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.rank, start)
     bar = ProgressBar(t.max_steps, enabled=env.is_rank0 and t.progress_bar, initial=start)
-    state = {"first_loss": None, "state_bytes": None, "nonfinite_skipped": 0, "memory": None}
-    # The planner's per-rank peak for this config (arithmetic, every run); with metrics.memory_breakdown one
-    # step is also measured by PyTorch's MemTracker, next to it.
-    plan = plan_for_run(cfg, args, env)
-    mem_step = memory_step(cfg.metrics.memory_breakdown, start, t.max_steps)
+    memory_step = measured_step(cfg.metrics.memory_breakdown, start, t.max_steps)
 
     def ckpt_meta() -> dict:  # what a checkpoint keeps besides model, optimizer, step and rng
         return {"model_args": repr(args), **precision.state_tensors()}
@@ -119,29 +100,20 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
         for step in range(start + 1, t.max_steps + 1):
             batches = micro_batches(data, step, env.rank, env.world_size, micro, accum)
             run = functools.partial(
-                train_step, model, optimizer, batches, precision, env, accum, cfg.optim.grad_clip,
-                measure_state=step == start + 1,
-            )  # fmt: skip
-            if step == mem_step:
-                fsdp = strategies.is_sharded(cfg.strategy.name)
-                state["memory"], (loss, grad_norm, measured) = measure_breakdown(
-                    model, optimizer, run, step, fsdp, env.device, plan
-                )
+                train_step, model, optimizer, batches, precision, env, accum, cfg.optim.grad_clip
+            )
+            if step == memory_step:
+                sharded = strategies.is_sharded(cfg.strategy.name)
+                loss, grad_norm = metrics.measure_memory(model, optimizer, run, step, sharded)
             else:
-                loss, grad_norm, measured = run()
-            state["state_bytes"] = measured or state["state_bytes"]
+                loss, grad_norm = run()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             loss = loss.item()
             if not math.isfinite(loss):
                 check_nonfinite(loss, step, t.on_nonfinite, ckpt_root)
-                state["nonfinite_skipped"] += 1
-            state["first_loss"] = loss if state["first_loss"] is None else state["first_loss"]
-            metrics.update(
-                step, loss=loss, grad_norm=float(grad_norm), lr=lr, tokens=t.global_batch_size * t.seq_len
-            )
-            row = metrics.log(step, final=step == t.max_steps)
-            if row is not None:
+            metrics.update(step, loss=loss, grad_norm=float(grad_norm), lr=lr)
+            if (row := metrics.log(step, final=step == t.max_steps)) is not None:
                 loggers.log(row, step)
             bar.update(step, row)
             checkpoint.maybe_save(
@@ -149,29 +121,6 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
             )
         bar.close()
         summary = metrics.summary()
-        summary.update(
-            status="ok",
-            first_loss=state["first_loss"],
-            choices=dict(cfg.get("choices") or {}),
-            world_size=env.world_size,
-            micro_batch_size=micro,
-            grad_accum_steps=accum,
-            tokens_per_step=t.global_batch_size * t.seq_len,
-            n_params=param_count(args, exclude_embedding=False),
-            n_params_non_embedding=param_count(args, exclude_embedding=True),
-            flops_per_token=flops_per_token(args, t.seq_len),
-            data=data.description,
-            state_bytes_per_rank=state["state_bytes"],
-            precision_applied=precision.describe(),
-            emulated=precision.emulated,  # fp8 off CUDA: fp8's numerics, not its speed or memory
-            skipped_steps=precision.skipped_steps,  # fp16-mixed: steps skipped for inf/nan gradients; else None
-            nonfinite_skipped_steps=state["nonfinite_skipped"],  # trainer.on_nonfinite=skip
-            resumed_from=str(resumed_from) if resumed_from else None,
-            strategy_applied=strategies.describe(model, cfg.strategy, mesh),
-            memory_breakdown=state["memory"],  # this rank's (rank 0's) measured step and the prediction
-            **memory_summary(plan, state["memory"]),
-            run_dir=str(run_dir),
-        )
         loggers.summary(summary)
     finally:
         bar.close()
@@ -179,6 +128,13 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     if env.is_rank0:
         print(format_summary(summary), flush=True)
     return summary
+
+
+def measured_step(enabled: bool, start: int, max_steps: int) -> int | None:
+    # Which step metrics.memory_breakdown measures: the third of this run (or its last, if shorter). By
+    # then the optimizer state exists and DDP has rebuilt its buckets, as in every later step. Default
+    # metrics.warmup_steps (3) keeps the slower, tracked step out of the throughput figures.
+    return start + min(3, max_steps - start) if enabled and max_steps > start else None
 
 
 def check_nonfinite(loss: float, step: int, policy: str, ckpt_root: Path) -> None:
@@ -190,7 +146,3 @@ def check_nonfinite(loss: float, step: int, policy: str, ckpt_root: Path) -> Non
             f"loss is {loss} at step {step}; {saved}. Lower optim.lr, or set trainer.on_nonfinite=skip "
             "to skip such steps"
         )
-
-
-def _capability(device: torch.device):
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None

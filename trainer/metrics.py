@@ -20,6 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from models import flops_per_token, param_count
+from trainer.memory import memory_summary, plan_for_run
+from trainer.precision import peak_class
+
 logger = logging.getLogger(__name__)
 
 _GB = 1e9  # keys say `_gb`, so decimal gigabytes
@@ -71,24 +75,6 @@ _DEVICE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"\bL40S\b", "L40S"),
 )
 
-# shardlab precision name -> the numeric class whose peak bounds the matmuls.
-PRECISION_CLASS: dict[str, str] = {
-    "fp32": "fp32",
-    "tf32": "tf32",
-    "bf16-mixed": "bf16",
-    "bf16-true": "bf16",
-    "fp16-mixed": "fp16",
-    "fp16-true": "fp16",
-    "fp8": "fp8",
-    "fp8-rowwise": "fp8",
-    "int8": "int8",
-}
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISION_CLASS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISION_CLASS)}")
-
 
 def _device_key(device_name: str) -> str | None:
     for pattern, key in _DEVICE_PATTERNS:
@@ -98,10 +84,10 @@ def _device_key(device_name: str) -> str | None:
 
 
 def lookup_peak_tflops(device_name: str, precision: str) -> float | None:
-    _check_precision(precision)
+    numeric = peak_class(precision)  # the precision table's; raises for an unknown name
     key = _device_key(device_name)
     # A device without that class (A100 has no fp8) is as unknown as an unknown device.
-    return None if key is None else PEAK_TFLOPS[key].get(PRECISION_CLASS[precision])
+    return None if key is None else PEAK_TFLOPS[key].get(numeric)
 
 
 def measure_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -181,8 +167,9 @@ class Metrics:
         peak_tflops: float | None = None,
         world_size: int = 1,
         rank: int = 0,
+        tokens_per_step: int | None = None,
     ):
-        _check_precision(precision)
+        peak_class(precision)  # an unknown precision fails here, naming the valid ones
         if warmup_steps < 0 or log_every < 1:
             raise ValueError(f"need warmup_steps >= 0 and log_every >= 1, got {warmup_steps}, {log_every}")
         if peak_tflops is not None and peak_tflops <= 0:
@@ -208,6 +195,69 @@ class Metrics:
         self._last: dict = {}
         self._first_loss: float | None = None
         self._run_memory: dict[str, float] = {}  # CUDA peaks survive the per-interval reset here
+        self.tokens_per_step = tokens_per_step
+        self._nonfinite = 0  # steps whose loss was NaN/inf (trainer.on_nonfinite=skip: skipped, counted)
+        self._state_bytes: dict | None = None  # this rank's, at its first optimizer step
+        self._plan = None  # the memory planner's MemoryPlan for this run (None: not a model it plans)
+        self._memory: dict | None = None  # metrics.memory_breakdown: the measured step and the prediction
+        self._run: dict = {}  # what the run was (for_run): reported as it is in summary()
+        self._precision = None
+
+    @classmethod
+    def for_run(
+        cls, cfg, env, args, precision, *, layout, data, model, mesh, resumed_from, run_dir
+    ) -> Metrics:
+        # The run's metrics: its FLOPs per token and parameter counts from the model's arguments, its memory
+        # plan, and what summary.json says of how it ran (layout: micro-batch, accumulation steps).
+        t = cfg.trainer
+        m = cls(
+            device=env.device,
+            flops_per_token=flops_per_token(args, t.seq_len),
+            precision=cfg.precision.name,
+            warmup_steps=cfg.metrics.warmup_steps,
+            log_every=t.log_every,
+            peak_tflops=cfg.metrics.peak_tflops,
+            world_size=env.world_size,
+            rank=env.rank,
+            tokens_per_step=t.global_batch_size * t.seq_len,
+        )
+        import strategies  # the applied wrapper and mesh, described
+
+        m._plan = plan_for_run(cfg, args, env.world_size, env.device.type)
+        m._precision = precision
+        m._run = {
+            "choices": dict(cfg.get("choices") or {}),
+            "micro_batch_size": layout[0],
+            "grad_accum_steps": layout[1],
+            "tokens_per_step": m.tokens_per_step,
+            "n_params": param_count(args, exclude_embedding=False),
+            "n_params_non_embedding": param_count(args, exclude_embedding=True),
+            "data": data.description,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+            "strategy_applied": strategies.describe(model, cfg.strategy, mesh),
+            "run_dir": str(run_dir),
+        }
+        return m
+
+    def watch_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        # State bytes per rank, measured once, right after the first optimizer step that really stepped (an
+        # fp16 step skipped for inf gradients never calls it): parameters, gradients and optimizer state all
+        # exist then, before the loop frees the gradients.
+        def measure(opt, args, kwargs):
+            self._state_bytes = measure_state_bytes(model, optimizer)
+            handle.remove()
+
+        handle = optimizer.register_step_post_hook(measure)
+
+    def measure_memory(self, model, optimizer, run_step, step: int, fsdp: bool):
+        # metrics.memory_breakdown: this step measured by PyTorch's MemTracker, next to the plan.
+        # -> what run_step returned.
+        from trainer.memory.measure import measure_breakdown  # imported only when asked for
+
+        self._memory, result = measure_breakdown(
+            model, optimizer, run_step, step, fsdp, self.device, self._plan
+        )
+        return result
 
     def _resolve_peak(self, user_peak: float | None) -> tuple[float | None, str | None]:
         if user_peak is not None:
@@ -235,7 +285,10 @@ class Metrics:
             torch.cuda.synchronize(self.device)
         self._last_time = time.perf_counter()
 
-    def update(self, step: int, *, loss: float, grad_norm: float, lr: float, tokens: int, **extra) -> None:
+    def update(
+        self, step: int, *, loss: float, grad_norm: float, lr: float, tokens: int | None = None, **extra
+    ) -> None:
+        # tokens: this step's, all ranks (default: the run's tokens per step).
         if self._last_time is None:
             raise RuntimeError("call Metrics.start() before the first update()")
         if self.device.type == "cuda":
@@ -243,6 +296,7 @@ class Metrics:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         dt, self._last_time = now - self._last_time, now
+        tokens = self.tokens_per_step if tokens is None else tokens
 
         iv = self._interval
         iv.steps += 1
@@ -259,6 +313,7 @@ class Metrics:
             self._step_tokens.append(tokens)
 
         loss = _as_float(loss)
+        self._nonfinite += not math.isfinite(loss)
         if self._first_loss is None:
             self._first_loss = loss
         self._last = {"loss": loss, "lr": _as_float(lr), "grad_norm": _as_float(grad_norm), "extra": extra}
@@ -341,7 +396,7 @@ class Metrics:
         local = {"step_time_s_median": statistics.median(times) if times else None, **self._run_memory}
         reduced = self._reduce_max_min(local)
         through = self._throughput(median_tps)
-        return {
+        out = {
             "steps": self._warmup_done + len(times),
             "warmup_steps": self._warmup_done,
             "warmup_time_s": self._warmup_time_s,
@@ -365,4 +420,24 @@ class Metrics:
             "world_size": self.world_size,
             "precision": self.precision,
             "flops_per_token": self.flops_per_token,
+        }
+        if not rates:  # a run no longer than its warm-up: it ran, and says why it has no throughput
+            out["throughput_note"] = (
+                f"no step was measured: all {self._warmup_done} steps were warm-up (metrics.warmup_steps="
+                f"{self.warmup_steps}); raise trainer.max_steps above it for throughput figures"
+            )
+        if self._precision is not None:  # a training run's own facts (for_run)
+            out |= {"status": "ok", **self._run, **self._run_facts()}
+        return out
+
+    def _run_facts(self) -> dict:
+        p = self._precision
+        return {
+            "state_bytes_per_rank": self._state_bytes,
+            "precision_applied": p.describe(),
+            "emulated": p.emulated,  # fp8 off CUDA: fp8's numerics, not its speed or memory
+            "skipped_steps": p.skipped_steps,  # fp16-mixed: steps skipped for inf/nan gradients; else None
+            "nonfinite_skipped_steps": self._nonfinite,  # trainer.on_nonfinite=skip
+            "memory_breakdown": self._memory,  # this rank's (rank 0's) measured step and the prediction
+            **memory_summary(self._plan, self._memory),
         }

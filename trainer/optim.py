@@ -5,9 +5,43 @@ import math
 
 import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+from trainer.config import one_of
+
+# optim= option -> what its state is (the memory planner prints it; state_bytes counts it).
+OPTIMIZERS = {
+    "adamw": "AdamW: exp_avg + exp_avg_sq in the weights' dtype",
+    "adamw8bit": "torchao AdamW8bit: 2 x uint8 + an fp32 scale per 256 (tensors < 4096 elements: fp32)",
+}
 # optim.implementation -> torch.optim.AdamW flags; "auto" picks fused on CUDA, foreach elsewhere.
 IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+
+
+def implementation(impl: str, device_type: str) -> str:
+    return ("fused" if device_type == "cuda" else "foreach") if impl == "auto" else impl
+
+
+def state_bytes(optim: str, weight_bytes: int, numel: int, local: int) -> float:
+    # State bytes a rank holds for one parameter tensor of `numel` elements, `local` of them on this rank.
+    # AdamW's moments are zeros_like(param), so the weights' dtype (its scalar step is ignored). torchao's
+    # AdamW8bit quantises both moments to 8 bits in blocks of 256 with an fp32 scale each (the "2 bytes
+    # instead of 8" of 8-bit optimizers) plus a 256-entry fp32 code book per moment; tensors under 4096
+    # elements keep fp32 moments.
+    if optim == "adamw":
+        return 2.0 * weight_bytes * local
+    if optim == "adamw8bit":
+        return 2 * ((1 + 4 / 256) * local + 4 * 256) if numel >= 4096 else 8.0 * local
+    raise ValueError(f"unknown optim {optim!r}: valid options are {', '.join(OPTIMIZERS)}")
+
+
+def check_config(cfg) -> None:
+    # The optim sub-config, before any worker starts (its numeric ranges are in its schema).
+    one_of("optim.name", cfg.name, OPTIMIZERS)
+    one_of("optim.implementation", cfg.implementation, ("auto", *IMPLEMENTATIONS))
+    if cfg.name == "adamw8bit" and cfg.implementation != "auto":
+        raise ValueError(
+            f"optim.implementation={cfg.implementation} picks a kernel of torch's AdamW; optim=adamw8bit has its "
+            "own (compiled on the first step): leave optim.implementation=auto"
+        )
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
@@ -26,9 +60,7 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
         from torchao.optim import AdamW8bit  # imported only when chosen: torchao is slow to import
 
         return AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    impl = cfg.implementation
-    if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "foreach"
+    impl = implementation(cfg.implementation, device.type)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown optim.implementation {impl!r}: valid options are auto, {', '.join(IMPLEMENTATIONS)}"

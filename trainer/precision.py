@@ -3,6 +3,8 @@
 #                          Linear layers for torchao's training versions (torchao is imported only then)
 #   context()              autocast for the mixed options (under FSDP its MixedPrecisionPolicy does the cast)
 #   backward / unscale_ / step   fp16-mixed: loss scaling; a step whose gradients overflowed is skipped, counted
+# PRECISIONS is the one table of per-precision facts: the memory planner reads its bytes from the dtypes here
+# (trainer/memory/spec.py), and MFU its peak's numeric class (peak_class).
 import contextlib
 import dataclasses
 import logging
@@ -16,7 +18,9 @@ logger = logging.getLogger(__name__)
 _F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
 
 # name -> fields of Precision. param_dtype: what the parameters (so the gradients and AdamW's states) are
-# held in; compute_dtype: what matmuls run in; linear: torchao's replacement for the Linear layers.
+# held in; compute_dtype: what matmuls run in; linear: torchao's replacement for the Linear layers. No option
+# keeps a separate master copy: mixed precision holds fp32 weights (they are the master) and casts per matmul;
+# bf16-true trains the bf16 weights themselves.
 PRECISIONS: dict[str, dict] = {
     "fp32": dict(param_dtype=_F32, compute_dtype=_F32, autocast=False),
     "tf32": dict(param_dtype=_F32, compute_dtype=_F32, autocast=False, tf32=True),
@@ -29,6 +33,22 @@ PRECISIONS: dict[str, dict] = {
     "fp8-rowwise": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True, linear="float8_rowwise"),
     "int8": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True, linear="int8"),
 }
+_CLASS = {_F32: "fp32", _BF16: "bf16", _F16: "fp16"}
+
+
+def precision_fields(name: str) -> dict:
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}: valid options are {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+def peak_class(name: str) -> str:
+    # The numeric class whose peak bounds the run's matmuls (trainer/metrics.py's PEAK_TFLOPS columns).
+    f = precision_fields(name)
+    if f.get("linear"):
+        return "fp8" if f["linear"].startswith("float8") else "int8"
+    return "tf32" if f.get("tf32") else _CLASS[f["compute_dtype"]]
+
 
 # Leaf names of output heads (native models: output; Hugging Face: lm_head). torchao keeps the head in high
 # precision, as torchtitan does: the logits feed the loss directly and are the most sensitive matmul.
@@ -167,12 +187,8 @@ class Precision:
 
 
 def build_precision(name: str, device: torch.device) -> Precision:
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}: valid options are {', '.join(PRECISIONS)}")
-    fields = PRECISIONS[name]
-    if fields["compute_dtype"] == _BF16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision={name} needs a GPU with bfloat16 support: use precision=fp32")
-    return Precision(name, device_type=device.type, **fields).with_scaler(sharded=False)
+    # Touches no device: whether a GPU can run it is checks.check_device_capabilities' question.
+    return Precision(name, device_type=device.type, **precision_fields(name)).with_scaler(sharded=False)
 
 
 def is_convertible(module: nn.Module, fqn: str) -> bool:

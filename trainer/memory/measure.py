@@ -1,16 +1,14 @@
 # One training step's memory on this rank, measured by PyTorch's own trackers: MemTracker (a
 # TorchDispatchMode that sees every tensor storage created inside it and names it parameter, gradient,
 # activation, temporary or optimizer state) and, under FSDP2, FSDPMemTracker, which also tells sharded from
-# gathered parameters and gradients. Both run on CPU as well as CUDA. trainer/planner.py predicts the same
-# categories; the two meet in summary.json (metrics.memory_breakdown=true).
+# gathered parameters and gradients. Both run on CPU as well as CUDA. plan.py predicts the same categories;
+# the two meet in summary.json (metrics.memory_breakdown=true). Imported only when a run asks for that.
 import contextlib
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
@@ -139,6 +137,8 @@ def measure_step(
     # state then exists from the start and DDP has rebuilt its buckets, as in every later step (the
     # planner predicts that steady state). `device`: whose memory to report (default: the parameters');
     # CPU-offloaded state is left out of a CUDA device's figures.
+    from torch._dynamo.eval_frame import OptimizedModule  # dynamo is slow to import: only here
+
     if any(isinstance(m, OptimizedModule) for m in model.modules()):
         raise ValueError(
             "metrics.memory_breakdown measures with PyTorch's MemTracker, a TorchDispatchMode, under which "
@@ -212,7 +212,7 @@ def _tracker_name(tracker: MemTracker) -> str:
 
 def breakdown_record(measured: dict, plan, step: int) -> dict:
     # summary.json's memory_breakdown: this rank's measured step next to the planner's prediction for the
-    # same config (plan: a trainer.planner.MemoryPlan, or None where the planner cannot plan the model),
+    # same config (plan: a MemoryPlan, or None where the planner cannot plan the model),
     # and predicted / measured per category.
     keys = ("peak", "params", "grads", "optimizer", "activations", "temporaries")
     record = {"step": step, "measured": {k: v for k, v in measured.items()}, "predicted": None, "ratio": None}
@@ -235,39 +235,7 @@ def breakdown_record(measured: dict, plan, step: int) -> dict:
     return record
 
 
-def memory_step(enabled: bool, start: int, max_steps: int) -> int | None:
-    # Which step metrics.memory_breakdown measures: the third of this run (or its last, if shorter). By
-    # then the optimizer state exists and DDP has rebuilt its buckets, as in every later step. Default
-    # metrics.warmup_steps (3) keeps the slower, tracked step out of the throughput figures.
-    return start + min(3, max_steps - start) if enabled and max_steps > start else None
-
-
-def plan_for_run(cfg, args, env):
-    # The planner's per-rank prediction for this run (trainer.planner.MemoryPlan), or None for models it
-    # does not cover (model=hf). Arithmetic only: cheap enough for every run.
-    from trainer.planner import plan_memory, spec_from_config
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-    try:
-        return plan_memory(args, spec_from_config(cfg, env.world_size, env.device.type, local))
-    except ValueError:
-        return None
-
-
 def measure_breakdown(model, optimizer, run_step: Callable[[], Any], step: int, fsdp: bool, device, plan):
     # -> (summary.json's memory_breakdown for this rank, what run_step returned).
     measured, result = measure_step(model, optimizer, run_step, fsdp=fsdp, device=device)
     return breakdown_record(measured, plan, step), result
-
-
-def memory_summary(plan, record: dict | None) -> dict:
-    # Flat summary.json keys for the sweep report: the planner's peak per rank, and with
-    # metrics.memory_breakdown the measured one (this rank's, MemTracker) and predicted / measured.
-    out = {
-        "memory_predicted_peak_gb": plan.peak / 1e9 if plan is not None else None,
-        "memory_predicted_peak_at": plan.peak_event if plan is not None else None,
-    }
-    if record is not None:
-        out["memory_measured_peak_gb"] = record["measured"]["peak_bytes"] / 1e9
-        out["memory_peak_ratio"] = record["ratio"]["peak"] if record["ratio"] else None
-    return out

@@ -59,11 +59,11 @@ def _train(cfg, env, run_dir: Path) -> dict:
 
 
 def _inspect(cfg, env, run_dir: Path) -> dict:
-    from trainer.checks import validate
+    from trainer.checks import model_args
     from trainer.loop import build_parallel_model
     from trainer.precision import build_precision
 
-    args = validate(cfg, env.world_size, env.device.type)
+    args = model_args(cfg)
     model, mesh, _ = build_parallel_model(args, cfg, env, build_precision(cfg.precision.name, env.device))
     params = {}
     for name, p in model.named_parameters():
@@ -89,7 +89,7 @@ def _inspect(cfg, env, run_dir: Path) -> dict:
 def fail_on_rank(rank: int, container: dict, out: str) -> dict:
     # The run launcher/elastic.worker_entry makes, except that one rank gets a config naming a data file
     # its node does not have: the others are inside the model's first collectives when it raises.
-    from launcher.main import run_worker
+    from launcher.worker import run_worker
 
     torch.set_num_threads(1)
     env = init_distributed("cpu", need_group=True)
@@ -121,7 +121,7 @@ def raise_at_step(rank: int, step: int) -> None:
 
 def fail_mid_run(rank: int, step: int, container: dict, out: str) -> dict:
     # The run launcher/elastic.worker_entry makes, with raise_at_step.
-    from launcher.main import run_worker
+    from launcher.worker import run_worker
 
     torch.set_num_threads(1)
     raise_at_step(rank, step)

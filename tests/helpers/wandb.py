@@ -1,8 +1,20 @@
-# Reads what wandb wrote offline, so tests can check a run's metrics without a server. wandb 0.31 ships
-# no Python reader for its .wandb files.
+# wandb in tests: an environment that never reaches the network or writes outside a test's own dir, and a
+# reader of what wandb wrote offline, so tests can check a run's metrics without a server (wandb 0.31 ships
+# no Python reader for its .wandb files).
 import json
 import struct
 from pathlib import Path
+
+_DIRS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")
+
+
+def wandb_env(home: Path | None = None) -> dict[str, str]:
+    # Offline and silent; with home, every directory wandb writes to lies under it (and no API key applies:
+    # the caller drops WANDB_API_KEY, see conftest's wandb_offline).
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    if home is not None:
+        env.update({var: str(Path(home) / "wandb-home" / var.lower()) for var in _DIRS}, WANDB_CONSOLE="off")
+    return env
 
 
 def wandb_records(path: Path):

@@ -1,0 +1,63 @@
+# One rank's whole run, whoever started it (in-process, the elastic agent's spawned workers, torchrun): the
+# config saved, train(), and a failure recorded in summary.json before it propagates.
+import signal
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.errors import first_line
+from trainer.dist import DistEnv, close_distributed, first_failure
+from trainer.loggers import write_json_atomic
+from trainer.loop import train
+
+# Longer than two polls of the elastic agent (launcher.monitor_interval, 0.5 s) and torchrun's (0.1 s).
+FAILURE_GRACE_S = 2.0
+
+
+class Terminated(BaseException):
+    # SIGTERM in a worker of a multi-process run, as an exception: a launcher stops every rank once one has
+    # failed, and rank 0 still records the run's failure on its way out. A BaseException: not its own failure.
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"stopped by {signal.Signals(signum).name} (a launcher stops all ranks when one fails)")
+
+
+def run_worker(cfg: DictConfig, env: DistEnv, say_first_failure: bool = False) -> dict:
+    # A failure is recorded in summary.json (rank 0: the run's first failure, whichever rank had it) before it
+    # propagates; say_first_failure: the rank that had it also prints it in one line.
+    run_dir = Path(cfg.run_dir)
+    if env.world_size > 1:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        if env.is_rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        summary = train(cfg, env, run_dir)
+    except BaseException as e:
+        if env.world_size > 1:  # a launcher's SIGTERM must not cut the record short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        mine = f"rank {env.rank} failed: {first_line(e)}"
+        cause = first_failure(env, mine)
+        if say_first_failure and cause == mine:
+            print(f"shardlab: error: {mine}", file=sys.stderr, flush=True)
+        if env.is_rank0:
+            record_failure(run_dir, cause)
+        if isinstance(e, Exception) and env.world_size > 1:
+            # No barrier and no teardown here: the other ranks are still inside the step's collectives,
+            # so a barrier would wait for them forever. They fail when this process exits and closes its
+            # connections; waiting first lets the launcher see this rank fail before theirs, and name it.
+            time.sleep(FAILURE_GRACE_S)
+        raise
+    close_distributed(env)
+    return summary
+
+
+def record_failure(run_dir: Path, reason: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        run_dir / "summary.json", {"status": "failed", "error": reason, "run_dir": str(run_dir)}
+    )

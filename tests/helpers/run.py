@@ -1,0 +1,46 @@
+# The real config composed by Hydra with tiny CPU overrides, an in-process run the way launcher/main.py's
+# in-process branch runs it, and what a run leaves on disk.
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from launcher.compose import compose_config as compose
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+# Small enough that a step takes milliseconds on one CPU core; metrics.warmup_steps=1 so 2 steps suffice.
+TINY = (
+    "model=debug",
+    "data=synthetic",
+    "trainer.device=cpu",
+    "trainer.max_steps=3",
+    "trainer.global_batch_size=2",
+    "trainer.seq_len=32",
+    "trainer.log_every=1",
+    "trainer.progress_bar=false",
+    "metrics.warmup_steps=1",
+)
+
+
+def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:
+    # The config train.py would get (cfg.choices filled in as launcher.main.stamp_run does), without a run dir.
+    return compose([*(TINY if tiny else ()), *overrides])
+
+
+def train_in_process(cfg: DictConfig, run_dir: Path) -> dict:
+    # World size 1 in this process, as `python train.py` runs it: config.yaml, then train(), then summary.
+    from launcher.worker import run_worker
+    from trainer.dist import init_distributed
+
+    cfg.run_dir = str(run_dir)
+    env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+    return run_worker(cfg, env)
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())

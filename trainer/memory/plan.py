@@ -1,0 +1,283 @@
+# Memory planner: the bytes one rank holds while it trains one step, from the model's arguments and the
+# run's config alone (nothing is allocated, so llama3_8b on 8 GPUs plans on a laptop). measure.py measures
+# the same categories with PyTorch's MemTracker; tests/test_memory.py holds the two together.
+#
+# Model state per parameter (the precision table's dtypes, spec.py; the optimizer's state, trainer/optim.py):
+# weights + gradients + optimizer state. fp32 AdamW: 4 + 4 + 8 = 16
+# bytes; the seed text's "~24 bytes per parameter to train" is that plus activations and temporaries;
+# ZeRO's mixed-precision 2 + 2 + 12 = 16 is bf16-mixed's 4 + 4 + 8 here (the fp32 weights are the master,
+# gradients are fp32). DDP holds all of it on every rank; FSDP full shard (ZeRO-3) divides it by the shard
+# group; shard-grad-op (ZeRO-2) also keeps the gathered weights from forward to backward; HSDP divides by
+# its shard dim; CPU offload moves the sharded state to host memory.
+#
+# Activations: what autograd saves in models/llama.py and models/gpt2.py, op by op (activations.py), checked
+# against MemTracker. The peak is the largest of a few moments of the step (peak_events), not the sum of
+# everything: at the start of backward all activations exist and no gradient yet; at the optimizer step it
+# is the other way round.
+import os
+from dataclasses import dataclass, field
+
+from models import GPT2Args, ModelArgs
+from strategies.common import checkpointed
+from trainer.memory.activations import (
+    all_shapes,
+    backward_scratch,
+    block_shapes,
+    elements,
+    head_terms,
+    is_llama,
+    layer_terms,
+    matmul_elements,
+    root_shapes,
+    widths,
+)
+from trainer.memory.spec import PlanSpec, precision_bytes, spec_from_config
+from trainer.optim import implementation, state_bytes
+
+
+@dataclass
+class MemoryPlan:
+    spec: PlanSpec
+    n_params: int
+    params: float  # bytes on this rank's device
+    grads: float
+    optimizer: float
+    buffers: float
+    host: float  # model state offloaded to host memory (cpu_offload), not on the device
+    layer_terms: dict[str, float]  # one block without checkpointing
+    layer_bytes: list[float]  # each block as configured (a checkpointed block keeps its input only)
+    head_terms: dict[str, float]
+    events: dict[str, dict[str, float]] = field(default_factory=dict)  # moment -> bytes by category
+    peak_event: str = ""
+
+    @property
+    def activations(self) -> float:
+        return sum(self.layer_bytes) + sum(self.head_terms.values())
+
+    @property
+    def peak(self) -> float:
+        return sum(self.events[self.peak_event].values())
+
+    @property
+    def temporaries(self) -> dict[str, float]:
+        # What the peak moment holds besides model state and saved activations.
+        state = ("params", "buffers", "grads", "optimizer", "activations")
+        return {k: v for k, v in self.events[self.peak_event].items() if k not in state and v}
+
+
+def model_state(args, spec: PlanSpec) -> dict[str, float]:
+    # Bytes per rank of weights, gradients and optimizer state, and this rank's element count.
+    p = precision_bytes(spec.precision)
+    shapes = all_shapes(args)
+    local = sum(elements(s, spec.shard) for s in shapes)
+    opt = sum(state_bytes(spec.optim, p.weights, elements(s), elements(s, spec.shard)) for s in shapes)
+    return {
+        "params": p.weights * local,
+        "grads": p.grads * local,
+        "optimizer": opt,
+        "numel": local,
+    }
+
+
+def _optimizer_scratch(args, spec: PlanSpec) -> float:
+    # foreach AdamW (the CPU default) allocates sqrt(exp_avg_sq) for a whole parameter group at once, the
+    # matrices (weight-decayed) being the larger group; for_loop one parameter's worth at a time; fused
+    # AdamW (the CUDA default) and torchao's compiled AdamW8bit step nothing measurable.
+    impl = implementation(spec.optim_impl, spec.device)
+    if spec.optim != "adamw" or impl == "fused":
+        return 0.0
+    state, local = (
+        precision_bytes(spec.precision).weights,
+        [elements(s, spec.shard) for s in all_shapes(args)],
+    )
+    if impl == "foreach":
+        return state * sum(n for n, s in zip(local, all_shapes(args), strict=True) if len(s) >= 2)
+    return 2 * state * max(local)
+
+
+def _gathered(args, spec: PlanSpec) -> tuple[float, float, int]:
+    # FSDP: -> (root, one block) bytes of gathered (unsharded) parameters, in the dtype they are gathered
+    # in (the compute dtype under MixedPrecisionPolicy, else the weights'), and a block's element count.
+    root, block = root_shapes(args), block_shapes(args)
+    numel = sum(map(elements, block))
+    if not spec.sharded:
+        return 0.0, 0.0, numel
+    p = precision_bytes(spec.precision)
+    width = p.compute if p.autocast else p.weights
+    return width * sum(map(elements, root)), width * numel, numel
+
+
+def peak_events(args, spec: PlanSpec, state: dict, layer_bytes: list[float], head: dict) -> dict:
+    # Bytes by category at each moment that can be the step's peak. Steady state: the optimizer state
+    # exists; the previous step's zero_grad(set_to_none=True) freed the gradients.
+    off = spec.offloaded
+    base = {
+        "params": 0.0 if off else state["params"],
+        "buffers": 4.0 * args.max_seq_len * args.head_dim if is_llama(args) else 0.0,  # RoPE cos, sin (fp32)
+        "optimizer": 0.0 if off else state["optimizer"],
+    }
+    if spec.strategy == "ddp":  # DDP's gradient buckets: a second copy of the gradients, allocated up front
+        base["DDP gradient buckets"] = precision_bytes(spec.precision).grads * state["numel"]
+    grads = 0.0 if off else state["grads"]
+    # Gradient accumulation: later micro-batches run forward with the gradients held (under FSDP without
+    # sync: unsharded, fp32) and the previous micro-batch's logits.
+    held = (4.0 * state["numel"] * spec.shard if spec.sharded else grads) if spec.grad_accum > 1 else 0.0
+    events = _forward_events(args, spec, base, held, layer_bytes, head)
+    events.update(_backward_events(args, spec, base, held, layer_bytes, head["logits (held by the loop)"]))
+    # The optimizer step: every gradient, the state, the step's scratch; the loop still holds the logits.
+    events["optimizer step"] = {
+        **base,
+        "grads": grads,
+        "activations": head["logits (held by the loop)"],
+        "optimizer scratch": 0.0 if off else _optimizer_scratch(args, spec),
+    }
+    return events
+
+
+def _forward_events(args, spec, base, held, layer_bytes, head) -> dict:
+    e, v = spec.micro_batch * spec.seq_len, args.vocab_size
+    _, c, cast = widths(spec)
+    acts, logits = sum(layer_bytes) + sum(head.values()), head["logits (held by the loop)"]
+    # FSDP: the root stays gathered from forward to the end of backward; shard-grad-op keeps every block.
+    root_g, block_g, _ = _gathered(args, spec)
+    gathered = root_g + (0.0 if spec.reshard_after_forward else block_g * args.n_layers)
+    n_ckpt = sum(checkpointed(spec.activation_checkpointing, spec.ac_every, args.n_layers))
+    return {
+        # The loss: every activation, and the fp32 copy of the logits that cross_entropy reads. Checkpointed
+        # blocks keep no bf16 weight copies, but autocast's cache holds them until forward ends.
+        "forward (loss)": {
+            **base,
+            "grads": held,
+            "activations": acts,
+            "gathered params": gathered,
+            "logits fp32 copy": 4 * e * v if c < 4 else 0.0,
+            "autocast cache": c * matmul_elements(block_shapes(args)) * n_ckpt if cast else 0.0,
+            "previous logits": logits if spec.grad_accum > 1 else 0.0,
+        },
+        # The start of backward: the gradients of the log-softmax and of its input, fp32, E x V each.
+        "start of backward": {
+            **base,
+            "grads": held,
+            "activations": acts,
+            "gathered params": gathered,
+            "loss gradients": 8 * e * v,
+        },
+    }
+
+
+def _backward_events(args, spec, base, held, layer_bytes, logits) -> dict:
+    # Gradients appear as backward goes: the output head's first (under FSDP unsharded, in the gathered
+    # dtype, until the root's post-backward), then each block's (sharded once reduce-scattered).
+    p, off = precision_bytes(spec.precision), spec.offloaded
+    root, block = root_shapes(args), block_shapes(args)
+    root_g, _, _ = _gathered(args, spec)
+    head_numel = args.vocab_size * args.dim + args.dim  # output weight (the embedding, if tied), final norm
+    head_grad = 0.0 if off else (root_g / sum(map(elements, root)) if spec.sharded else p.grads) * head_numel
+    block_grad = 0.0 if off else p.grads * sum(elements(s, spec.shard) for s in block)
+    events = {}
+    for i in reversed(range(args.n_layers)):
+        done = max(held, head_grad + block_grad * (args.n_layers - 1 - i))
+        events.update(_block_events(args, spec, i, base, done, layer_bytes, logits))
+    if spec.sharded:  # the root's post-backward: its gradients (embedding, head) reduce-scattered last
+        events["backward of the root (reduce-scatter)"] = {
+            **base,
+            "grads": max(held, block_grad * args.n_layers),
+            "activations": logits,
+            "reduce-scatter buffers": _reduce_scatter(spec, sum(map(elements, root))),
+        }
+    return events
+
+
+def _reduce_scatter(spec: PlanSpec, numel: int) -> float:
+    # FSDP2's post-backward (foreach_reduce) for numel gathered elements: their unsharded gradients (gathered
+    # dtype) are copied into the fp32 reduce-scatter input (on CPU torch._chunk_cat builds the fp32
+    # concatenation in a temporary first; CUDA's kernel writes in place), then freed before the output
+    # (one shard) is allocated.
+    _, c, _ = widths(spec)
+    return max(c + 4 + (4 if spec.device == "cpu" else 0), 4 + 4 / spec.shard) * numel
+
+
+def _block_events(args, spec, i, base, done, layer_bytes, logits) -> dict:
+    # Block i's backward (blocks run last to first): the blocks before it still hold their activations,
+    # the root and the blocks after it have made their gradients. Its FFN runs backward first (all of the
+    # block's activations held), then attention (the FFN's released); a checkpointed block first
+    # recomputes its activations. Under FSDP this block and the prefetched next one are gathered, and its
+    # post-backward reduce-scatters its gradients. `done`: the gradients made so far.
+    terms = layer_terms(args, spec)
+    full = sum(terms.values())
+    ffn = terms.get("SwiGLU: w1, silu, w3, product", terms.get("GELU MLP: w1, gelu", 0.0))
+    ckpt = layer_bytes[i] < full
+    before = sum(layer_bytes[:i]) + logits
+    root_g, block_g, numel = _gathered(args, spec)
+    gathered = root_g + (block_g * (2 if i else 1) if spec.reshard_after_forward else block_g * (i + 1))
+    events = {}
+    phases = zip(("FFN", "attention"), backward_scratch(args, spec), (full, full - ffn), strict=True)
+    for phase, scratch, own in phases:
+        events[f"backward of block {i} ({phase})"] = {
+            **base,
+            "grads": done,
+            "activations": before + (layer_bytes[i] if ckpt else own),
+            "recomputed block": own - layer_bytes[i] if ckpt else 0.0,
+            "backward scratch": scratch,
+            "gathered params": gathered,
+        }
+    if spec.sharded:
+        events[f"backward of block {i} (reduce-scatter)"] = {
+            **base,
+            "grads": done,
+            "activations": before,
+            "gathered params": gathered - block_g,
+            "reduce-scatter buffers": _reduce_scatter(spec, numel),
+        }
+    return events
+
+
+def plan_memory(args, spec: PlanSpec) -> MemoryPlan:
+    if not isinstance(args, ModelArgs | GPT2Args):
+        raise ValueError(f"the planner covers the native llama and gpt2 families, not {type(args).__name__}")
+    if spec.world_size < 1 or spec.shard < 1 or spec.world_size % spec.shard:
+        raise ValueError(f"the shard group ({spec.shard}) must divide the world size ({spec.world_size})")
+    state = model_state(args, spec)
+    layer_bytes = [
+        sum(layer_terms(args, spec, k).values())
+        for k in checkpointed(spec.activation_checkpointing, spec.ac_every, args.n_layers)
+    ]
+    head = head_terms(args, spec)
+    events = peak_events(args, spec, state, layer_bytes, head)
+    off = spec.offloaded
+    return MemoryPlan(
+        spec=spec,
+        n_params=sum(map(elements, all_shapes(args))),
+        params=0.0 if off else state["params"],
+        grads=0.0 if off else state["grads"],
+        optimizer=0.0 if off else state["optimizer"],
+        buffers=events["optimizer step"]["buffers"],
+        host=state["params"] + state["grads"] + state["optimizer"] if off else 0.0,
+        layer_terms=layer_terms(args, spec),
+        layer_bytes=layer_bytes,
+        head_terms=head,
+        events=events,
+        peak_event=max(events, key=lambda k: sum(events[k].values())),
+    )
+
+
+def plan_for_run(cfg, args, world_size: int, device_type: str) -> MemoryPlan | None:
+    # The planner's per-rank prediction for a run, or None for models it does not cover (model=hf).
+    # Arithmetic only: cheap enough for every run.
+    if not isinstance(args, ModelArgs | GPT2Args):
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return plan_memory(args, spec_from_config(cfg, world_size, device_type, local))
+
+
+def memory_summary(plan: MemoryPlan | None, record: dict | None) -> dict:
+    # Flat summary.json keys for the sweep report: the planner's peak per rank, and with
+    # metrics.memory_breakdown the measured one (this rank's, MemTracker) and predicted / measured.
+    out = {
+        "memory_predicted_peak_gb": plan.peak / 1e9 if plan is not None else None,
+        "memory_predicted_peak_at": plan.peak_event if plan is not None else None,
+    }
+    if record is not None:
+        out["memory_measured_peak_gb"] = record["measured"]["peak_bytes"] / 1e9
+        out["memory_peak_ratio"] = record["ratio"]["peak"] if record["ratio"] else None
+    return out

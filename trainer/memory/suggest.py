@@ -1,0 +1,185 @@
+# The cheapest changes that make a config fit its device: each candidate changes the planner's inputs (the
+# PlanSpec and the model's arguments) directly and is planned again; the command-line overrides that make the
+# same change are carried along to be printed. No config is composed per candidate, and nothing is caught: a
+# candidate that does not apply says so by returning None, and a planner bug is an error, not "no suggestion".
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from models import ModelArgs
+from trainer.memory.plan import MemoryPlan, plan_memory
+from trainer.memory.spec import PlanSpec
+
+MAX_NPROC = 8  # GPUs per node the "more ranks" candidate grows to before it adds nodes
+
+
+@dataclass(frozen=True)
+class Setup:
+    # What one candidate plans: the model, the spec, and what the spec was derived from that a change of
+    # world size needs again (the global batch, a micro-batch the user set, HSDP's shard size as set).
+    args: object
+    spec: PlanSpec
+    nproc: int
+    nnodes: int
+    micro_batch_size: int | None  # trainer.micro_batch_size as set (None: the whole per-rank batch)
+    shard_size: int = 0  # strategy.shard_size as set (hsdp; 0: the ranks of one node)
+    overrides: tuple[str, ...] = ()  # the changes made so far, as command-line overrides
+
+    @property
+    def global_batch(self) -> int:
+        return self.spec.micro_batch * self.spec.grad_accum * self.spec.world_size
+
+    def change(self, overrides: list[str], args=None, **spec) -> "Setup":
+        keys = {o.split("=", 1)[0] for o in overrides}
+        kept = tuple(o for o in self.overrides if o.split("=", 1)[0] not in keys)
+        return dataclasses.replace(
+            self,
+            args=self.args if args is None else args,
+            spec=dataclasses.replace(self.spec, **spec),
+            overrides=kept + tuple(overrides),
+        )
+
+    def plan(self) -> MemoryPlan:
+        return plan_memory(self.args, self.spec)
+
+
+def _layout(s: Setup, world: int, micro: int | None) -> dict | None:
+    # -> the spec's batch fields at this world size and micro-batch, or None where they do not divide.
+    gbs = s.global_batch
+    if gbs % world:
+        return None
+    per_rank = gbs // world
+    micro = per_rank if micro is None else micro
+    if micro < 1 or per_rank % micro:
+        return None
+    return {"world_size": world, "micro_batch": micro, "grad_accum": per_rank // micro}
+
+
+# Candidates, cheapest first, by what they cost a run that fits either way: bf16 and flash attention make steps
+# faster, not slower; FSDP adds all-gathers that overlap with compute; 8-bit optimizer states cost some
+# optimizer time and a little accuracy; activation checkpointing recomputes the forward (selective: every
+# other block); a smaller micro-batch keeps the global batch through gradient accumulation at lower
+# arithmetic intensity; GQA changes the model; more ranks cost hardware; CPU offload moves every optimizer
+# step over PCIe. Each: Setup -> the changed Setups to try in order (the first that fits is taken), or none.
+def _bf16(s: Setup) -> list[Setup]:
+    return (
+        [s.change(["precision=bf16-mixed"], precision="bf16-mixed")]
+        if s.spec.precision in ("fp32", "tf32")
+        else []
+    )
+
+
+def _flash(s: Setup) -> list[Setup]:
+    if s.args.attention != "standard":
+        return []
+    return [s.change(["attention=flash"], args=dataclasses.replace(s.args, attention="flash"))]
+
+
+def _full_shard(s: Setup) -> list[Setup]:
+    spec = s.spec
+    replicated = spec.strategy in ("single", "ddp") and spec.world_size > 1
+    if not (replicated or (spec.strategy == "fsdp" and not spec.reshard_after_forward)):
+        return []
+    return [s.change(["strategy=fsdp"], strategy="fsdp", reshard_after_forward=True, cpu_offload=False)]
+
+
+def _adamw8bit(s: Setup) -> list[Setup]:
+    return [s.change(["optim=adamw8bit"], optim="adamw8bit")] if s.spec.optim == "adamw" else []
+
+
+def _ac(mode: str) -> Callable[[Setup], list[Setup]]:
+    def change(s: Setup) -> list[Setup]:
+        if s.spec.activation_checkpointing != "none":
+            return []
+        return [s.change([f"strategy.activation_checkpointing={mode}"], activation_checkpointing=mode)]
+
+    return change
+
+
+def _smaller_micro_batch(s: Setup) -> list[Setup]:
+    # Halved until it fits; gradient accumulation keeps the global batch.
+    out, micro = [], s.spec.micro_batch
+    while micro > 1:
+        micro //= 2
+        if (layout := _layout(s, s.spec.world_size, micro)) is not None:
+            out.append(s.change([f"trainer.micro_batch_size={micro}"], **layout))
+    return out
+
+
+def _gqa(s: Setup) -> list[Setup]:
+    # attention=gqa: n_heads / 4 K/V heads, on the flash kernel.
+    a = s.args
+    if not (isinstance(a, ModelArgs) and a.kv_heads == a.n_heads and a.n_heads % 4 == 0):
+        return []
+    gqa = dataclasses.replace(a, n_kv_heads=a.n_heads // 4, attention="flash")
+    return [s.change(["attention=gqa"], args=gqa)]
+
+
+def _more_ranks(s: Setup) -> list[Setup]:
+    # FSDP over more ranks: GPUs per node up to MAX_NPROC, then nodes, doubled, up to 16x the ranks.
+    out, nproc, nnodes = [], s.nproc, s.nnodes
+    sharded = s.spec.sharded
+    for _ in range(4):
+        nproc, nnodes = (nproc * 2, nnodes) if nproc < MAX_NPROC else (nproc, nnodes * 2)
+        layout = _layout(s, nproc * nnodes, s.micro_batch_size)
+        if layout is None:
+            continue
+        overrides = ([] if sharded else ["strategy=fsdp"]) + [f"launcher.nproc_per_node={nproc}"]
+        overrides += [f"launcher.nnodes={nnodes}"] if nnodes != s.nnodes else []
+        spec = {} if sharded else {"strategy": "fsdp", "reshard_after_forward": True}
+        if s.spec.strategy == "hsdp" and not s.shard_size:
+            spec["shard_size"] = nproc
+        out.append(dataclasses.replace(s.change(overrides, **spec, **layout), nproc=nproc, nnodes=nnodes))
+    return out
+
+
+def _offload(s: Setup) -> list[Setup]:
+    if s.spec.strategy not in ("single", "ddp", "fsdp") or s.spec.cpu_offload:
+        return []
+    return [
+        s.change(["strategy=fsdp_offload"], strategy="fsdp", reshard_after_forward=True, cpu_offload=True)
+    ]
+
+
+CANDIDATES: list[tuple[str, Callable[[Setup], list[Setup]]]] = [
+    ("bf16 mixed precision", _bf16),
+    ("flash attention", _flash),
+    ("FSDP full shard", _full_shard),
+    ("8-bit optimizer states", _adamw8bit),
+    ("selective activation checkpointing", _ac("selective")),
+    ("full activation checkpointing", _ac("full")),
+    ("a smaller micro-batch", _smaller_micro_batch),
+    ("GQA (4 query heads per K/V head)", _gqa),
+    ("FSDP over more ranks", _more_ranks),
+    ("CPU offload", _offload),
+]
+
+
+def _first_fit(tries: list[Setup], limit: float) -> tuple[Setup, MemoryPlan] | None:
+    # The first change that fits, else the last one tried (the furthest it went).
+    found = None
+    for trial in tries:
+        found = (trial, trial.plan())
+        if found[1].peak <= limit:
+            break
+    return found
+
+
+def suggestions(setup: Setup, limit: float) -> list[tuple[str, Setup, MemoryPlan]]:
+    # The candidates that fit on their own, cheapest first; if none does, the cheapest combination that
+    # fits, built by adding candidates in order of cost (each kept only if it lowers the peak).
+    single = []
+    for label, candidate in CANDIDATES:
+        if (found := _first_fit(candidate(setup), limit)) is not None:
+            single.append((label, *found))
+    fitting = [c for c in single if c[2].peak <= limit]
+    if fitting:
+        return fitting
+    combined, labels, best = setup, [], setup.plan()
+    for label, candidate in CANDIDATES:
+        found = _first_fit(candidate(combined), limit)
+        if found is not None and found[1].peak < best.peak:
+            (combined, best), labels = found, [*labels, label]
+        if best.peak <= limit:
+            break
+    return [(" + ".join(labels), combined, best)] if labels else []
