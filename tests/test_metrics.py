@@ -7,7 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.console import ProgressBar, format_summary
-from trainer.metrics import Metrics, lookup_peak_tflops, measure_state_bytes
+from trainer.metrics import Metrics, measure_state_bytes
+from trainer.peaks import lookup_peak_tflops
 
 CPU = torch.device("cpu")
 
