@@ -10,7 +10,6 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from launcher.errors import describe_failure, failure_traceback
-from launcher.worker import run_worker
 from trainer.checks import check_device_capabilities, model_args
 from trainer.dist import broadcast_object, init_distributed
 
@@ -78,6 +77,9 @@ def launch_config(launcher_cfg, nproc: int) -> LaunchConfig:
 @record
 def worker_entry(cfg_container: dict, nproc: int) -> dict:
     # Module-level so spawn can pickle it; @record writes the exception to the error file the agent reads.
+    # The trainer is imported here, in the workers: the parent that launches them never needs it.
+    from launcher.worker import run_worker
+
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 

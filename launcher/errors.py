@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 import sys
+from pathlib import Path
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import (
@@ -19,6 +20,7 @@ from omegaconf.errors import (
 )
 
 from trainer.config import unknown_key_message
+from trainer.loggers import write_json_atomic
 
 NO_ERROR_FILE = "<N/A>"  # torch's ProcessFailure.error_file when a worker wrote none (a signal, an exit)
 
@@ -128,3 +130,10 @@ def short_reason(error: str, last_step: int | None) -> str:
     if "SIGKILL" in text:
         text += " (often the host's out-of-memory killer)"
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def record_failure(run_dir: Path, reason: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        run_dir / "summary.json", {"status": "failed", "error": reason, "run_dir": str(run_dir)}
+    )

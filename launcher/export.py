@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trainer.checkpoint import read_metadata, read_model_state, resolve_resume, verify
+from trainer.checkpoint import resolve_resume
+from trainer.checkpoint_io import read_metadata, read_model_state, verify
 
 
 def consolidated_model_state(path: Path) -> dict[str, torch.Tensor]:

@@ -12,13 +12,11 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
-from launcher.errors import describe_error, fail, first_line
+from launcher.errors import describe_error, fail, first_line, record_failure
 from launcher.sweep import fill_sweep_logger, reuse_previous_success
-from launcher.worker import record_failure, run_worker
 from trainer.checks import capability, check_device_capabilities, model_args, validate
 from trainer.config import SCHEMAS
 from trainer.dist import broadcast_object, close_distributed, device_type, init_distributed
-from trainer.loop import NonFiniteLoss
 
 
 def under_torchrun() -> bool:
@@ -52,6 +50,8 @@ def main_torchrun(cfg: DictConfig) -> dict:
         with contextlib.suppress(OSError):
             own_dir.rmdir()
     # No launcher of ours sums up a torchrun job: the rank whose failure came first says it, in one line.
+    from launcher.worker import run_worker
+
     return run_worker(cfg, env, say_first_failure=True)
 
 
@@ -80,6 +80,8 @@ def main(cfg: DictConfig) -> dict | None:
     in_process = nproc * cfg.launcher.nnodes == 1 and not multirun
     try:
         if in_process:  # this process is the worker: it asks its own GPU what validate() could not
+            from launcher.worker import run_worker  # the trainer: only where it trains
+
             env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
             check_device_capabilities(cfg, model_args(cfg), env.device)
             summary = run_worker(cfg, env)
@@ -89,6 +91,8 @@ def main(cfg: DictConfig) -> dict | None:
         # Not a WorkerFailed from a launch: the launcher itself failed (rendezvous, a signal), not rank 0.
         who = "rank 0" if in_process else "launcher"
         reason = str(e) if isinstance(e, WorkerFailed) else f"{who} failed: {first_line(e)}"
+        from trainer.loop import NonFiniteLoss  # loaded already where the run trained in this process
+
         if not isinstance(e, (WorkerFailed, NonFiniteLoss)):  # a NaN loss is the run's outcome, not a bug
             traceback.print_exc()
         record_failure(run_dir, reason)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.errors import first_line
+from launcher.errors import first_line, record_failure
 from trainer.dist import DistEnv, close_distributed, first_failure
-from trainer.loggers import write_json_atomic
 from trainer.loop import train
 
 # Longer than two polls of the elastic agent (launcher.monitor_interval, 0.5 s) and torchrun's (0.1 s).
@@ -54,10 +53,3 @@ def run_worker(cfg: DictConfig, env: DistEnv, say_first_failure: bool = False) -
         raise
     close_distributed(env)
     return summary
-
-
-def record_failure(run_dir: Path, reason: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        run_dir / "summary.json", {"status": "failed", "error": reason, "run_dir": str(run_dir)}
-    )

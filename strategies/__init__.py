@@ -1,13 +1,13 @@
 # How a model is spread over ranks. Each strategy is a plain function apply_x(model, mesh, cfg, ...) that
 # returns the model, taking only its own sub-config. Order inside each: AC -> compile -> DDP/FSDP.
+# FSDP2 and DTensor (a second or so to import) load only in a run that uses them: the launcher's parent
+# checks strategy configs here, and a DDP worker never needs them.
 import contextlib
 import os
+import sys
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from strategies import fsdp
@@ -55,6 +55,8 @@ def hsdp_shape(shard_size: int, world_size: int) -> tuple[int, int]:
 
 
 def build_mesh(cfg, world_size: int, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
     if cfg.name == "fsdp":
         return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
     if cfg.name == "hsdp":
@@ -72,7 +74,7 @@ def grad_sync(model: nn.Module, enabled: bool):
     # Gradient accumulation: reduce across ranks only on the last micro-batch of a step.
     if isinstance(model, DistributedDataParallel) and not enabled:
         return model.no_sync()
-    if isinstance(model, FSDPModule):
+    if instance_of(model, "torch.distributed.fsdp", "FSDPModule"):
         model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
 
@@ -85,7 +87,14 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if instance_of(norm, "torch.distributed.tensor", "DTensor") else norm
+
+
+def instance_of(obj, module: str, name: str) -> bool:
+    # isinstance against a class of a module that is imported only where it is used (FSDP2, DTensor):
+    # until that module is loaded, nothing can be an instance of its class, and nothing need load it.
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(obj, getattr(loaded, name))
 
 
 def describe(model: nn.Module, cfg, mesh) -> dict:

@@ -1,7 +1,6 @@
 # Pieces every strategy applies before wrapping: activation checkpointing and per-block torch.compile.
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 AC_MODES = ("none", "full", "selective")
 
@@ -47,6 +46,10 @@ def apply_ac(model: nn.Module, mode: str, every: int) -> None:
         checkpointed(mode, every, 0)  # the mode's check
         model.enable_activation_checkpointing(1 if mode == "full" else every)
         return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,  # runs that use it
+    )
+
     layers = blocks(model)
     for i, wrap in enumerate(checkpointed(mode, every, len(layers))):
         if wrap:

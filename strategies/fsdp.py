@@ -2,8 +2,6 @@
 # over the mesh's "shard" dim (and replicated over "replicate" under HSDP).
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from strategies.common import apply_ac, apply_compile, blocks
 
@@ -12,6 +10,9 @@ _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def apply_fsdp(model: nn.Module, mesh, cfg, *, precision, **_) -> nn.Module:
+    # FSDP2 is imported here, by the runs that shard: it costs the others a second of start-up.
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
     apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
         apply_compile(model)
@@ -39,6 +40,8 @@ def apply_fsdp(model: nn.Module, mesh, cfg, *, precision, **_) -> nn.Module:
 def materialize(model: nn.Module, device: torch.device, seed: int, cpu_offload: bool) -> None:
     # Meta -> real storage for the local shards only, then each shard filled with its slice of the same
     # full tensor a single-process run initialises, so every strategy starts from identical weights.
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     model.to_empty(device=torch.device("cpu") if cpu_offload else device)
     with torch.no_grad():
         for name, p in model.named_parameters():

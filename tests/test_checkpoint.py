@@ -24,7 +24,7 @@ from models import build_model
 from tests.helpers import dist as dist_helpers
 from tests.helpers.cli import cli_env, start_cli, workers
 from tests.helpers.run import REPO, TINY, compose_config, read_rows, read_summary
-from trainer import checkpoint
+from trainer import checkpoint, checkpoint_io
 from trainer.checks import validate
 from trainer.data import build_data, micro_batches
 from trainer.dist import close_distributed, init_distributed
@@ -171,7 +171,7 @@ def test_fp16_loss_scale_is_checkpointed(tmp_path, text_corpus):
     resume = f"checkpoint.resume={_at(tmp_path, 'saved', HALF)}"
     resumed = _train_single(tmp_path, "resumed", _config(text_corpus, resume, base=fp16))
     scale = straight["precision_applied"]["loss_scale"]
-    at_save = checkpoint.read_train_state(
+    at_save = checkpoint_io.read_train_state(
         _at(tmp_path, "saved", HALF), {"loss_scale": torch.zeros((), dtype=torch.float64)}
     )
     assert at_save["loss_scale"] < 65536  # the scale had moved before the save
@@ -245,10 +245,10 @@ def test_loading_never_runs_pickled_code(tmp_path):
     ckpt = tmp_path / "evil"
     dcp.save({"train": {"step": _Marker(marker), "last_epoch": 0}}, checkpoint_id=ckpt, no_dist=True)
     with pytest.raises(ValueError, match="cannot be read.*(?i:weights.only)"):
-        checkpoint.read_train_state(ckpt)
+        checkpoint_io.read_train_state(ckpt)
     (ckpt / ".metadata").write_bytes(pickle.dumps(_Marker(marker)))
     with pytest.raises(ValueError, match="not allowed in a checkpoint's metadata"):
-        checkpoint.read_shapes(ckpt)
+        checkpoint_io.read_shapes(ckpt)
     assert not marker.exists()
 
 
@@ -300,7 +300,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         pytest.fail("the step-2 save completed before the kill every time")
     assert _listing(root) == {"step_00000001", ".tmp-step_00000002"}
     before = _digest(root / "step_00000001")
-    checkpoint.verify(root / "step_00000001")
+    checkpoint_io.verify(root / "step_00000001")
     # resume=auto (the default) in the same run dir takes step 1 and ignores the half-written save.
     proc = start_cli(tmp_path, *model, "trainer.max_steps=2", run_dir=str(run_dir))
     out, err = proc.communicate(timeout=TIMEOUT)
@@ -370,8 +370,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
     assert line.startswith("shardlab: error: ") and "at step 2" in line, err
     assert f"the last good checkpoint is {root / 'step_00000001'}" in line
     assert _listing(root) == {"step_00000001"}
-    checkpoint.verify(root / "step_00000001")
-    assert checkpoint.read_train_state(root / "step_00000001")["step"] == 1
+    checkpoint_io.verify(root / "step_00000001")
+    assert checkpoint_io.read_train_state(root / "step_00000001")["step"] == 1
     summary = read_summary(tmp_path / "stop")
     assert summary["status"] == "failed" and "at step 2" in summary["error"]
 

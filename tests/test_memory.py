@@ -28,11 +28,16 @@ SHAPES = {"debug": 4, "llama_20m": 1}
 # llama_20m's regime (the peak at the optimizer step) needs fewer cells than the debug model's full matrix:
 # each strategy once in fp32 with flash, standard attention once, bf16-mixed once (under FSDP, where its
 # gathered bf16 weights differ from autocast's cast copies); bf16 matmuls are slow on this CPU under MemTracker.
+# The debug model: every strategy with fp32 + standard attention and with bf16-mixed + flash (the strategy
+# terms meet both widths and both attention terms), and the other two pairings once, in one process.
 MATRIX = {
     f"debug/{s}/{p}/{a}": ("model=debug", f"strategy={s}", f"precision={p}", f"attention={a}")
     for s in ("single", "ddp", "fsdp")
-    for p in ("fp32", "bf16-mixed")
-    for a in ("standard", "flash")
+    for p, a in (("fp32", "standard"), ("bf16-mixed", "flash"))
+}
+MATRIX |= {
+    f"debug/single/{p}/{a}": ("model=debug", "strategy=single", f"precision={p}", f"attention={a}")
+    for p, a in (("fp32", "flash"), ("bf16-mixed", "standard"))
 }
 MATRIX |= {
     f"llama_20m/{s}/{p}/{a}": ("model=llama_20m", f"strategy={s}", f"precision={p}", f"attention={a}")

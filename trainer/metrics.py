@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
+import strategies
 from models import flops_per_token, param_count
 from trainer.memory import memory_summary, plan_for_run
 from trainer.peaks import device_key, lookup_peak_tflops
@@ -32,7 +32,7 @@ _GB = 1e9  # keys say `_gb`, so decimal gigabytes
 def measure_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     # Bytes held by this rank: a DTensor (FSDP2 shard) counts its local shard only.
     def nbytes(t: torch.Tensor) -> int:
-        t = t.to_local() if isinstance(t, DTensor) else t
+        t = t.to_local() if strategies.instance_of(t, "torch.distributed.tensor", "DTensor") else t
         if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao's 8-bit states): its real storage
             names, _ = t.__tensor_flatten__()
             return sum(nbytes(getattr(t, name)) for name in names)
@@ -160,8 +160,6 @@ class Metrics:
             rank=env.rank,
             tokens_per_step=t.global_batch_size * t.seq_len,
         )
-        import strategies  # the applied wrapper and mesh, described
-
         m._plan = plan_for_run(cfg, args, env.world_size, env.device.type)
         m._precision = precision
         m._run = {

@@ -86,21 +86,6 @@ def _inspect(cfg, env, run_dir: Path) -> dict:
     }
 
 
-def fail_on_rank(rank: int, container: dict, out: str) -> dict:
-    # The run launcher/elastic.worker_entry makes, except that one rank gets a config naming a data file
-    # its node does not have: the others are inside the model's first collectives when it raises.
-    from launcher.worker import run_worker
-
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", need_group=True)
-    cfg = OmegaConf.create(container)
-    cfg.run_dir = out
-    if env.rank == rank:
-        cfg.data.name = "text"
-        cfg.data.path = str(Path(out) / "not-on-this-node.txt")
-    return run_worker(cfg, env)
-
-
 def raise_at_step(rank: int, step: int) -> None:
     # In the process that is `rank` (RANK, as the launchers set it), the training step raises at `step`, after
     # the earlier steps have trained and been logged: the others are inside that step's gradient all-reduce.
