@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 # A GPU user overrides this, e.g. make TORCH_SPEC="torch==2.13.0 --index-url <cuda wheel index>" install
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The torch spec installed, remembered by a stamp named after it: another TORCH_SPEC installs torch again,
+# with --force-reinstall once a torch is there (a local CPU wheel would otherwise satisfy torch==2.13.0 of
+# a CUDA index), and the install ends by saying which torch it has.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -12,12 +16,17 @@ ARGS ?=
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(TORCH_STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
+	if $(PY) -c "import torch" 2>/dev/null; then $(PY) -m pip install -q --force-reinstall $(TORCH_SPEC); else $(PY) -m pip install -q $(TORCH_SPEC); fi
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(STAMP): pyproject.toml $(TORCH_STAMP)
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(d for d in p['dependencies'] + p['optional-dependencies']['dev'] if not d.startswith('torch==')))" > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -r $(VENV)/requirements.txt
+	$(PY) -c "import torch; print('shardlab: torch', torch.__version__, 'with CUDA', torch.version.cuda) if torch.version.cuda else print('shardlab: torch', torch.__version__, '(CPU build)')"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the dependencies from pyproject.toml

@@ -5,7 +5,7 @@
 #   kernel: the bytes autograd keeps for backward inside the attention function alone (saved-tensor hooks),
 #           beyond its q, k, v inputs;
 #   model:  a small Llama's activations saved for backward over one training step, by PyTorch's MemTracker
-#           (trainer/memory.py), next to the planner's prediction (trainer/planner.py).
+#           (trainer/memory/measure.py), next to the planner's prediction (trainer/memory/plan.py).
 # Prints the bytes, the standard / flash ratios and each variant's growth exponent (the slope of log bytes
 # against log T: ~2 for standard, ~1 for flash), and draws them, log-log, into a PNG.
 #   python -m benchmarks.attention_memory [--precision bf16-mixed] [--out benchmarks/attention_memory.png]

@@ -6,6 +6,10 @@
 #   python -m benchmarks.gpu_precision                       # llama_160m, single GPU
 #   python -m benchmarks.gpu_precision --model llama_1b --steps 30 --set trainer.seq_len=2048
 #   python -m benchmarks.gpu_precision --device cpu --model llama_20m   # the CPU figures in the README
+#   python -m benchmarks.gpu_precision --compile    # bf16-mixed, fp8, fp8-rowwise, int8 also compiled
+# Uncompiled, torchao's fp8/int8 scaling runs as many small kernels: --compile adds each of those options
+# (and bf16-mixed, their baseline) with per-block torch.compile as rows of their own ("+compile"), which is
+# how fp8's speed is meant to be measured.
 # Exit status 1 if a run failed that should have run, or fp8 misbehaved.
 import argparse
 import json
@@ -23,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 # name -> overrides; adamw8bit is an optimizer, measured against fp32 + adamw.
 RUNS = {name: (f"precision={name}",) for name in PRECISIONS}
 RUNS["adamw8bit"] = ("precision=fp32", "optim=adamw8bit")
+COMPILED = ("bf16-mixed", "fp8", "fp8-rowwise", "int8")  # --compile: these again, compiled
 
 
 def run_one(name: str, overrides: tuple[str, ...], opts, tmp: Path) -> dict:
@@ -97,13 +102,17 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--only", nargs="*", default=None, help="a subset of: " + ", ".join(RUNS))
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, key=value")
+    ap.add_argument("--compile", action="store_true", help="also " + ", ".join(COMPILED) + " compiled")
     opts = ap.parse_args()
+    if opts.compile:
+        RUNS.update({f"{n}+compile": (*RUNS[n], "strategy.compile=true") for n in COMPILED})
     if opts.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU visible: run where a GPU is lent, or pass --device cpu", file=sys.stderr)
         return 2
     capability = torch.cuda.get_device_capability() if opts.device == "cuda" else None
     device = torch.cuda.get_device_name() if capability else "cpu"
     names = opts.only or list(RUNS)
+    names += [f"{n}+compile" for n in names if opts.compile and n in COMPILED and opts.only]
     rounds: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         # Interleaved (fp32, bf16-mixed, ..., fp32, bf16-mixed, ...): machine noise hits every option alike.

@@ -11,7 +11,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from launcher.errors import describe_failure, failure_traceback
 from trainer.checks import check_device_capabilities, model_args
-from trainer.dist import broadcast_object, init_distributed
+from trainer.dist import broadcast_object, init_run
 
 CPU_DEFAULT_NPROC = 2  # nproc_per_node=auto without GPUs: enough to exercise the collectives
 
@@ -85,7 +85,7 @@ def worker_entry(cfg_container: dict, nproc: int) -> dict:
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     cfg = OmegaConf.create(cfg_container)
-    env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+    env = init_run(cfg)
     if cfg.launcher.nnodes > 1:
         check_same_config(cfg_container, env)
     # The parent validated the config; a worker asks only its own GPU what the parent could not.

@@ -14,9 +14,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
 from launcher.errors import describe_error, fail, first_line, record_failure
 from launcher.sweep import fill_sweep_logger, reuse_previous_success
+from trainer import gpus
 from trainer.checks import capability, check_device_capabilities, model_args, validate
 from trainer.config import SCHEMAS
-from trainer.dist import broadcast_object, close_distributed, device_type, init_distributed
+from trainer.dist import broadcast_object, close_distributed, device_type, init_run
 
 
 def under_torchrun() -> bool:
@@ -34,7 +35,7 @@ def stamp_run(cfg: DictConfig) -> Path:
 def main_torchrun(cfg: DictConfig) -> dict:
     # Style 1: torchrun started every rank and each composed its own config; rank 0's resolved one is the run's.
     # Each rank validates once, its own typed config (the same overrides everywhere) on its own device.
-    env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+    env = init_run(cfg)
     try:
         validate(cfg, env.world_size, env.device.type, capability(env.device))
     except (ValueError, OmegaConfBaseException) as e:
@@ -64,8 +65,9 @@ def main(cfg: DictConfig) -> dict | None:
         nproc = resolve_nproc(cfg.launcher.nproc_per_node, cfg.trainer.device)
         check_gpus(nproc, cfg.trainer.device)
         # The device the workers will use, not merely whether a GPU is present: trainer.device=cpu on a
-        # GPU machine must be checked as a CPU run.
-        validate(cfg, nproc * cfg.launcher.nnodes, device_type(cfg.trainer.device))
+        # GPU machine must be checked as a CPU run. The GPUs' compute capability comes from NVML: the
+        # parent never creates a CUDA context.
+        validate(cfg, nproc * cfg.launcher.nnodes, device_type(cfg.trainer.device), gpus.capability())
     except (ValueError, OmegaConfBaseException) as e:
         reason = describe_error(e)
         if not multirun:
@@ -82,7 +84,7 @@ def main(cfg: DictConfig) -> dict | None:
         if in_process:  # this process is the worker: it asks its own GPU what validate() could not
             from launcher.worker import run_worker  # the trainer: only where it trains
 
-            env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+            env = init_run(cfg)
             check_device_capabilities(cfg, model_args(cfg), env.device)
             summary = run_worker(cfg, env)
         else:  # a sweep job always runs in its own processes, so one job's crash cannot take the sweep down

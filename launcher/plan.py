@@ -13,6 +13,7 @@ import strategies
 from launcher.compose import compose_config
 from launcher.elastic import resolve_nproc
 from launcher.errors import describe_error, fail
+from trainer import gpus
 from trainer.checks import model_args
 from trainer.config import check_schema
 from trainer.memory import GB, MemoryPlan, precision_bytes, spec_from_config
@@ -31,11 +32,8 @@ def device_of(cfg: DictConfig) -> str:
 def device_bytes(cfg: DictConfig) -> float | None:
     if cfg.plan.device_memory_gb is not None:
         return cfg.plan.device_memory_gb * GB
-    import torch
-
-    if device_of(cfg) == "cuda" and torch.cuda.is_available():
-        return float(torch.cuda.get_device_properties(0).total_memory)
-    return None  # unknown: the plan prints the numbers and no verdict
+    found = gpus.visible_gpus() if device_of(cfg) == "cuda" else []
+    return float(found[0].memory_bytes) if found else None  # None: the numbers, and no verdict
 
 
 def setup_of(cfg: DictConfig) -> Setup:

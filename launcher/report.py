@@ -69,7 +69,7 @@ def _world_size(config: dict) -> int | None:
 # summary.json keys a row takes as they are
 PASS_THROUGH = (
     "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "tokens_per_s_std", "tokens_per_s_per_device",
-    "tflops_per_device", "mfu", "mfu_peak_source", "memory_kind", "final_loss",
+    "tflops_per_device", "mfu", "mfu_peak_source", "memory_kind", "final_loss", "val_loss",
     "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio",
 )  # fmt: skip
 # Predicted (trainer/planner.py, every run) and, with metrics.memory_breakdown=true, measured (PyTorch's
@@ -162,6 +162,7 @@ BEST = {
     "mfu": (max, "{:.1%}"),
     "peak_mem_gb": (min, "{:.3f}"),
     "final_loss": (min, "{:.4f}"),
+    "val_loss": (min, "{:.4f}"),
 }
 
 
@@ -254,6 +255,7 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
         (memory_label(rows), 1),
         *MEMORY_COLUMNS[: memory_columns(rows)],
         ("final loss", 1),
+        ("val loss", 1),
     ]
     head += [("tokens/step", 1)] * unequal + [("run dir", 0)]
     lines = [
@@ -265,9 +267,12 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
         if r["tokens_per_s_p10"] is not None:
             tps += f" ({r['tokens_per_s_p10']:,.0f}-{r['tokens_per_s_p90']:,.0f})"
         cells = [str(r["rank"]), *(str(r["settings"].get(k, "-")) for k in cols), str(r["world_size"] or "?")]
-        # BEST's columns in order, with the memory columns before the last one (final loss)
-        cells += [status_text(r), tps, *(_cell(r, c, best) for c in list(BEST)[1:-1])]
-        cells += _memory_cells(r, memory_columns(rows)) + [_cell(r, "final_loss", best)]
+        # BEST's columns in order, with the memory columns before the two losses
+        cells += [status_text(r), tps, *(_cell(r, c, best) for c in list(BEST)[1:-2])]
+        cells += _memory_cells(r, memory_columns(rows)) + [
+            _cell(r, "final_loss", best),
+            _cell(r, "val_loss", best),
+        ]
         cells += [f"{r['tokens_per_step']:,}" if r["tokens_per_step"] else "?"] * unequal
         cells.append(f"`{r['run_dir']}`")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -326,7 +331,7 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
 CSV_COLUMNS = (
     "world_size", "status", "reason", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
     "tokens_per_s_std", "tokens_per_s_per_device", "tflops_per_device", "mfu", "peak_mem_gb", "memory_kind",
-    "final_loss", "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "tokens_per_step", "steps", "warmup_steps", "reused_from", "run_dir",
+    "final_loss", "val_loss", "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "tokens_per_step", "steps", "warmup_steps", "reused_from", "run_dir",
 )  # fmt: skip
 
 

@@ -43,7 +43,9 @@ def run_worker(cfg: DictConfig, env: DistEnv, say_first_failure: bool = False) -
         cause = first_failure(env, mine)
         if say_first_failure and cause == mine:
             print(f"shardlab: error: {mine}", file=sys.stderr, flush=True)
-        if env.is_rank0:
+        # Rank 0 records the run's first failure, and so does the rank that had it: under nccl the others
+        # may be blocked in a CUDA sync where no signal handler runs, rank 0 among them.
+        if env.is_rank0 or cause == mine:
             record_failure(run_dir, cause)
         if isinstance(e, Exception) and env.world_size > 1:
             # No barrier and no teardown here: the other ranks are still inside the step's collectives,

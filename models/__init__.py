@@ -12,6 +12,7 @@ from .llama import ModelArgs, ParamShapes, Transformer
 
 FAMILIES = {"llama": (ModelArgs, Transformer), "gpt2": (GPT2Args, GPT2), "hf": (HFArgs, HFCausalLM)}
 SHAPES = {ModelArgs: llama.param_shapes, GPT2Args: gpt2.param_shapes}  # the native families' layouts
+HF_EXPORT = {ModelArgs: llama, GPT2Args: gpt2, HFArgs: hf}  # each family's hf_config and to_hf
 
 # preset name -> (family, argument dict)
 MODEL_PRESETS: dict[str, tuple[str, dict]] = {
@@ -136,6 +137,12 @@ def param_shapes(args) -> ParamShapes:
     return SHAPES[type(args)](args)
 
 
+def hf_export(args, state: dict) -> tuple:
+    # -> (a transformers config, the state dict under transformers' names): what from_pretrained loads.
+    family = HF_EXPORT[type(args)]
+    return family.hf_config(args), family.to_hf(state)
+
+
 def param_count(args, exclude_embedding: bool = False) -> int:
     if isinstance(args, HFArgs):  # counted on the module its config builds (meta device)
         return hf.param_count(args, exclude_embedding)
@@ -162,6 +169,7 @@ __all__ = [
     "build_model",
     "build_model_args",
     "flops_per_token",
+    "hf_export",
     "num_params",
     "param_count",
     "param_shapes",

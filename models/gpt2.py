@@ -73,6 +73,56 @@ def param_shapes(args: GPT2Args) -> ParamShapes:
     return ParamShapes(root, block, ("pos_embeddings.weight",))
 
 
+# ---------------------------------------------------------------- the same model in transformers
+# GPT2LMHeadModel: the same tensors under other names, its attention and MLP matrices as Conv1D weights,
+# stored (in, out): ours transposed. q, k, v lie in c_attn's output in the order of our fused wqkv.
+HF_NAMES = {
+    "tok_embeddings": "transformer.wte",
+    "pos_embeddings": "transformer.wpe",
+    "norm": "transformer.ln_f",
+    "output": "lm_head",
+    "attention_norm": "ln_1",
+    "attention.wqkv": "attn.c_attn",
+    "attention.wo": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "feed_forward.w1": "mlp.c_fc",
+    "feed_forward.w2": "mlp.c_proj",
+}
+_CONV1D = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2")
+
+
+def hf_config(args: GPT2Args):
+    import transformers
+
+    return transformers.GPT2Config(
+        vocab_size=args.vocab_size,
+        n_positions=args.max_seq_len,
+        n_embd=args.dim,
+        n_layer=args.n_layers,
+        n_head=args.n_heads,
+        layer_norm_epsilon=args.norm_eps,
+        activation_function="gelu_new",  # the tanh approximation, as FeedForward uses
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def to_hf(state: dict) -> dict:
+    out = {}
+    for name, tensor in state.items():
+        head, _, leaf = name.rpartition(".")
+        if head.startswith("layers."):
+            _, i, module = head.split(".", 2)
+            key = f"transformer.h.{i}.{HF_NAMES[module]}.{leaf}"
+            out[key] = tensor.t().contiguous() if module in _CONV1D and leaf == "weight" else tensor
+        elif head != "output":  # the head is the token embedding, tied
+            out[f"{HF_NAMES[head]}.{leaf}"] = tensor
+    return out
+
+
 def build_args(preset: str, **overrides) -> GPT2Args:
     if preset not in PRESETS:
         raise ValueError(f"unknown gpt2 preset {preset!r}; valid: {', '.join(PRESETS)}")

@@ -211,6 +211,15 @@ def checkpoint_files(name_or_path: str | None) -> dict[str, Path] | None:
     return None
 
 
+def hf_config(args: HFArgs):
+    return copy.deepcopy(args.config)
+
+
+def to_hf(state: dict) -> dict:
+    # HFCausalLM holds the transformers model as .hf: its own names, without that prefix.
+    return {name.removeprefix("hf."): tensor for name, tensor in state.items()}
+
+
 class HFCausalLM(nn.Module):
     def __init__(self, args: HFArgs):
         super().__init__()

@@ -118,6 +118,56 @@ def param_shapes(args: ModelArgs) -> ParamShapes:
     return ParamShapes(root, block, () if args.tie_embeddings else ("tok_embeddings.weight",))
 
 
+# ---------------------------------------------------------------- the same model in transformers
+# LlamaForCausalLM holds the same tensors under other names (RoPE pairs in HF's rotate_half layout already):
+# launcher/export.py writes a Hugging Face directory with these, and the parity tests build one from them.
+HF_BLOCK_NAMES = {
+    "attention_norm": "input_layernorm",
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+}
+HF_ROOT_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def hf_config(args: ModelArgs):
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        tie_word_embeddings=args.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def to_hf(state: dict) -> dict:
+    # Our parameter names -> LlamaForCausalLM's (a tied head under both names, as its state_dict has it).
+    out = {}
+    for name, tensor in state.items():
+        head, _, leaf = name.rpartition(".")
+        if head.startswith("layers."):
+            _, i, module = head.split(".", 2)
+            out[f"model.layers.{i}.{HF_BLOCK_NAMES[module]}.{leaf}"] = tensor
+        else:
+            out[f"{HF_ROOT_NAMES[head]}.{leaf}"] = tensor
+    return out
+
+
 def build_args(preset: str, **overrides) -> ModelArgs:
     if preset not in PRESETS:
         raise ValueError(f"unknown llama preset {preset!r}; valid: {', '.join(PRESETS)}")

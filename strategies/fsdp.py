@@ -39,7 +39,9 @@ def apply_fsdp(model: nn.Module, mesh, cfg, *, precision, **_) -> nn.Module:
 
 def materialize(model: nn.Module, device: torch.device, seed: int, cpu_offload: bool) -> None:
     # Meta -> real storage for the local shards only, then each shard filled with its slice of the same
-    # full tensor a single-process run initialises, so every strategy starts from identical weights.
+    # full tensor a single-process run initialises, so every strategy starts from identical weights. The
+    # full tensor is filled on the compute device even under CPU offload: a CUDA generator draws other
+    # numbers than the CPU's, and every other strategy of a GPU run fills on the GPU.
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=torch.device("cpu") if cpu_offload else device)
@@ -48,10 +50,10 @@ def materialize(model: nn.Module, device: torch.device, seed: int, cpu_offload: 
             for prefix in _WRAPPER_PREFIXES:
                 name = name.replace(prefix, "")
             local = p.to_local() if isinstance(p, DTensor) else p
-            full = torch.empty(p.shape, dtype=p.dtype, device=local.device)
+            full = torch.empty(p.shape, dtype=p.dtype, device=device)
             model.fill_param_(name, full, seed)
             if isinstance(p, DTensor):
                 # src_data_rank=None: every rank holds the same full tensor, so each keeps its slice locally.
                 full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            local.copy_(full)
+            local.copy_(full)  # to the CPU shard under offload
     model.reset_buffers(device)  # RoPE tables live where compute runs, even when parameters are offloaded

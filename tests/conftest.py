@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.tokenizer import build_tokenizer
 from tests.helpers.wandb import wandb_env
 
 
@@ -35,3 +36,20 @@ def text_corpus(tmp_path_factory) -> Path:
         (root / name).write_bytes((stdlib / name).read_bytes())
     (root / "notes.txt").write_text("not python " * 50)
     return root
+
+
+@pytest.fixture(scope="session")
+def prepared_tokens(tmp_path_factory, text_corpus) -> Path:
+    # The corpus's .py files as launcher.prepare writes them: byte-level tokens, one file held out.
+    from launcher.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "bytes"
+    prepare(str(text_corpus), str(out), glob="*.py", val_fraction=0.34, num_proc=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, text_corpus) -> Path:
+    # A local Hugging Face tokenizer (byte-level BPE, 320 tokens with <eos>) trained on the corpus.
+    texts = [p.read_text() for p in sorted(text_corpus.iterdir())]
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"), texts)

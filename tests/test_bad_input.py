@@ -234,7 +234,9 @@ def test_fp8_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
 
 def test_export_of_a_corrupt_checkpoint_fails_in_one_line(ckpt, tmp_path, capsys):
     # launcher.export's command line (its success path runs as a subprocess in tests/test_checkpoint.py).
-    assert export.main([str(ckpt / "corrupt"), str(tmp_path / "m.pt")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        export.main([str(ckpt / "corrupt"), str(tmp_path / "m.pt")])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().startswith(f"shardlab: error: checkpoint {ckpt / 'corrupt'} cannot be read")
     assert len(err.strip().splitlines()) == 1

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from launcher.export import export
+from launcher.export import consolidated_model_state, export
 from models import build_model
 from tests.helpers import dist as dist_helpers
 from tests.helpers.cli import cli_env, start_cli, workers
 from tests.helpers.run import REPO, TINY, compose_config, read_rows, read_summary
 from trainer import checkpoint, checkpoint_io
-from trainer.checks import validate
+from trainer.checks import model_args, validate
 from trainer.data import build_data, micro_batches
 from trainer.dist import close_distributed, init_distributed
 from trainer.loop import train
@@ -47,6 +47,14 @@ STRATEGIES = {
     "ddp": ("strategy=ddp",),
     "fsdp": ("strategy=fsdp",),
     "hsdp": ("strategy=hsdp", "strategy.shard_size=1"),  # 2 replicas of 1 shard: a 2-D mesh
+}
+# Saved under fsdp on 2 ranks, then exported to Hugging Face format: a native Llama with GQA and tied
+# embeddings, GPT-2, and a transformers Llama (model=hf).
+EXPORT = ("strategy=fsdp", "trainer.max_steps=2", "checkpoint=periodic", "checkpoint.save_final=true")
+EXPORTS = {
+    "export-llama": ("model=debug", "attention=gqa", "model.tie_embeddings=true"),
+    "export-gpt2": ("model=gpt2_debug",),
+    "export-hf": ("model=hf_llama_debug",),
 }
 RESTART = ("strategy=ddp", "trainer.max_steps=12", "trainer.global_batch_size=4")  # the killed CLI run's
 TIMEOUT = 240
@@ -102,6 +110,7 @@ def runs(tmp_path_factory, text_corpus):
         ("fsdp-from-single", _config(text_corpus, "strategy=fsdp", from_single)),
         ("restart-reference", OmegaConf.to_container(compose_config(*RESTART), resolve=True)),
     ]
+    group += [(name, _config(text_corpus, *EXPORT, *o)) for name, o in EXPORTS.items()]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -184,6 +193,36 @@ def test_keep_last_prunes_and_leaves_no_temporaries(runs):
     out, _ = runs
     names = sorted(p.name for p in (out / "single-saved" / "checkpoints").iterdir())
     assert names == [f"step_{s:08d}" for s in range(5, 11)]  # saved every step, keep_last=6
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_hugging_face_export_loads_with_the_same_logits_and_trains_again(runs, tmp_path, text_corpus, name):
+    # A checkpoint saved under fsdp on 2 ranks -> a Hugging Face directory that transformers loads with no
+    # missing or unexpected keys and the same logits as the native model; then model=hf trains it again,
+    # starting at the native checkpoint's loss on the same batch.
+    from transformers import AutoModelForCausalLM
+
+    out, _ = runs
+    ckpt = _at(out, name, 2)
+    target = export(str(ckpt), str(tmp_path / "hf"))
+    hf, info = AutoModelForCausalLM.from_pretrained(target, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    cfg = OmegaConf.create(_config(text_corpus, *EXPORT, *EXPORTS[name]))
+    native = build_model(model_args(cfg))
+    native.load_state_dict(consolidated_model_state(ckpt), strict=True)
+    data = build_data(cfg.data, cfg.trainer.seq_len, cfg.trainer.seed, native.args.vocab_size)
+    ((x, y),) = micro_batches(data, 1, 0, 1, cfg.trainer.global_batch_size, 1)
+    with torch.no_grad():
+        ours = native(x)
+        torch.testing.assert_close(hf.eval()(input_ids=x).logits, ours, atol=1e-5, rtol=1e-5)
+    again = _config(text_corpus, "model=hf", f"model.name_or_path={target}", "trainer.max_steps=1")
+    summary = _train_single(tmp_path, "again", again)
+    assert summary["first_loss"] == pytest.approx(
+        F.cross_entropy(ours.flatten(0, 1), y.flatten()).item(), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="already exists and is not empty.*--overwrite"):
+        export(str(ckpt), str(target))
+    assert export(str(ckpt), str(target), overwrite=True) == target
 
 
 def test_export_consolidates_shards_into_one_file(runs, tmp_path, text_corpus):
@@ -382,11 +421,5 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
     assert math.isnan(summary["final_loss"])
     # A skipped step changes nothing: the weights after steps 2 and 3 are step 1's.
     root = tmp_path / "skip" / "checkpoints"
-    first, last = (_model_state(root / f"step_0000000{s}") for s in (1, 3))
+    first, last = (consolidated_model_state(root / f"step_0000000{s}") for s in (1, 3))
     assert all(torch.equal(first[k], last[k]) for k in first)
-
-
-def _model_state(path: Path) -> dict:
-    from launcher.export import consolidated_model_state
-
-    return consolidated_model_state(path)

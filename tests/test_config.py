@@ -23,8 +23,9 @@ GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and d.name not in N
 TRAINED_MODELS = {"debug", "gpt2_debug"}
 # Options another file trains already, so the walk only composes and validates them: every precision and
 # optimizer (tests/test_precision.py), the HF presets (tests/test_hf.py), llama_20m (tests/test_memory.py,
-# tests/test_checkpoint.py), data=text (tests/test_train.py), checkpoint=periodic (tests/test_checkpoint.py).
-TRAINED_ELSEWHERE = {"precision", "optim", ("data", "text"), ("checkpoint", "periodic")}
+# tests/test_checkpoint.py), data=text (tests/test_train.py), data=tokens (tests/test_prepare.py),
+# checkpoint=periodic (tests/test_checkpoint.py).
+TRAINED_ELSEWHERE = {"precision", "optim", ("data", "text"), ("data", "tokens"), ("checkpoint", "periodic")}
 # Options that need one more value to compose: bare model=hf needs a local path or an inline model_type
 # (LlamaConfig's defaults are Llama-2-7B shapes, so it stays compose-only).
 NEEDS = {("model", "hf"): ["+model.hf_config.model_type=llama"]}
@@ -50,10 +51,13 @@ def test_the_walk_sees_every_schema_group():
 
 @pytest.mark.usefixtures("one_thread", "wandb_offline")
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
-def test_every_option(group, option, tmp_path):
+def test_every_option(group, option, tmp_path, request):
     # A group outside the main config's defaults (an experiment/ preset) is added with `+`.
     choice = f"{group}={option}" if group in SCHEMAS else f"+{group}={option}"
-    cfg = compose_config(choice, *NEEDS.get((group, option), []))
+    needs = NEEDS.get((group, option), [])
+    if (group, option) == ("data", "tokens"):  # a directory of launcher.prepare's
+        needs = [f"data.path={request.getfixturevalue('prepared_tokens')}"]
+    cfg = compose_config(choice, *needs)
     if group in SCHEMAS:
         assert cfg.choices[group] == option
     elsewhere = group in TRAINED_ELSEWHERE or (group, option) in TRAINED_ELSEWHERE

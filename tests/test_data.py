@@ -14,9 +14,16 @@ from trainer.data import SyntheticTokens, build_data, micro_batches, read_text
 SEQ_LEN = 16
 
 
-def text_cfg(path, glob="*", max_bytes=8_000_000):
+def text_cfg(path, glob="*", max_bytes=8_000_000, val_fraction=0.0):
     return OmegaConf.create(
-        {"name": "text", "path": str(path), "glob": glob, "max_bytes": max_bytes, "tokenizer": None}
+        {
+            "name": "text",
+            "path": str(path),
+            "glob": glob,
+            "max_bytes": max_bytes,
+            "tokenizer": None,
+            "val_fraction": val_fraction,
+        }
     )
 
 
@@ -70,15 +77,15 @@ def test_text_tokens_are_the_bytes_of_the_files(text_corpus):
     assert n_files == 3
     assert raw == b"".join(f.read_bytes() for f in files)  # sorted by path, concatenated
     source = build_data(text_cfg(text_corpus, "*.py"), SEQ_LEN, 1234, 256)
-    assert torch.equal(source.tokens, torch.tensor(list(raw), dtype=torch.uint8))
+    assert bytes(source.train) == raw
     for row in source.rows(5, range(32), 32):
         assert bytes(row.tolist()) in raw
 
     # max_bytes cuts the stream in sorted file order; a single file is read alone.
     cut = build_data(text_cfg(text_corpus, "*.py", max_bytes=1000), SEQ_LEN, 1234, 256)
-    assert bytes(cut.tokens.tolist()) == raw[:1000]
+    assert bytes(cut.train) == raw[:1000]
     single = build_data(text_cfg(text_corpus / "notes.txt"), SEQ_LEN, 1234, 256)
-    assert bytes(single.tokens.tolist()) == b"not python " * 50
+    assert bytes(single.train) == b"not python " * 50
 
 
 def test_every_window_can_be_drawn(tmp_path):
@@ -101,7 +108,9 @@ def test_default_text_is_the_python_stdlib():
     assert path == Path(sysconfig.get_paths()["stdlib"]) and path.is_dir()
     assert (path / "os.py").is_file()
     source = build_data(cfg.data, 64, 1234, 256)
-    assert source.tokens.numel() == cfg.data.max_bytes  # the stdlib holds more than 8 MB of Python
+    # The stdlib holds more than 8 MB of Python; the last data.val_fraction of it is held out.
+    assert len(source.train) + len(source.val) == cfg.data.max_bytes
+    assert len(source.val) == int(cfg.data.max_bytes * cfg.data.val_fraction) > 0
     assert "byte-level" in source.description
     text = b"".join(bytes(r.tolist()) for r in source.rows(1, range(64), 64)).decode("utf-8", "replace")
     assert "def " in text or "import " in text or "self" in text
@@ -125,3 +134,29 @@ def test_synthetic_rows_are_independent_of_the_rows_requested():
     source = SyntheticTokens(256, SEQ_LEN, 7)
     full = source.rows(4, range(8), 8)
     assert torch.equal(source.rows(4, range(3, 6), 8), full[3:6])
+
+
+def test_text_holds_out_the_streams_tail_and_evaluates_on_the_same_windows(text_corpus):
+    raw, _ = read_text(str(text_corpus), "*.py", 8_000_000)
+    source = build_data(text_cfg(text_corpus, "*.py", val_fraction=0.1), SEQ_LEN, 1234, 256)
+    n_val = int(len(raw) * 0.1)
+    assert bytes(source.train) == raw[:-n_val] and bytes(source.val) == raw[-n_val:]
+    assert source.val_windows == n_val // (SEQ_LEN + 1)
+    for step in range(1, 50):  # no training window reaches into the held-out tail
+        for row in source.rows(step, range(8), 8):
+            assert bytes(row.tolist()) in raw[:-n_val]
+    # Held-out batch i is the same consecutive windows every time, and rank slices tile it.
+    batch = source.val_rows(1, range(0, 8), 8)
+    assert torch.equal(batch, source.val_rows(1, range(0, 8), 8))
+    assert torch.equal(
+        torch.cat([source.val_rows(1, range(0, 4), 8), source.val_rows(1, range(4, 8), 8)]), batch
+    )
+    first = 8 * (SEQ_LEN + 1)  # batch 1 starts after batch 0's 8 windows
+    assert bytes(batch[0].tolist()) == raw[-n_val:][first : first + SEQ_LEN + 1]
+
+
+def test_synthetic_held_out_stream_is_not_a_training_step():
+    source = SyntheticTokens(256, SEQ_LEN, 7)
+    held = source.val_rows(0, range(8), 8)
+    assert torch.equal(held, source.val_rows(0, range(8), 8))
+    assert all(not torch.equal(held, source.rows(step, range(8), 8)) for step in range(1, 20))

@@ -1,4 +1,5 @@
 import json
+import math
 import time
 
 import pytest
@@ -71,13 +72,17 @@ def test_mfu_none_on_cpu_without_peak_and_arithmetic_with_peak():
     "name, precision, expected",
     [
         ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.4),
-        ("NVIDIA H100 80GB HBM3", "fp8", 1978.9),
+        (
+            "NVIDIA H100 80GB HBM3",
+            "fp8",
+            989.4,
+        ),  # fp8's MFU is against the bf16 peak (tests/test_gpu_paths.py)
         ("NVIDIA H100 PCIe", "bf16-true", 756.0),
         ("NVIDIA H100 PCIe", "fp32", 51.0),
         ("NVIDIA H200", "bf16-mixed", 989.4),
         ("NVIDIA A100-SXM4-80GB", "tf32", 156.0),
         ("NVIDIA A100-PCIE-40GB", "fp16-mixed", 312.0),
-        ("NVIDIA A100-SXM4-40GB", "fp8", None),  # no fp8 on Ampere
+        ("NVIDIA A100-SXM4-40GB", "int8", 312.0),  # against the bf16 peak too
         ("NVIDIA L4", "bf16-mixed", 121.0),
         ("NVIDIA L40S", "bf16-mixed", 362.05),
         ("NVIDIA L40", "bf16-mixed", None),  # not an L4, not an L40S
@@ -197,3 +202,23 @@ def test_two_rank_gloo_max_min(tmp_path):
         assert r["state"]["params_bytes"] == full // 2
         assert r["state"]["grads_bytes"] == full // 2
         assert r["state"]["optim_state_bytes"] == full + 4 * 2
+
+
+def test_validation_is_logged_and_its_time_kept_out_of_training_throughput():
+    m = make_metrics(log_every=100)
+    m.start()
+    m.update(1, loss=3.0, grad_norm=1.0, lr=1e-3, tokens=1000)
+    time.sleep(0.3)  # an evaluation after step 1
+    m.record_eval(1, 2.5, 0.3)
+    row = m.log(1)  # a row after every evaluation, log step or not
+    assert row["val_loss"] == 2.5 and row["val_ppl"] == pytest.approx(math.exp(2.5))
+    time.sleep(0.02)
+    m.update(2, loss=2.0, grad_norm=1.0, lr=1e-3, tokens=1000)
+    m.record_eval(2, 2.7, 0.0)
+    row = m.log(2, final=True)
+    assert row["step_time_s"] < 0.2  # step 2 took ~0.02 s, not the 0.3 s of evaluation before it
+    s = m.summary()
+    assert (s["val_loss"], s["val_step"], s["best_val_loss"], s["best_val_step"]) == (2.7, 2, 2.5, 1)
+    assert s["evals"] == 2 and s["eval_time_s"] == pytest.approx(0.3)
+    assert s["val_ppl"] == pytest.approx(math.exp(2.7))
+    assert "validation loss" in format_summary(s) and "not in tokens/s" in format_summary(s)

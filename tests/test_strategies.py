@@ -111,7 +111,7 @@ def single(tmp_path_factory, text_corpus):
             rows[name] = read_rows(out / name)
     finally:
         torch.set_num_threads(threads)
-    return rows
+    return rows | {"dir": out}
 
 
 def _trajectory(rows: list[dict], key: str) -> list[float]:
@@ -146,6 +146,17 @@ def test_parity_with_single(group, single, name):
         assert applied["static_graph"] is True
     if name.startswith("ddp_small_buckets"):
         assert applied["bucket_cap_mb"] == 1
+
+
+@pytest.mark.parametrize("name", [*PARITY_RUNS, *OFFLOAD_RUN, *DDP_OPTIONS_RUN, *AC_RUNS, *COMPILE_RUNS])
+def test_validation_loss_is_the_same_under_every_strategy(group, single, name):
+    # Each rank evaluates its slice of the held-out batches; the token-weighted sum and count are all-reduced:
+    # the loss of one process over the whole held-out set, whatever the strategy, compiled or checkpointed.
+    results, out = group
+    reference = read_summary(single["dir"] / "noaccum")
+    assert reference["evals"] == 1 and reference["val_step"] == STEPS and reference["val_loss"] > 0
+    assert results[0][name]["val_loss"] == pytest.approx(reference["val_loss"], rel=RTOL), name
+    assert read_summary(out / name)["val_loss"] == results[0][name]["val_loss"]
 
 
 @pytest.mark.parametrize("name", AC_RUNS)

@@ -91,6 +91,7 @@ def test_grid_report_rows_match_each_job_summary(grid):
             ("tflops_per_device", "tflops_per_device"),
             ("peak_mem_gb", "peak_rss_gb_max"),
             ("final_loss", "final_loss"),
+            ("val_loss", "val_loss"),  # synthetic data: its held-out seed stream, evaluated at the end
         ]:
             assert float(r[col]) == s[key], col
         assert r["mfu"] == "" and s["mfu"] is None  # CPU: no peak, so no MFU rather than a wrong one
@@ -129,6 +130,10 @@ def test_grid_logs_one_wandb_run_per_job(grid):
             and run["config"]["strategy"]["name"] == s["choices"]["strategy"]
         )
         assert run["history"][6]["loss"] == s["final_loss"]
+        assert (
+            run["history"][6]["val_loss"] == s["val_loss"]
+            and run["summary"]["best_val_loss"] == s["val_loss"]
+        )
         assert run["summary"]["tokens_per_s_median"] == s["tokens_per_s_median"]
         assert run["summary"]["final_loss"] == s["final_loss"] and run["summary"]["status"] == "ok"
 
@@ -227,3 +232,6 @@ def test_failures_are_rows_and_the_sweep_exits_nonzero(tmp_path):
         s["final_loss"]
     )
     assert acc.Scalars("summary/tokens_per_s_median")[0].value == pytest.approx(s["tokens_per_s_median"])
+    assert acc.Scalars("val_loss")[-1].step == 6 and acc.Scalars("val_loss")[-1].value == pytest.approx(
+        s["val_loss"]
+    )

@@ -3,6 +3,7 @@
 # complete, so a crash mid-save leaves the previous one as the newest loadable checkpoint. The reading and
 # writing itself is trainer/checkpoint_io.py (DCP), imported only where a checkpoint is read or written: a
 # run that never checkpoints never loads DCP.
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from models import build_model
 from trainer.paths import unwritable_reason
@@ -87,6 +89,26 @@ def _publish(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def model_record(cfg) -> dict[str, str]:
+    # What a checkpoint says of the model it holds, for launcher/export.py to rebuild it with no config at
+    # hand: the model's and the attention option's fields (JSON), and the run's tokenizer directory, if any.
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    attention = OmegaConf.to_container(cfg.attention, resolve=True)
+    return {
+        "model_config": json.dumps({"model": model, "attention": attention}),
+        "tokenizer_dir": tokenizer_dir(cfg.data),
+    }
+
+
+def tokenizer_dir(data_cfg) -> str:
+    # data=text's data.tokenizer, or the tokenizer a prepared token directory was written with ("": bytes).
+    if data_cfg.name == "text" and data_cfg.tokenizer:
+        return str(Path(data_cfg.tokenizer).expanduser().absolute())
+    if data_cfg.name == "tokens" and data_cfg.path and (Path(data_cfg.path) / "tokenizer").is_dir():
+        return str((Path(data_cfg.path) / "tokenizer").expanduser().absolute())
+    return ""
 
 
 def checkpoint_root(ckpt_cfg, run_dir: Path) -> Path:

@@ -184,7 +184,7 @@ def load(path: Path, model, optimizer, scheduler, extra: dict | None = None) -> 
     saved = read_metadata(path).state_dict_metadata
     # Only what this checkpoint holds: a CPU run's has no cuda_rng, an fp32 run's no loss scale.
     optional = {k: v for k, v in {**_rng_states(), **(extra or {})}.items() if f"train.{k}" in saved}
-    train_template = {"step": 0, "last_epoch": 0, "model_args": "", **optional}
+    train_template = {"step": 0, "last_epoch": 0, **optional}  # the model record is export's, not a resume's
     state = {"model": model_sd, "optim": optim_sd, "train": train_template}
     _read(state, path, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -12,7 +12,8 @@ from models import build_model, build_model_args
 from models.attention import check_attention_supported
 from trainer import checkpoint, optim
 from trainer.config import batch_layout, check_schema, one_of
-from trainer.data import data_vocab_size
+from trainer.data import data_facts
+from trainer.evaluate import check_held_out
 from trainer.loggers import BACKENDS
 from trainer.precision import Precision, build_precision, require_convertible
 
@@ -76,16 +77,28 @@ def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None
     one_of("logger.name", cfg.logger.name, BACKENDS)
     precision = build_precision(cfg.precision.name, torch.device(device_type))
     check_capability(precision, capability)
+    fp8 = precision.linear is not None and precision.linear.startswith("float8")
+    if fp8 and device_type == "cuda" and (micro * t.seq_len) % 16:
+        # torch._scaled_mm needs every inner dimension divisible by 16; the weight gradient's is the
+        # micro-batch's token count. The emulated CPU path has no such limit, so it never showed.
+        raise ValueError(
+            f"precision={precision.name} on CUDA needs trainer.micro_batch_size x trainer.seq_len divisible by "
+            f"16 (fp8 matmuls), got {micro} x {t.seq_len} = {micro * t.seq_len}: choose a trainer.seq_len that "
+            "is a multiple of 16"
+        )
     if precision.linear is not None:
         with torch.device("meta"):  # shapes only
             require_convertible(build_model(args), precision.name)
     check_attention_supported(args.attention, device_type, precision.compute_dtype, capability)
-    need = data_vocab_size(cfg.data, t.seq_len)
+    need, held_out = data_facts(cfg.data, t.seq_len)
     if need is not None and need > args.vocab_size:
+        where = " (its meta.json)" if cfg.data.name == "tokens" else ""
         raise ValueError(
-            f"data needs a vocabulary of {need} tokens but model.vocab_size is {args.vocab_size}: "
+            f"data needs a vocabulary of {need} tokens{where} but model.vocab_size is {args.vocab_size}: "
             f"set model.vocab_size={need} or pick a model with a larger vocabulary"
         )
+    if held_out and (cfg.eval.every_n_steps or cfg.eval.at_end):
+        check_held_out(held_out, t.seq_len, cfg.eval.batches, t.global_batch_size)
     checkpoint.preflight(cfg, args)
     if cfg.metrics.memory_breakdown and cfg.strategy.compile:
         raise ValueError(

@@ -106,13 +106,15 @@ class HSDPConfig(FSDPConfig):
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic | text
-    path: str | None = None  # text: a file or a directory (read recursively, sorted)
+    name: str = "synthetic"  # synthetic | text | tokens
+    path: str | None = None  # text: a file or a directory (read recursively, sorted); tokens: a prepared dir
     glob: str = "*"  # text, directory: which files to read
     max_bytes: int = ranged(
         8_000_000, ">= 1"
     )  # text: read at most this many bytes (deterministic: sorted file order)
     tokenizer: str | None = None  # text: None = bytes (vocab 256); or a local HF tokenizer directory
+    # text: the last part of the token stream held out for validation; no training window reaches it
+    val_fraction: float = ranged(0.05, "[0, 1)")
 
 
 @dataclass
@@ -146,6 +148,9 @@ class LauncherConfig:
     rdzv_endpoint: str = ""  # host:port of the first node (multi-node)
     rdzv_id: str = ""  # shared by all nodes of one job
     max_restarts: int = ranged(0, ">= 0")
+    # How long a collective waits for a rank that never comes, seconds; null: torch's default (nccl 10 min,
+    # gloo 30 min). Under nccl a failed rank's peers block in a CUDA sync until it expires.
+    timeout_s: float | None = ranged(None, "> 0")
     monitor_interval: float = ranged(0.5, "> 0")  # seconds between the elastic agent's polls
 
 
@@ -185,6 +190,17 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Validation loss on the data's held-out tokens (data=tokens: its val split; text: the held-out tail;
+    # synthetic: a seed stream of its own).
+    every_n_steps: int = ranged(0, ">= 0")  # 0: only at the end (eval.at_end)
+    batches: int = ranged(
+        8, ">= 1"
+    )  # held-out batches of trainer.global_batch_size sequences, the same each time
+    at_end: bool = True  # evaluate after the last step
+
+
+@dataclass
 class PlanConfig:
     # python -m launcher.plan: per-rank memory of this config, and whether it fits
     device_memory_gb: float | None = ranged(
@@ -212,6 +228,7 @@ class Config:
     trainer: Any = MISSING
     checkpoint: Any = MISSING
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     run_dir: str | None = None  # set by the launcher: where this run's outputs go

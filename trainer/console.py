@@ -68,12 +68,16 @@ def _throughput_lines(s: dict) -> list[tuple[str, str]]:
         mfu_text = _NA_MFU
     else:
         mfu_text = f"{100 * mfu:.1f}% of {s.get('mfu_peak_tflops'):g} TFLOP/s ({s.get('mfu_peak_source')})"
-    return [
+    lines = [
         ("tokens/s (global, median)", f"{_num(med)}  ({spread})"),
         ("tokens/s per device", _num(s.get("tokens_per_s_per_device"))),
         ("TFLOP/s per device", _num(s.get("tflops_per_device"), ".2f" if tflops >= 1 else ".3g")),
         ("MFU", mfu_text),
     ]
+    if s.get("mfu_low_precision") is not None:  # fp8 / int8: against their own tensor cores' peak too
+        low = f"{100 * s['mfu_low_precision']:.1f}% of {s['mfu_low_precision_peak_tflops']:g} TFLOP/s"
+        lines.append(("MFU vs the fp8/int8 peak", low))
+    return lines
 
 
 def format_summary(summary: dict) -> str:
@@ -96,5 +100,13 @@ def format_summary(summary: dict) -> str:
         lines.append(("first loss", f"{s['first_loss']:.4f}"))
     if s.get("final_loss") is not None:
         lines.append(("final loss", f"{s['final_loss']:.4f}"))
+    if s.get("val_loss") is not None:
+        best = f"; best {s['best_val_loss']:.4f} at step {s['best_val_step']}" if s["evals"] > 1 else ""
+        lines.append(
+            ("validation loss", f"{s['val_loss']:.4f} (ppl {s['val_ppl']:.2f}) at step {s['val_step']}{best}")
+        )
+        lines.append(
+            ("evaluation time", f"{s['eval_time_s']:.2f} s over {s['evals']} evaluation(s), not in tokens/s")
+        )
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)

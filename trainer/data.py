@@ -1,12 +1,22 @@
 # Token sources. Each optimizer step draws one *global* batch that depends only on (seed, step), whatever
 # the world size; rank r takes its slice of rows and splits it into micro-batches. So single, DDP and
 # FSDP see the same tokens per step (the parity tests rely on this), and a resumed run continues from
-# `step` with nothing else to restore.
+# `step` with nothing else to restore. Each source also holds held-out tokens that training never touches:
+# eval batch i is the same consecutive windows every time it is asked for, so validation curves compare.
+#   synthetic  uniform random tokens from the seed; held out: a stream of its own
+#   text       the bytes (or a local tokenizer's ids) of files; held out: the stream's last data.val_fraction
+#   tokens     the flat token files of `python -m launcher.prepare`, read through numpy.memmap (a window is
+#              read when a batch asks for it; the file is never copied into memory); held out: its val split
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step, row) over the generator's seed space
+_VAL_STREAM = 2**31 - 1  # synthetic held-out batches: seeds no training step uses
+SOURCES = ("synthetic", "text", "tokens")
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}  # launcher/prepare.py writes these
 
 
 def _seed(*parts: int) -> int:
@@ -21,36 +31,56 @@ class SyntheticTokens:
     def __init__(self, vocab_size: int, seq_len: int, seed: int):
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
         self.description = f"synthetic uniform tokens, vocab {vocab_size}"
+        self.val_windows = None  # unbounded
 
-    def rows(self, step: int, rows: range, global_rows: int) -> torch.Tensor:
+    def _draw(self, stream: int, rows: range) -> torch.Tensor:
         g = torch.Generator()
         out = torch.empty(len(rows), self.seq_len + 1, dtype=torch.long)
         for i, row in enumerate(rows):
-            g.manual_seed(_seed(self.seed, step, row))
+            g.manual_seed(_seed(self.seed, stream, row))
             out[i] = torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=g)
         return out  # (rows, T + 1)
 
+    def rows(self, step: int, rows: range, global_rows: int) -> torch.Tensor:
+        return self._draw(step, rows)
 
-class TextTokens:
-    # Windows of seq_len + 1 tokens at random offsets of one token stream (bytes by default).
-    def __init__(self, tokens: torch.Tensor, vocab_size: int, seq_len: int, seed: int, description: str):
-        if tokens.numel() < seq_len + 1:
+    def val_rows(self, batch: int, rows: range, global_rows: int) -> torch.Tensor:
+        return self._draw(
+            _VAL_STREAM - batch, range(batch * global_rows + rows.start, batch * global_rows + rows.stop)
+        )
+
+
+class Windows:
+    # Windows of seq_len + 1 tokens: for training at random offsets of `train`, held out consecutive and
+    # disjoint in `val`. train and val: 1-D integer arrays (numpy, or a numpy.memmap of a token file).
+    def __init__(self, train, val, vocab_size: int, seq_len: int, seed: int, description: str):
+        if len(train) < seq_len + 1:
             raise ValueError(
-                f"data has {tokens.numel()} tokens, fewer than trainer.seq_len + 1 = {seq_len + 1}: "
+                f"data has {len(train)} training tokens, fewer than trainer.seq_len + 1 = {seq_len + 1}: "
                 "point data.path at more text or lower trainer.seq_len"
             )
-        self.tokens, self.vocab_size, self.seq_len, self.seed = tokens, vocab_size, seq_len, seed
+        self.train, self.val, self.vocab_size, self.seq_len, self.seed = train, val, vocab_size, seq_len, seed
         self.description = description
+        self.val_windows = len(val) // (seq_len + 1)  # how many held-out windows there are
+
+    def _gather(self, tokens, starts: np.ndarray) -> torch.Tensor:
+        idx = starts[:, None] + np.arange(self.seq_len + 1)  # fancy indexing reads only these tokens
+        return torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))  # (rows, T + 1)
 
     def rows(self, step: int, rows: range, global_rows: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_seed(self.seed, step))
         # Offsets for the whole global batch, so each row's window is the same at any world size. A window
-        # holds seq_len + 1 tokens, so the last valid start is numel - seq_len - 1 (randint's high is exclusive).
-        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (global_rows,), generator=g)
-        idx = starts[rows.start : rows.stop, None] + torch.arange(self.seq_len + 1)
-        return self.tokens[idx].long()  # (rows, T + 1)
+        # holds seq_len + 1 tokens, so the last valid start is len - seq_len - 1 (randint's high is exclusive).
+        starts = torch.randint(0, len(self.train) - self.seq_len, (global_rows,), generator=g)
+        return self._gather(self.train, starts[rows.start : rows.stop].numpy())
+
+    def val_rows(self, batch: int, rows: range, global_rows: int) -> torch.Tensor:
+        first = batch * global_rows
+        starts = np.arange(first + rows.start, first + rows.stop) * (self.seq_len + 1)
+        return self._gather(self.val, starts)
 
 
+# ---------------------------------------------------------------- data=text
 def read_text(path: str, glob: str, max_bytes: int) -> tuple[bytes, int]:
     p = Path(path).expanduser()
     if not p.exists():
@@ -68,20 +98,21 @@ def read_text(path: str, glob: str, max_bytes: int) -> tuple[bytes, int]:
     return b"".join(chunks), len(chunks)  # the files read, not all that matched
 
 
-def build_data(data_cfg, seq_len: int, seed: int, vocab_size: int):
-    if data_cfg.name == "synthetic":
-        return SyntheticTokens(vocab_size, seq_len, seed)
-    if data_cfg.name != "text":
-        raise ValueError(f"unknown data {data_cfg.name!r}: valid options are synthetic, text")
+def _text(data_cfg, seq_len: int, seed: int) -> Windows:
     raw, n_files = read_text(data_cfg.path, data_cfg.glob, data_cfg.max_bytes)
     if data_cfg.tokenizer is None:
-        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        tokens, vocab = np.frombuffer(raw, dtype=np.uint8), 256
         what = f"{len(raw):,} bytes of {n_files} file(s) under {data_cfg.path}, byte-level tokens"
-        return TextTokens(tokens, 256, seq_len, seed, what)
-    tok = load_tokenizer(data_cfg.tokenizer)
-    ids = tok(raw.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
-    what = f"{len(ids):,} tokens of {n_files} file(s) under {data_cfg.path}, tokenizer {data_cfg.tokenizer}"
-    return TextTokens(torch.tensor(ids, dtype=torch.int32), len(tok), seq_len, seed, what)
+    else:
+        tok = load_tokenizer(data_cfg.tokenizer)
+        ids = tok(raw.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        tokens, vocab = np.asarray(ids, dtype=np.int64), len(tok)
+        what = (
+            f"{len(ids):,} tokens of {n_files} file(s) under {data_cfg.path}, tokenizer {data_cfg.tokenizer}"
+        )
+    n_val = int(len(tokens) * data_cfg.val_fraction)  # the stream's tail, which no training window reaches
+    what += f"; the last {n_val:,} held out" if n_val else ""
+    return Windows(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :], vocab, seq_len, seed, what)
 
 
 def load_tokenizer(path: str):
@@ -124,14 +155,71 @@ def check_text_source(data_cfg, seq_len: int) -> None:
     )
 
 
-def data_vocab_size(data_cfg, seq_len: int = 1) -> int | None:
-    # The vocabulary the data needs, checked against the model's before any work starts.
-    if data_cfg.name not in ("synthetic", "text"):
-        raise ValueError(f"unknown data {data_cfg.name!r}: valid options are synthetic, text")
+# ---------------------------------------------------------------- data=tokens
+def read_meta(path: str) -> dict:
+    # A prepared token directory's meta.json, and its token files checked against it (sizes, not contents).
+    if not path:
+        raise ValueError(
+            "data=tokens needs data.path: point it at a directory written by `python -m launcher.prepare`"
+        )
+    root = Path(path).expanduser()
+    fix = f"point data.path at a directory written by `python -m launcher.prepare`, or prepare {root} again"
+    if not root.is_dir():
+        raise ValueError(f"data.path {str(root)!r} is not a directory: {fix}")
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+        dtype, vocab = TOKEN_DTYPES[meta["dtype"]], int(meta["vocab_size"])
+        counts = {split: int(meta["splits"][split]["tokens"]) for split in ("train", "val")}
+    except FileNotFoundError:
+        raise ValueError(f"{root / 'meta.json'} is missing: {fix}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{root / 'meta.json'} cannot be read ({type(e).__name__}: {e}): {fix}") from None
+    for split, n in counts.items():
+        file = root / f"{split}.bin"
+        want = n * np.dtype(dtype).itemsize
+        have = file.stat().st_size if file.is_file() else None
+        if have != want:
+            found = "missing" if have is None else f"{have:,} bytes"
+            raise ValueError(
+                f"{file} is {found}, but meta.json records {n:,} {meta['dtype']} tokens ({want:,} bytes): {fix}"
+            )
+    return {**meta, "root": str(root), "np_dtype": dtype, "vocab_size": vocab}
+
+
+def _tokens(data_cfg, seq_len: int, seed: int) -> Windows:
+    meta = read_meta(data_cfg.path)
+    root, dtype = Path(meta["root"]), meta["np_dtype"]
+    splits = {s: np.memmap(root / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
+    n = {s: len(m) for s, m in splits.items()}
+    what = f"{n['train']:,} train / {n['val']:,} val tokens ({meta['dtype']}) in {root}, {meta['tokenizer']}"
+    return Windows(splits["train"], splits["val"], meta["vocab_size"], seq_len, seed, what)
+
+
+# ---------------------------------------------------------------- what the loop and the checks ask
+def build_data(data_cfg, seq_len: int, seed: int, vocab_size: int):
+    if data_cfg.name == "synthetic":
+        return SyntheticTokens(vocab_size, seq_len, seed)
+    if data_cfg.name == "text":
+        return _text(data_cfg, seq_len, seed)
+    if data_cfg.name == "tokens":
+        return _tokens(data_cfg, seq_len, seed)
+    raise ValueError(f"unknown data {data_cfg.name!r}: valid options are {', '.join(SOURCES)}")
+
+
+def data_facts(data_cfg, seq_len: int = 1) -> tuple[int | None, int | None]:
+    # -> (the vocabulary the data needs, the held-out windows of seq_len + 1 tokens it has), as far as known
+    # before any worker starts (None: unknown until the data is read, or unbounded).
+    if data_cfg.name not in SOURCES:
+        raise ValueError(f"unknown data {data_cfg.name!r}: valid options are {', '.join(SOURCES)}")
     if data_cfg.name == "text":
         check_text_source(data_cfg, seq_len)
-        return 256 if data_cfg.tokenizer is None else len(load_tokenizer(data_cfg.tokenizer))
-    return None
+        if data_cfg.tokenizer is not None:
+            return len(load_tokenizer(data_cfg.tokenizer)), None
+        return 256, None
+    if data_cfg.name == "tokens":
+        meta = read_meta(data_cfg.path)
+        return meta["vocab_size"], int(meta["splits"]["val"]["tokens"]) // (seq_len + 1)
+    return None, None
 
 
 def micro_batches(source, step: int, rank: int, world_size: int, micro_batch_size: int, accum: int):

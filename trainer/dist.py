@@ -2,6 +2,7 @@
 # needs (mean loss, rank 0's config). One process without torchrun is world size 1 and needs none of it.
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,23 +41,46 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_pref: str, need_group: bool = False) -> DistEnv:
-    # need_group: a strategy that needs a process group (DDP, FSDP) even on a world of one.
+def backend_for(device_type: str, cpu_offload: bool = False) -> str:
+    # A backend for each device the run's collectives touch: nccl for CUDA tensors; under FSDP's CPU offload
+    # the sharded gradients are CPU tensors, whose norm (and ShardedGradScaler's inf check) all-reduce there,
+    # so gloo too, as torchtitan does for offload.
+    if device_type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
+
+
+def init_run(cfg) -> DistEnv:
+    # The process group a run's config asks for.
+    return init_distributed(
+        cfg.trainer.device,
+        cfg.strategy.name != "single",
+        cpu_offload=cfg.strategy.get("cpu_offload", False),
+        timeout_s=cfg.launcher.get("timeout_s"),
+    )
+
+
+def init_distributed(
+    device_pref: str, need_group: bool = False, cpu_offload: bool = False, timeout_s: float | None = None
+) -> DistEnv:
+    # need_group: a strategy that needs a process group (DDP, FSDP) even on a world of one. timeout_s: how
+    # long a collective waits for a rank that never comes (None: torch's default, nccl 10 min, gloo 30 min).
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_pref, local_rank)
     if (world_size > 1 or need_group) and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        device_id = device if device.type == "cuda" else None
+        backend = backend_for(device.type, cpu_offload)
+        kwargs = {"device_id": device if device.type == "cuda" else None}
+        if timeout_s is not None:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
             store = _attempt_store(world_size)
-            kwargs = {} if store is None else {"store": store, "rank": rank, "world_size": world_size}
-            dist.init_process_group(backend, device_id=device_id, **kwargs)
+            if store is not None:
+                kwargs.update(store=store, rank=rank, world_size=world_size)
+            dist.init_process_group(backend, **kwargs)
         else:  # one process, not started by a launcher: an in-process store needs no port
-            dist.init_process_group(
-                backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id
-            )
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     return DistEnv(rank, local_rank, world_size, device)
 
 

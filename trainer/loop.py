@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from trainer.config import batch_layout
 from trainer.console import ProgressBar, format_summary
 from trainer.data import build_data, micro_batches
 from trainer.dist import DistEnv, mean_across_ranks
+from trainer.evaluate import check_held_out, eval_steps, evaluate
 from trainer.loggers import build_loggers
 from trainer.metrics import Metrics
 from trainer.optim import build_optimizer, build_scheduler
@@ -91,9 +93,13 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     loggers = build_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.rank, start)
     bar = ProgressBar(t.max_steps, enabled=env.is_rank0 and t.progress_bar, initial=start)
     memory_step = measured_step(cfg.metrics.memory_breakdown, start, t.max_steps)
+    e = cfg.eval
+    evals = eval_steps(e.every_n_steps, e.at_end, start, t.max_steps, data.val_windows != 0)
+    if evals:
+        check_held_out(data.val_windows, t.seq_len, e.batches, t.global_batch_size)
 
     def ckpt_meta() -> dict:  # what a checkpoint keeps besides model, optimizer, step and rng
-        return {"model_args": repr(args), **precision.state_tensors()}
+        return {**checkpoint.model_record(cfg), **precision.state_tensors()}
 
     try:
         metrics.start()
@@ -113,6 +119,10 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
             if not math.isfinite(loss):
                 check_nonfinite(loss, step, t.on_nonfinite, ckpt_root)
             metrics.update(step, loss=loss, grad_norm=float(grad_norm), lr=lr)
+            if step in evals:
+                began = time.perf_counter()
+                val = evaluate(model, data, precision, env, e.batches, t.global_batch_size, micro)
+                metrics.record_eval(step, val, time.perf_counter() - began)
             if (row := metrics.log(step, final=step == t.max_steps)) is not None:
                 loggers.log(row, step)
             bar.update(step, row)

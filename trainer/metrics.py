@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import strategies
 from models import flops_per_token, param_count
+from trainer.evaluate import perplexity
 from trainer.memory import memory_summary, plan_for_run
 from trainer.peaks import device_key, lookup_peak_tflops
 from trainer.precision import peak_class
@@ -123,6 +124,11 @@ class Metrics:
         is_cuda = self.device.type == "cuda"
         self.device_name = torch.cuda.get_device_name(self.device) if is_cuda else "cpu"
         self.peak_tflops, self.peak_source = self._resolve_peak(peak_tflops)
+        # fp8 / int8 on a known device: their MFU against the fp8 / int8 peak too, named apart.
+        is_known = self.device.type == "cuda" and peak_tflops is None
+        self.low_peak_tflops = (
+            lookup_peak_tflops(self.device_name, precision, low_precision=True) if is_known else None
+        )
 
         self._last_time: float | None = None
         self._warmup_done = 0
@@ -141,6 +147,9 @@ class Metrics:
         self._memory: dict | None = None  # metrics.memory_breakdown: the measured step and the prediction
         self._run: dict = {}  # what the run was (for_run): reported as it is in summary()
         self._precision = None
+        self._evals: list[tuple[int, float]] = []  # (step, validation loss)
+        self._eval_time_s = 0.0
+        self._eval_row: dict = {}  # the last evaluation, for the next logged row
 
     @classmethod
     def for_run(
@@ -220,6 +229,8 @@ class Metrics:
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # Measuring starts here: building the model (FSDP's full-size temporaries) is not a step's peak.
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._last_time = time.perf_counter()
 
     def update(
@@ -264,12 +275,15 @@ class Metrics:
                 "mfu": None,
             }
         tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
-        return {
+        out = {
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / self.world_size,
             "tflops_per_device": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
         }
+        if self.low_peak_tflops:  # fp8 / int8: beside the bf16-peak MFU, the one against their own peak
+            out["mfu_low_precision"] = tflops / self.low_peak_tflops
+        return out
 
     def _reduce_max_min(self, values: dict[str, float | None]) -> dict[str, float]:
         # None marks "not measured", which is the same on every rank, so dropping those keys keeps
@@ -293,9 +307,18 @@ class Metrics:
             if k != "rss_gb":  # current RSS is not a peak
                 self._run_memory[k] = max(v, self._run_memory.get(k, v))
 
+    def record_eval(self, step: int, loss: float, seconds: float) -> None:
+        # A validation after `step`: its time is kept out of the next step's, so out of training tokens/s.
+        self._evals.append((step, loss))
+        self._eval_time_s += seconds
+        self._eval_row = {"val_loss": loss, "val_ppl": perplexity(loss)}
+        if self._last_time is not None:
+            self._last_time += seconds
+
     def log(self, step: int, *, final: bool = False) -> dict | None:
+        # A row on log steps, at the end, and after every evaluation.
         iv = self._interval
-        if not (final or step % self.log_every == 0) or iv.steps == 0:
+        if not (final or step % self.log_every == 0 or self._eval_row) or iv.steps == 0:
             return None
         tokens_per_s = iv.post_warmup_tokens / iv.post_warmup_time_s if iv.post_warmup_steps else None
         mem = _memory(self.device)
@@ -314,6 +337,8 @@ class Metrics:
         if clash := extra.keys() & row.keys():
             raise ValueError(f"update() extras {sorted(clash)} clash with metric names; rename them")
         row.update(extra)
+        row.update(self._eval_row)
+        self._eval_row = {}
 
         self._track_run_memory(mem)
         if self.device.type == "cuda":
@@ -348,6 +373,8 @@ class Metrics:
             "mfu": through["mfu"],
             "mfu_peak_tflops": self.peak_tflops,
             "mfu_peak_source": self.peak_source,
+            "mfu_low_precision": through.get("mfu_low_precision"),
+            "mfu_low_precision_peak_tflops": self.low_peak_tflops,
             "step_time_s_median": local["step_time_s_median"],
             "memory_kind": "cuda" if self.device.type == "cuda" else "cpu_peak_rss",
             **reduced,
@@ -358,6 +385,10 @@ class Metrics:
             "precision": self.precision,
             "flops_per_token": self.flops_per_token,
         }
+        if self._evals:  # the last validation, and the best with its step
+            (step, loss), (best_step, best) = self._evals[-1], min(self._evals, key=lambda e: (e[1], e[0]))
+            out |= {"val_loss": loss, "val_ppl": perplexity(loss), "val_step": step, "best_val_loss": best}
+            out |= {"best_val_step": best_step, "evals": len(self._evals), "eval_time_s": self._eval_time_s}
         if not rates:  # a run no longer than its warm-up: it ran, and says why it has no throughput
             out["throughput_note"] = (
                 f"no step was measured: all {self._warmup_done} steps were warm-up (metrics.warmup_steps="

@@ -2,7 +2,7 @@
 # name is. Unknown device or class: None (no MFU rather than a wrong one).
 import re
 
-from trainer.precision import peak_class
+from trainer.precision import low_precision_class, peak_class
 
 # Dense peak TFLOP/s (TOP/s for int8) per device and numeric class. NVIDIA datasheets print the
 # 2:4-sparsity figure first and the dense one in a footnote (or the other way round); the sparse
@@ -53,14 +53,20 @@ _DEVICE_PATTERNS: tuple[tuple[str, str], ...] = (
 
 
 def device_key(device_name: str) -> str | None:
+    if re.search(r"\bMIG\b", device_name):
+        # A MIG slice ("NVIDIA H200 MIG 3g.71gb") has a fraction of the chip's multiprocessors: the chip's
+        # peak would understate its MFU. None: no MFU unless metrics.peak_tflops gives the slice's peak.
+        return None
     for pattern, key in _DEVICE_PATTERNS:
         if re.search(pattern, device_name, re.IGNORECASE):
             return key
     return None
 
 
-def lookup_peak_tflops(device_name: str, precision: str) -> float | None:
-    numeric = peak_class(precision)  # the precision table's; raises for an unknown name
+def lookup_peak_tflops(device_name: str, precision: str, low_precision: bool = False) -> float | None:
+    # low_precision: the peak of an fp8/int8 run's converted Linears (None for other precisions) instead of
+    # the bf16 peak its MFU is reported against.
+    numeric = low_precision_class(precision) if low_precision else peak_class(precision)  # raises if unknown
     key = device_key(device_name)
     # A device without that class (A100 has no fp8) is as unknown as an unknown device.
-    return None if key is None else PEAK_TFLOPS[key].get(numeric)
+    return None if key is None or numeric is None else PEAK_TFLOPS[key].get(numeric)

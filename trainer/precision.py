@@ -43,11 +43,17 @@ def precision_fields(name: str) -> dict:
 
 
 def peak_class(name: str) -> str:
-    # The numeric class whose peak bounds the run's matmuls (trainer/metrics.py's PEAK_TFLOPS columns).
+    # The numeric class whose dense peak MFU divides by (trainer/peaks.py's PEAK_TFLOPS columns). fp8 and
+    # int8 runs are measured against the bf16 peak, as torchtitan does: attention, norms and the output head
+    # run in bf16, and against the fp8 peak their MFU would read half of bf16's at the same speed.
     f = precision_fields(name)
-    if f.get("linear"):
-        return "fp8" if f["linear"].startswith("float8") else "int8"
     return "tf32" if f.get("tf32") else _CLASS[f["compute_dtype"]]
+
+
+def low_precision_class(name: str) -> str | None:
+    # fp8 / int8 runs: the class of their converted Linears, whose peak MFU is also reported against.
+    linear = precision_fields(name).get("linear")
+    return None if linear is None else ("fp8" if linear.startswith("float8") else "int8")
 
 
 # Leaf names of output heads (native models: output; Hugging Face: lm_head). torchao keeps the head in high

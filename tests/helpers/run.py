@@ -20,6 +20,7 @@ TINY = (
     "trainer.log_every=1",
     "trainer.progress_bar=false",
     "metrics.warmup_steps=1",
+    "eval.batches=2",
 )
 
 
@@ -31,10 +32,10 @@ def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:
 def train_in_process(cfg: DictConfig, run_dir: Path) -> dict:
     # World size 1 in this process, as `python train.py` runs it: config.yaml, then train(), then summary.
     from launcher.worker import run_worker
-    from trainer.dist import init_distributed
+    from trainer.dist import init_run
 
     cfg.run_dir = str(run_dir)
-    env = init_distributed(cfg.trainer.device, cfg.strategy.name != "single")
+    env = init_run(cfg)
     return run_worker(cfg, env)
 
 

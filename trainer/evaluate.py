@@ -1,0 +1,63 @@
+# Validation loss on held-out tokens: the same eval.batches batches of trainer.global_batch_size windows
+# every time (trainer/data.py's val_rows), each rank evaluating its slice of each batch. The loss is the sum
+# of every target token's cross-entropy and the count of those tokens, each all-reduced, then divided: the
+# same number at any world size (a mean of per-rank means would not be). Eval mode, no gradients, the run's
+# precision; micro-batches of the training micro-batch size, so memory stays what training needs.
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer.dist import DistEnv
+from trainer.precision import Precision
+
+
+def eval_steps(every: int, at_end: bool, start: int, max_steps: int, has_held_out: bool) -> set[int]:
+    # The steps after which a run evaluates: every eval.every_n_steps-th, and the last one with eval.at_end.
+    if not has_held_out:
+        return set()
+    steps = set(range(every, max_steps + 1, every)) if every else set()
+    steps |= {max_steps} if at_end else set()
+    return {s for s in steps if s > start}
+
+
+def check_held_out(val_windows: int | None, seq_len: int, batches: int, global_batch: int) -> None:
+    # Enough held-out windows for eval.batches batches (None: unbounded, synthetic data).
+    need = batches * global_batch
+    if val_windows is not None and val_windows < need:
+        raise ValueError(
+            f"eval.batches={batches} of trainer.global_batch_size={global_batch} sequences needs {need} held-out "
+            f"windows of {seq_len + 1} tokens, but the data holds {val_windows}: lower eval.batches, or "
+            "hold out more (data.val_fraction for data=text, --val-fraction of launcher.prepare for data=tokens)"
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model, data, precision: Precision, env: DistEnv, batches: int, global_batch: int, micro: int
+) -> float:
+    # -> the held-out loss, token-weighted over every batch and rank.
+    per_rank = global_batch // env.world_size
+    rows = range(env.rank * per_rank, (env.rank + 1) * per_rank)
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, token count
+    model.eval()
+    try:
+        for batch in range(batches):
+            for chunk in data.val_rows(batch, rows, global_batch).split(micro):
+                x, y = chunk[:, :-1].to(env.device), chunk[:, 1:].to(env.device)
+                with precision.context():
+                    logits = model(x)  # (micro, T, vocab)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                totals += torch.stack(
+                    [loss.double(), torch.tensor(y.numel(), dtype=torch.float64, device=env.device)]
+                )
+    finally:
+        model.train()
+    if env.distributed:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float beyond ~709
