@@ -44,6 +44,20 @@ bench: $(STAMP) ## framework overhead vs a raw PyTorch loop, ddp and fsdp on 2 p
 	$(VENV)/bin/torchrun --nproc_per_node=2 -m benchmarks.overhead --strategy ddp
 	$(VENV)/bin/torchrun --nproc_per_node=2 -m benchmarks.overhead --strategy fsdp
 
+gpu-check: $(STAMP) ## on one GPU: MFU, fp8, attention memory, planner vs CUDA allocator, nccl; appends benchmarks/RESULTS.md
+	$(PY) -m benchmarks.gpu_check $(ARGS)
+
+gpu-check-dry: $(STAMP) ## the same, every step with tiny shapes on the CPU (writes nothing)
+	$(PY) -m benchmarks.gpu_check --dry-run $(ARGS)
+
+# A GPU machine with its own Python 3.12 and torch but no network: the packages it lacks, as wheels for it
+# (antlr4-python3-runtime 4.9.3, omegaconf's parser, exists only as a pure-Python source archive).
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.0 torchao==0.18.0
+gpu-wheels: $(STAMP) ## what a bare GPU machine's Python 3.12 lacks, into .whl/ (git-ignored)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --no-binary=:all: -d .whl antlr4-python3-runtime==4.9.3
+
 lint: $(STAMP) ## ruff on the code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -56,4 +70,4 @@ format: $(STAMP) ## ruff format and autofix
 clean: ## remove run outputs (outputs/, multirun/)
 	rm -rf outputs multirun
 
-.PHONY: help install train test sweep bench lint format clean
+.PHONY: help install train test sweep bench gpu-check gpu-check-dry gpu-wheels lint format clean
