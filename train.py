@@ -10,12 +10,18 @@ from omegaconf import DictConfig
 
 from launcher.compose import check_output_dirs, setup_hydra
 from launcher.errors import one_line_errors
+from launcher.prefork import warm_workers, will_launch
 
 setup_hydra()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if will_launch(cfg, HydraConfig.get().mode == RunMode.MULTIRUN):
+        warm_workers()  # the workers' imports start now, beside this process's own
     from launcher.main import main as run  # torch and the trainer: only once there is a run
 
     return run(cfg)

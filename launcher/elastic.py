@@ -1,6 +1,7 @@
 # Style 2 (`python train.py launcher.nproc_per_node=N`) and each job of style 3 (`-m`): the parent has
-# composed and resolved the config once; it starts the workers with torch's elastic launch API (spawn, a
-# module-level entrypoint, c10d rendezvous). The parent never touches CUDA.
+# composed and resolved the config once; it starts the workers with torch's elastic launch API (a module-level
+# entrypoint, c10d rendezvous). The parent never touches CUDA.
+# Workers are forks of a forkserver that has imported what they need: launcher/prefork.py says why.
 import os
 import sys
 import uuid
@@ -10,6 +11,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from launcher.errors import describe_failure, failure_traceback
+from launcher.prefork import warm_workers
 from trainer.checks import check_device_capabilities, model_args
 from trainer.dist import broadcast_object, init_run
 
@@ -70,13 +72,13 @@ def launch_config(launcher_cfg, nproc: int) -> LaunchConfig:
         rdzv_configs={"timeout": 300},
         max_restarts=launcher_cfg.max_restarts,  # explicit: the API's default is 3, torchrun's CLI 0
         monitor_interval=launcher_cfg.monitor_interval,
-        start_method="spawn",
+        start_method="forkserver",
     )
 
 
 @record
 def worker_entry(cfg_container: dict, nproc: int) -> dict:
-    # Module-level so spawn can pickle it; @record writes the exception to the error file the agent reads.
+    # Module-level so it pickles by name; @record writes the exception to the error file the agent reads.
     # The trainer is imported here, in the workers: the parent that launches them never needs it.
     from launcher.worker import run_worker
 
@@ -126,6 +128,7 @@ def _differences(mine, rank0, prefix: str = "") -> list[str]:
 
 
 def launch(cfg, nproc: int) -> dict | None:
+    warm_workers()  # started already by train.py where it knew; else here
     container = OmegaConf.to_container(cfg, resolve=True)
     try:
         results = elastic_launch(launch_config(cfg.launcher, nproc), worker_entry)(container, nproc)

@@ -68,46 +68,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_style1_torchrun_ranks_share_one_run_dir(tmp_path):
-    # Every rank runs Hydra and resolves the run dir itself: all must land in the same one, and only rank 0
-    # writes .hydra/, config.yaml and the metrics. Plain torchrun on one node rendezvouses with c10d under a
-    # fresh id (the static rendezvous, whose run id is "none": two nodes, below).
-    code, out, err = finish(torchrun(tmp_path, "strategy=ddp"))
-    assert code == 0, err[-3000:]
-    outputs = tmp_path / "outputs"
-    assert [p.name for p in outputs.iterdir()] == ["torchrun"]
-    run_dirs = list((outputs / "torchrun").iterdir())
-    assert len(run_dirs) == 1, run_dirs
-    run_dir = run_dirs[0]
-    hydra_files = sorted(p.name for p in (run_dir / ".hydra").iterdir())
-    assert hydra_files == ["config.yaml", "hydra.yaml", "overrides.yaml"]
-    summary = assert_ok(run_dir, strategy="ddp")
-    config = (run_dir / "config.yaml").read_text()
-    assert f"run_dir: {run_dir}" in config and "strategy: ddp" in config
-    assert summary["run_dir"] == str(run_dir)
-
-
-def test_style2_two_runs_at_once_get_their_own_run_dirs(tmp_path):
-    # Both from the same directory at the same moment: each launcher composes its config, makes its run dir
-    # exclusively and rendezvouses on its own port (localhost:0). One asks for nproc_per_node=auto, which
-    # on a machine without GPUs means the CPU default of 2.
-    procs = [
-        train_py(tmp_path, "strategy=fsdp", "launcher.nproc_per_node=2"),
-        train_py(tmp_path, "strategy=ddp", "launcher.nproc_per_node=auto"),
-    ]
-    results = [finish(p) for p in procs]
-    for code, _, err in results:
-        assert code == 0, err[-3000:]
-    found = summaries(tmp_path / "outputs")
-    assert len(found) == 2 and found[0].parent != found[1].parent, found
-    by_strategy = {load(p)["strategy_applied"]["name"]: p.parent for p in found}
-    assert set(by_strategy) == {"fsdp", "ddp"}
-    for strategy, run_dir in by_strategy.items():
-        assert_ok(run_dir, strategy=strategy)
-    for (_, out, _), strategy in zip(results, ("fsdp", "ddp"), strict=True):
-        assert f"shardlab: run directory {by_strategy[strategy]}" in out
-
-
 def test_two_nodes_on_one_machine_form_one_world(tmp_path):
     # Two launchers, one per "node", sharing an endpoint and an id: one world of 2, one run dir
     # (outputs/multinode/<rdzv_id>), one summary, written by whichever node holds global rank 0.
@@ -170,15 +130,6 @@ def test_nodes_started_with_different_configs_fail_naming_the_difference(tmp_pat
     assert summary["status"] == "failed" and "model.n_layers" in summary["error"]
 
 
-def wait_for_step(metrics: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not (metrics.is_file() and metrics.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            finish(proc, timeout=5)
-            pytest.fail(f"no training step logged in {metrics} (exit code {proc.returncode})")
-        time.sleep(0.1)
-
-
 def test_style1_rank_that_raises_mid_run_is_named_with_its_cause(tmp_path):
     # A real torchrun job whose rank 1 raises at step 4 (tests/failing_train.py): rank 1 says so in one line,
     # torchrun's report names rank 1 with the exception (not only an exit code), and summary.json, which only
@@ -200,36 +151,58 @@ def test_style1_rank_that_raises_mid_run_is_named_with_its_cause(tmp_path):
     assert load(run_dir / "summary.json") == {"status": "failed", "error": cause, "run_dir": str(run_dir)}
 
 
-def test_style1_max_restarts_resumes_after_a_killed_worker(tmp_path):
-    # torchrun --max-restarts=1: the agent starts both ranks again in the same run dir; they take fresh keys
-    # in the agent's store (not the dead ranks' addresses), and resume from this run's newest checkpoint.
-    run_dir = tmp_path / "run"
+def test_style1_ranks_share_one_run_dir_and_max_restarts_resumes(tmp_path):
+    # torchrun --max-restarts=1, no hydra.run.dir: every rank runs Hydra and resolves the run dir itself (c10d
+    # under a fresh id; the static rendezvous, whose id is "none": two nodes, above). All land in one, only
+    # rank 0 writes .hydra/, config.yaml and the metrics. Rank 0 is killed mid-run: the agent starts both ranks
+    # again in the same dir, with fresh keys in its store, and they resume from its newest checkpoint.
     save = ("trainer.max_steps=12", "checkpoint=periodic", "checkpoint.every_n_steps=2")
-    proc = torchrun(tmp_path, "strategy=ddp", *save, f"hydra.run.dir={run_dir}", flags=("--max-restarts=1",))
+    proc = torchrun(tmp_path, "strategy=ddp", *save, flags=("--max-restarts=1",))
     deadline = time.monotonic() + 90
-    while not (run_dir / "checkpoints" / "step_00000002").is_dir():
+    while not list((tmp_path / "outputs").glob("torchrun/*/checkpoints/step_00000002")):
         assert proc.poll() is None and time.monotonic() < deadline, finish(proc, timeout=5)
         time.sleep(0.005)
     workers(proc.pid, "train.py")[0].kill()  # rank 0, SIGKILL, mid-run
     code, out, err = finish(proc)
     assert code == 0, err[-3000:]
+    outputs = tmp_path / "outputs"
+    assert [p.name for p in outputs.iterdir()] == ["torchrun"]
+    [run_dir] = list((outputs / "torchrun").iterdir())
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == [
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
+    config = (run_dir / "config.yaml").read_text()
+    assert f"run_dir: {run_dir}" in config and "strategy: ddp" in config
     summary = load(run_dir / "summary.json")
-    assert summary["status"] == "ok"
+    assert summary["status"] == "ok" and summary["world_size"] == 2 and summary["run_dir"] == str(run_dir)
     assert summary["resumed_from"] is not None  # the second attempt resumed, not started over
     rows = read_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 13))  # the killed attempt's extra rows were dropped
     assert summary["final_loss"] == rows[-1]["loss"]
 
 
-def test_style2_killed_worker_fails_the_job_naming_its_rank(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = train_py(tmp_path, "strategy=fsdp", "launcher.nproc_per_node=2", *LONG, f"hydra.run.dir={run_dir}")
-    wait_for_step(run_dir / "metrics.jsonl", proc)
-    spawned = workers(proc.pid)
-    assert len(spawned) == 2
-    spawned[1].kill()  # local rank 1 = rank 1 on one node; SIGKILL, mid-run
-    code, out, err = finish(proc, timeout=60)
+def test_style2_two_runs_at_once_and_a_killed_worker(tmp_path):
+    # Two launchers from the same directory at the same moment: each composes its config, makes its run dir
+    # exclusively and rendezvouses on its own port (localhost:0). One asks for nproc_per_node=auto, which on a
+    # machine without GPUs means the CPU default of 2, and finishes; the other's rank 1 is SIGKILLed mid-run,
+    # which fails that job, naming the rank, and only that one.
+    long = train_py(tmp_path, "strategy=fsdp", "launcher.nproc_per_node=2", *LONG)
+    short = train_py(tmp_path, "strategy=ddp", "launcher.nproc_per_node=auto")
+    deadline = time.monotonic() + 90
+    while len(list((tmp_path / "outputs").glob("*/*/metrics.jsonl"))) < 2 or len(workers(long.pid)) < 2:
+        assert long.poll() is None and time.monotonic() < deadline, finish(long, timeout=5)
+        time.sleep(0.05)
+    workers(long.pid)[1].kill()  # local rank 1 = rank 1 on one node; SIGKILL, mid-run
+    (code, out, err), (short_code, short_out, short_err) = finish(long, timeout=60), finish(short)
     assert code == 1
     assert "shardlab: error: rank 1 failed (exit code -9): killed by SIGKILL" in err, err[-3000:]
-    summary = load(run_dir / "summary.json")
-    assert summary["status"] == "failed" and summary["error"].startswith("rank 1 failed"), summary
+    assert short_code == 0, short_err[-3000:]
+    found = summaries(tmp_path / "outputs")
+    assert len(found) == 2 and found[0].parent != found[1].parent, found
+    by_status = {load(p)["status"]: p.parent for p in found}
+    assert_ok(by_status["ok"], strategy="ddp")
+    assert f"shardlab: run directory {by_status['ok']}" in short_out
+    assert f"shardlab: run directory {by_status['failed']}" in out
+    assert load(by_status["failed"] / "summary.json")["error"].startswith("rank 1 failed")

@@ -5,9 +5,10 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.helpers import dist as dist_helpers
 from trainer.console import ProgressBar, format_summary
+from trainer.dist import close_distributed, init_distributed
 from trainer.metrics import Metrics, measure_state_bytes
 from trainer.peaks import lookup_peak_tflops
 
@@ -153,8 +154,11 @@ def test_console_format_and_progress_bar():
     assert "(user)" in format_summary(with_peak.summary())
 
 
-def _distributed_worker(rank: int, store: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+def _distributed_worker(out_dir: str) -> None:
+    # In each rank of a 2-process gloo group (tests/helpers/dist.launch).
+    torch.set_num_threads(1)
+    env = init_distributed("cpu", need_group=True)
+    rank = env.rank
     try:
         m = make_metrics(warmup_steps=1, log_every=2, world_size=2, rank=rank)
         dist.barrier()
@@ -172,14 +176,13 @@ def _distributed_worker(rank: int, store: str, out_dir: str) -> None:
         state = measure_state_bytes(model, opt)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump({"rows": rows, "summary": summary, "state": state}, f)
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        close_distributed(env)
 
 
 @pytest.mark.slow
 def test_two_rank_gloo_max_min(tmp_path):
-    mp.spawn(_distributed_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    dist_helpers.launch(_distributed_worker, str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     rows0, rows1 = results[0]["rows"], results[1]["rows"]
     assert [r["step"] for r in rows0] == [2, 4, 5] == [r["step"] for r in rows1]

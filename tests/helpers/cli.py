@@ -58,13 +58,16 @@ def run_cli(tmp_path: Path, *overrides: str, tiny: bool = True, run_dir: str | N
     return finish(start_cli(tmp_path, *overrides, tiny=tiny, run_dir=run_dir), timeout)
 
 
-def workers(pid: int, marker: str = "spawn_main") -> list[psutil.Process]:
+def workers(pid: int, marker: str = "forkserver") -> list[psutil.Process]:
     # The worker processes a launcher (pid) started, oldest first: an agent starts local ranks 0, 1, ... in
-    # order. marker: what their command line holds (spawn_main: the elastic agent's; train.py: torchrun's).
+    # order. marker: what their command line holds. The elastic launches of train.py fork their workers from a
+    # forkserver (launcher/prefork.py): its children, not the server itself; torchrun's hold "train.py".
     found = []
     for p in psutil.Process(pid).children(recursive=True):
         try:
-            if marker in " ".join(p.cmdline()):
+            if marker in " ".join(p.cmdline()) and not (
+                marker == "forkserver" and marker not in " ".join(p.parent().cmdline())
+            ):
                 found.append(p)
         except psutil.Error:  # exited meanwhile
             continue

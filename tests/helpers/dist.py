@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.distributed.tensor import DTensor
 
+from launcher.prefork import warm_workers
 from trainer.dist import close_distributed, init_distributed
 
 
@@ -26,8 +27,9 @@ def launch(fn, *args, nproc: int = 2) -> dict:
         rdzv_backend="c10d",
         max_restarts=0,
         monitor_interval=0.1,
-        start_method="spawn",
+        start_method="forkserver",
     )
+    warm_workers(("tests.helpers.dist", "launcher.worker"))  # one server for every launch of the session
     return elastic_launch(config, fn)(*args)
 
 

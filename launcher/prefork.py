@@ -1,0 +1,25 @@
+# Workers start from a forkserver rather than spawn: a fresh interpreter that imports torch and the trainer
+# once, started as early as the parent knows it will launch workers (train.py, right after Hydra composed the
+# config), so that those imports run beside the parent's own instead of after them; each worker is then a
+# fork of the server and imports nothing. Spawned workers would each import all of it once the parent had
+# finished: seconds before the first step, in every job of a sweep. The server only imports (no CUDA, no
+# threads), so forking it is safe. Standard library only: train.py calls this before torch is imported.
+import multiprocessing
+import multiprocessing.forkserver
+import os
+
+WORKER_MODULES = ("__main__", "launcher.worker")  # the entry script (re-imported by every worker) and the trainer
+
+
+def warm_workers(modules: tuple[str, ...] = WORKER_MODULES) -> None:
+    # Idempotent: one server per process, for every launch it makes; the first call's modules are preloaded.
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(modules))
+    multiprocessing.forkserver.ensure_running()
+
+
+def will_launch(cfg, multirun: bool) -> bool:
+    # Whether this process will start workers (styles 2 and 3), as far as the config says before torch loads:
+    # nproc_per_node=auto counts as more than one. Not under a torchrun that started this process (style 1).
+    if "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ:
+        return False
+    return multirun or str(cfg.launcher.nproc_per_node) != "1" or cfg.launcher.nnodes > 1
