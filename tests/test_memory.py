@@ -73,7 +73,9 @@ EXTRA = {
 def measure_one(cfg, env: DistEnv) -> dict:
     # One config on this rank: two warm-up steps, one measured step at the configured shape, and the
     # planner's prediction for the same config. strategy=single runs alone on each rank (world size 1).
-    world = 1 if cfg.strategy.name == "single" else env.world_size
+    if cfg.strategy.name == "single":  # its own world of one: no collective with the other rank's job
+        env = DistEnv(rank=0, local_rank=0, world_size=1, device=env.device)
+    world = env.world_size
     args = model_args(cfg)
     torch.manual_seed(cfg.trainer.seed)
     model, _, precision = build_parallel_model(

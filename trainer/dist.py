@@ -120,7 +120,7 @@ def broadcast_object(obj, env: DistEnv):
 
 
 def mean_across_ranks(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
+    if env.distributed and env.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.AVG if t.device.type == "cuda" else dist.ReduceOp.SUM)
         if t.device.type != "cuda":  # gloo has no AVG
             t /= env.world_size

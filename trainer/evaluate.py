@@ -54,7 +54,7 @@ def evaluate(
                 )
     finally:
         model.train()
-    if env.distributed:
+    if env.distributed and env.world_size > 1:
         dist.all_reduce(totals)
     return float(totals[0] / totals[1])
 
