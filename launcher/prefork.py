@@ -8,7 +8,8 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 
-WORKER_MODULES = ("__main__", "launcher.worker")  # the entry script (re-imported by every worker) and the trainer
+# The entry script (which every worker would import again) and the trainer.
+WORKER_MODULES = ("__main__", "launcher.worker")
 
 
 def warm_workers(modules: tuple[str, ...] = WORKER_MODULES) -> None:

@@ -10,10 +10,11 @@ FULL_LABELS = 12  # more jobs than this: full labels for the top 3 and the front
 
 
 def status_text(r: dict) -> str:
-    # A report row's status as the table and the chart's "not plotted" box say it.
-    if r["status"] == "failed":
-        return "failed: " + r["reason"]
-    return "ok (reused)" if r["status"] == "reused" else "ok"
+    # A report row's status as the table and the chart's "not plotted" box say it (a tune's rows are also
+    # pruned or pending, with their reason).
+    if r["status"] in ("ok", "reused"):
+        return "ok (reused)" if r["status"] == "reused" else "ok"
+    return f"{r['status']}: {r['reason']}" if r.get("reason") else r["status"]
 
 
 def _frontier(rows: list[dict]) -> list[dict]:

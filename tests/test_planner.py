@@ -205,3 +205,20 @@ def test_plan_cli_runs_as_a_module_and_reports_bad_overrides():
     )
     assert bad.returncode == 2
     assert "shardlab: error:" in bad.stderr and "precision=fp4 is not an option of precision" in bad.stderr
+
+
+def test_8bit_states_follow_the_local_shard_as_torchao_does():
+    # torchao 0.18 quantises a moment only where this rank's shard has >= 4096 elements and a multiple of 256;
+    # any other tensor keeps moments in the weights' dtype. Measured: tests/test_precision.py.
+    from trainer.optim import state_bytes
+
+    assert state_bytes("adamw8bit", 4, 8192) == pytest.approx(2 * (8192 * (1 + 4 / 256) + 1024))
+    assert state_bytes("adamw8bit", 4, 8192 + 128) == 8 * (8192 + 128)  # not a multiple of 256
+    assert state_bytes("adamw8bit", 2, 2048) == 4 * 2048  # small, bf16 weights: bf16 moments
+    # A (64, 64) matrix is quantised whole, but not in 32-row halves under FSDP on 2 ranks.
+    args = build_model_args("debug", {"dim": 64, "n_layers": 1, "multiple_of": 64})
+    one, two = (
+        model_state(args, PlanSpec(optim="adamw8bit", strategy="fsdp", world_size=n))["optimizer"]
+        for n in (1, 2)
+    )
+    assert two > one / 2

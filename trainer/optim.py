@@ -10,7 +10,7 @@ from trainer.config import one_of
 # optim= option -> what its state is (the memory planner prints it; state_bytes counts it).
 OPTIMIZERS = {
     "adamw": "AdamW: exp_avg + exp_avg_sq in the weights' dtype",
-    "adamw8bit": "torchao AdamW8bit: 2 x uint8 + an fp32 scale per 256 (tensors < 4096 elements: fp32)",
+    "adamw8bit": "torchao AdamW8bit: 2 x uint8 + an fp32 scale per 256 (local shards < 4096 elements or not a multiple of 256: the weights' dtype)",
 }
 # optim.implementation -> torch.optim.AdamW flags; "auto" picks fused on CUDA, foreach elsewhere.
 IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
@@ -20,16 +20,18 @@ def implementation(impl: str, device_type: str) -> str:
     return ("fused" if device_type == "cuda" else "foreach") if impl == "auto" else impl
 
 
-def state_bytes(optim: str, weight_bytes: int, numel: int, local: int) -> float:
-    # State bytes a rank holds for one parameter tensor of `numel` elements, `local` of them on this rank.
+def state_bytes(optim: str, weight_bytes: int, local: int) -> float:
+    # State bytes a rank holds for one parameter tensor, `local` of whose elements are on this rank.
     # AdamW's moments are zeros_like(param), so the weights' dtype (its scalar step is ignored). torchao's
-    # AdamW8bit quantises both moments to 8 bits in blocks of 256 with an fp32 scale each (the "2 bytes
-    # instead of 8" of 8-bit optimizers) plus a 256-entry fp32 code book per moment; tensors under 4096
-    # elements keep fp32 moments.
+    # AdamW8bit (0.18, optim/adam.py _new_buffer) quantises both moments to 8 bits in blocks of 256 with an
+    # fp32 scale each (the "2 bytes instead of 8" of 8-bit optimizers) plus a 256-entry fp32 code book per
+    # moment, but only where this rank's own (local) shard has at least 4096 elements and a multiple of 256;
+    # any other tensor keeps zeros_like moments, in the weights' dtype.
     if optim == "adamw":
         return 2.0 * weight_bytes * local
     if optim == "adamw8bit":
-        return 2 * ((1 + 4 / 256) * local + 4 * 256) if numel >= 4096 else 8.0 * local
+        quantised = local >= 4096 and local % 256 == 0
+        return 2 * ((1 + 4 / 256) * local + 4 * 256) if quantised else 2.0 * weight_bytes * local
     raise ValueError(f"unknown optim {optim!r}: valid options are {', '.join(OPTIMIZERS)}")
 
 

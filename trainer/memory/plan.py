@@ -70,7 +70,7 @@ def model_state(args, spec: PlanSpec) -> dict[str, float]:
     p = precision_bytes(spec.precision)
     shapes = all_shapes(args)
     local = sum(elements(s, spec.shard) for s in shapes)
-    opt = sum(state_bytes(spec.optim, p.weights, elements(s), elements(s, spec.shard)) for s in shapes)
+    opt = sum(state_bytes(spec.optim, p.weights, elements(s, spec.shard)) for s in shapes)
     return {
         "params": p.weights * local,
         "grads": p.grads * local,

@@ -1,0 +1,391 @@
+# The fastest configuration that fits, found and then trained:
+#   python -m launcher.tune model=llama_160m launcher.nproc_per_node=8 plan.device_memory_gb=80 [tune.strategies=[ddp,fsdp]]
+# Stage 1, no trial spent: every candidate (strategy x precision x attention x activation checkpointing x
+# compile) is checked by the same pre-launch checks as a run (a candidate the device cannot run is pruned
+# with the check's message) and planned by the memory planner at each micro-batch (a candidate whose every
+# micro-batch's predicted peak exceeds the memory, less tune.headroom, is pruned with that peak).
+# Stage 2, short real trials through the launcher sweeps use (launcher.elastic.launch: each trial its own
+# worker processes, so a trial that runs out of memory or crashes is a row, never the end of the tune):
+# per candidate the micro-batch grows (doubling) until a trial fails or gains under tune.min_gain; then
+# successive halving: the better half goes on to a trial of twice the steps, for tune.rounds rounds.
+# The result, in the tune directory: report.md / report.csv / report.png (every candidate with its status),
+# winner.yaml (`python train.py --config-dir <dir> --config-name winner`) and the winner's command line;
+# tune.then_train=true trains it at once. A rerun of the same tune reuses the trials it finished.
+#
+# Why not Hydra's Optuna sweeper: the space is small and discrete and mostly decided before any trial (the
+# planner prunes whole regions, and a candidate's micro-batches are bounded by it), a trial's figure exists
+# only when its processes end (an Optuna pruner judges values a trial reports while it runs, in-process),
+# and the budget is spent in steps per round, which successive halving over a fixed list does directly.
+import hashlib
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from launcher.compose import compose_config
+from launcher.elastic import WorkerFailed, launch, resolve_nproc
+from launcher.errors import describe_error, fail, short_reason
+from launcher.plan import device_bytes, device_of, setup_of
+from launcher.tune_report import write_report
+from trainer import gpus
+from trainer.checks import validate
+from trainer.config import batch_layout
+from trainer.dist import device_type
+from trainer.memory import GB
+from trainer.memory.suggest import suggestions
+
+REPO = Path(__file__).resolve().parent.parent
+# axis -> (the config key a value sets, the group whose options are the valid values, or None)
+AXES = {
+    "strategies": ("strategy", "strategy"),
+    "precisions": ("precision", "precision"),
+    "attentions": ("attention", "attention"),
+    "activation_checkpointing": ("strategy.activation_checkpointing", None),
+    "compile": ("strategy.compile", None),
+}
+
+
+@dataclass
+class Candidate:
+    overrides: tuple[str, ...]  # the axes' values, as command-line overrides
+    status: str = "pending"  # pruned | failed | measured | pending (not reached within the budget)
+    reason: str = ""
+    micro_batches: list[int] = field(default_factory=list)  # those the planner lets fit, ascending
+    predicted_gb: dict[int, float] = field(default_factory=dict)  # micro-batch -> predicted peak per rank
+    trials: list[dict] = field(default_factory=list)  # {"micro", "steps", "summary"}
+
+    @property
+    def best(self) -> dict | None:
+        ok = [
+            t
+            for t in self.trials
+            if t["summary"].get("status") == "ok" and t["summary"].get("tokens_per_s_median")
+        ]
+        return max(ok, key=lambda t: (t["steps"], t["summary"]["tokens_per_s_median"])) if ok else None
+
+
+def default_axes(device: str, world: int, nnodes: int) -> dict:
+    strategies = (
+        ["single"] if world == 1 else ["ddp", "fsdp", "fsdp_grad_op"] + (["hsdp"] if nnodes > 1 else [])
+    )
+    return {
+        "strategies": strategies,
+        "precisions": ["bf16-mixed", "fp8"] if device == "cuda" else ["fp32", "bf16-mixed"],
+        "attentions": ["sdpa", "flash"],
+        "activation_checkpointing": ["none", "selective", "full"],
+        "compile": [False],
+    }
+
+
+def axes_of(cfg, device: str, world: int) -> dict:
+    # The space as the user restricted it: an empty axis or an unknown value is refused, naming the axis.
+    axes = default_axes(device, world, cfg.launcher.nnodes)
+    for axis, (key, group) in AXES.items():
+        given = cfg.tune.get(axis)
+        if given is None:
+            continue
+        values = list(given)
+        if not values:
+            raise ValueError(
+                f"tune.{axis} is empty, which leaves no candidate: give it at least one value, or leave it unset"
+            )
+        valid = (
+            options(group)
+            if group
+            else (["none", "selective", "full"] if axis == "activation_checkpointing" else [True, False])
+        )
+        unknown = [v for v in values if v not in valid]
+        if unknown:
+            raise ValueError(
+                f"tune.{axis} holds {unknown[0]!r}, which is not an option of {key}: choose from {', '.join(map(str, valid))}"
+            )
+        axes[axis] = values
+    return axes
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+def micro_options(cfg, world: int) -> list[int]:
+    per_rank = cfg.trainer.global_batch_size // world
+    given = cfg.tune.micro_batch_sizes
+    found = sorted(given) if given is not None else [m for m in (2**i for i in range(12)) if m <= per_rank]
+    bad = [m for m in found if m < 1 or per_rank % m]
+    if bad or not found:
+        raise ValueError(
+            f"tune.micro_batch_sizes must divide the per-rank batch (trainer.global_batch_size {cfg.trainer.global_batch_size} "
+            f"/ world size {world} = {per_rank}), got {bad or found}"
+        )
+    return found
+
+
+def plan_candidates(base: list[str], cfg, world: int, device: str, limit: float | None) -> list[Candidate]:
+    # Stage 1: the checks, then the planner, for every candidate. No trial.
+    axes = axes_of(cfg, device, world)
+    dev = device_type(cfg.trainer.device)
+    capability = gpus.capability()
+    micros = micro_options(cfg, world)
+    out = []
+    for values in itertools.product(*(axes[a] for a in AXES)):
+        over = tuple(
+            f"{key}={str(v).lower() if isinstance(v, bool) else v}"
+            for (key, _), v in zip(AXES.values(), values, strict=True)
+        )
+        cand = Candidate(over)
+        out.append(cand)
+        try:
+            c = compose_config([*base, *over])
+            validate(c, world, dev, capability)
+        except (ValueError, HydraException, OmegaConfBaseException) as e:
+            cand.status, cand.reason = "pruned", describe_error(e)
+            continue
+        for m in micros:
+            try:
+                peak = setup_of(compose_config([*base, *over, f"trainer.micro_batch_size={m}"])).plan().peak
+            except ValueError:  # a model the planner does not cover (model=hf): the trials decide
+                peak = None
+            if peak is not None:
+                cand.predicted_gb[m] = peak / GB
+            if peak is None or limit is None or peak <= limit:
+                cand.micro_batches.append(m)
+        if not cand.micro_batches:
+            least = min(cand.predicted_gb.values())
+            cand.status = "pruned"
+            cand.reason = f"predicted peak {least:.2f} GB per rank at micro-batch {micros[0]} > {limit / GB:.2f} GB (memory less headroom)"
+    prune_dominated(out)
+    return out
+
+
+AC_ORDER = ("none", "selective", "full")  # each recomputes more than the one before, to save memory
+
+
+def prune_dominated(cands: list[Candidate]) -> None:
+    # Activation checkpointing only trades speed for memory: a candidate whose lighter-checkpointing twin fits
+    # the same largest micro-batch would only be slower. No trial is spent on it.
+    key = AXES["activation_checkpointing"][0]
+    by_rest = {}
+    for c in cands:
+        ac = dict(o.split("=", 1) for o in c.overrides)[key]
+        by_rest.setdefault(tuple(o for o in c.overrides if not o.startswith(f"{key}=")), {})[ac] = c
+    for twins in by_rest.values():
+        for ac, c in twins.items():
+            lighter = [twins[a] for a in AC_ORDER[: AC_ORDER.index(ac)] if a in twins]
+            fits = [
+                t
+                for t in lighter
+                if t.status == "pending" and max(t.micro_batches) >= max(c.micro_batches, default=0)
+            ]
+            if c.status == "pending" and fits:
+                ac_of = dict(o.split("=", 1) for o in fits[0].overrides)[key]
+                c.status = "pruned"
+                c.reason = (
+                    f"dominated: fits as well with activation checkpointing {ac_of}, which recomputes less"
+                )
+
+
+class Trials:
+    # Short real runs, one directory each under <tune dir>/trials, reused when a rerun asks for the same one.
+    def __init__(self, root: Path, base: list[str], cfg, nproc: int, deadline: float | None):
+        self.root, self.base, self.nproc, self.deadline = root, base, nproc, deadline
+        self.warmup = cfg.tune.warmup_steps
+        self.ran = self.reused = 0
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def run(self, cand: Candidate, micro: int, steps: int) -> dict:
+        over = [*self.base, *cand.overrides, f"trainer.micro_batch_size={micro}", f"trainer.max_steps={self.warmup + steps}",
+                f"metrics.warmup_steps={self.warmup}", "eval.at_end=false", "checkpoint=none", "trainer.progress_bar=false"]  # fmt: skip
+        key = hashlib.sha256(json.dumps(over).encode()).hexdigest()[:12]
+        run_dir = self.root / "trials" / key
+        done = run_dir / "summary.json"
+        if done.is_file() and json.loads(done.read_text()).get("status") == "ok":
+            summary = json.loads(done.read_text())
+            self.reused += 1
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            summary = self._launch(over, run_dir)
+            self.ran += 1
+        trial = {
+            "micro": micro,
+            "steps": steps,
+            "summary": summary,
+            "run_dir": str(run_dir),
+            "overrides": over,
+        }
+        cand.trials.append(trial)
+        return summary
+
+    def _launch(self, over: list[str], run_dir: Path) -> dict:
+        cfg = compose_config(over)
+        cfg.run_dir = str(run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "overrides.json").write_text(json.dumps(over))
+        try:
+            summary = launch(cfg, self.nproc) or {}
+        except WorkerFailed as e:  # out of memory, a crash: the trial's row
+            summary = {"status": "failed", "error": str(e)}
+        if summary.get("status") != "ok":
+            summary = {"status": "failed", "error": short_reason(summary.get("error", "no summary"), None)}
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+
+def tokens_per_s(trial: dict | None) -> float:
+    return (trial or {}).get("summary", {}).get("tokens_per_s_median") or 0.0
+
+
+def grow(cand: Candidate, trials: Trials, steps: int, min_gain: float) -> None:
+    # The micro-batch doubles (from two below the largest the planner lets fit) while it gains min_gain.
+    start = max(0, len(cand.micro_batches) - 3)
+    previous = None
+    for micro in cand.micro_batches[start:]:
+        if trials.out_of_time():
+            return
+        summary = trials.run(cand, micro, steps)
+        if summary.get("status") != "ok":
+            break  # out of memory (or another failure): larger micro-batches would not do better
+        rate = summary["tokens_per_s_median"] or 0.0
+        if previous is not None and rate < previous * (1 + min_gain):
+            break
+        previous = rate
+
+
+def search(cands: list[Candidate], trials: Trials, cfg) -> list[Candidate]:
+    # Stage 2. -> the candidates still in the running after the last round, best first.
+    alive = [c for c in cands if c.status == "pending"]
+    steps = cfg.tune.trial_steps
+    for c in alive:
+        grow(c, trials, steps, cfg.tune.min_gain)
+        c.status = "measured" if c.best else ("failed" if c.trials else "pending")
+        if c.status == "failed":
+            c.reason = c.trials[-1]["summary"].get("error", "")
+    alive = sorted((c for c in alive if c.status == "measured"), key=lambda c: -tokens_per_s(c.best))
+    for _ in range(1, cfg.tune.rounds):
+        if len(alive) <= 1 or trials.out_of_time():
+            break
+        alive, steps = alive[: max(2, (len(alive) + 1) // 2)], steps * 2
+        for c in alive:
+            if not trials.out_of_time():
+                trials.run(c, c.best["micro"], steps)
+        alive = sorted(
+            alive,
+            key=lambda c: (
+                -max(t["steps"] for t in c.trials if t["summary"].get("status") == "ok"),
+                -tokens_per_s(c.best),
+            ),
+        )
+    return alive
+
+
+def winner_files(root: Path, base: list[str], winner: Candidate) -> tuple[str, Path]:
+    # -> the winner's command line, and tuned/winner.yaml: an experiment preset of the winner's choices (the
+    # lightning-hydra-template form: `override /group: option`, then values), for
+    # `python train.py --config-dir <tune dir> +tuned=winner`.
+    over = [
+        o for o in (*base, *winner.overrides, f"trainer.micro_batch_size={winner.best['micro']}") if "=" in o
+    ]
+    command = "python train.py " + " ".join(over)
+    pairs = [o.lstrip("+").split("=", 1) for o in over]
+    groups = {k: v for k, v in pairs if k in options_groups()}
+    values = [f"{k}={v}" for k, v in pairs if k not in groups]
+    doc = OmegaConf.create({"defaults": [*({f"override /{g}": v} for g, v in groups.items()), "_self_"]})
+    path = root / "tuned" / "winner.yaml"
+    path.parent.mkdir(exist_ok=True)
+    yaml = OmegaConf.to_yaml(OmegaConf.merge(doc, OmegaConf.from_dotlist(values)))
+    path.write_text(
+        f"# @package _global_\n# {command}\n# python train.py --config-dir {root} +tuned=winner\n{yaml}"
+    )
+    return command, path
+
+
+def options_groups() -> set[str]:
+    return {p.name for p in (REPO / "conf").iterdir() if p.is_dir()}
+
+
+def tune_dir(cfg, base: list[str], world: int, device: str) -> Path:
+    if cfg.tune.dir:
+        return Path(cfg.tune.dir)
+    keep = sorted(
+        o for o in base if not o.startswith(("tune.then_train", "tune.budget_minutes", "trainer.max_steps"))
+    )
+    return REPO / "tune" / hashlib.sha256(json.dumps([keep, world, device]).encode()).hexdigest()[:10]
+
+
+def main(argv: list[str] | None = None) -> int:
+    base = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = compose_config(base)
+        setup_of(cfg)  # the config itself: schema, strategy, model, shapes
+        nproc = resolve_nproc(str(cfg.launcher.nproc_per_node), cfg.trainer.device)
+        world = nproc * cfg.launcher.nnodes
+        batch_layout(cfg.trainer, world)
+        device, limit = device_of(cfg), device_bytes(cfg)
+        limit = None if limit is None else limit * (1 - cfg.tune.headroom)
+        cands = plan_candidates(base, cfg, world, device, limit)
+        if all(c.status == "pruned" for c in cands):
+            raise ValueError(no_fit(cands, base, limit))
+    except (ValueError, HydraException, OmegaConfBaseException) as e:
+        fail(describe_error(e))
+    root = tune_dir(cfg, base, world, device)
+    root.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    deadline = began + 60 * cfg.tune.budget_minutes if cfg.tune.budget_minutes else None
+    trials = Trials(root, [o for o in base if not o.startswith("tune.")], cfg, nproc, deadline)
+    print(
+        f"shardlab: tune {root}: {sum(c.status == 'pending' for c in cands)} of {len(cands)} candidates to try",
+        flush=True,
+    )
+    alive = search(cands, trials, cfg)
+    winner = alive[0] if alive else None
+    command, config_file = winner_files(root, trials.base, winner) if winner else ("", None)
+    text = write_report(root, cands, alive, command, config_file, time.monotonic() - began, trials, cfg)
+    print(text.split("\n## ")[0], flush=True)
+    if winner is None:
+        print("shardlab: error: no candidate finished a trial: see the report's reasons", file=sys.stderr)
+        return 1
+    if cfg.tune.then_train:
+        # The winner's preset and the user's trainer.max_steps, in <tune dir>/train.
+        args = [
+            sys.executable,
+            str(REPO / "train.py"),
+            "--config-dir",
+            str(root),
+            "+tuned=winner",
+            f"hydra.run.dir={root / 'train'}",
+        ]
+        print(f"shardlab: training the winner: {' '.join(args[1:])}", flush=True)
+        return subprocess.run([*args, *(o for o in base if o.startswith("trainer.max_steps"))]).returncode
+    return 0
+
+
+def no_fit(cands: list[Candidate], base: list[str], limit: float | None) -> str:
+    # Every candidate pruned: the memory's, or each for its own reason. For memory, the planner's cheapest
+    # change that makes the leanest candidate fit.
+    by_memory = [c for c in cands if c.predicted_gb]
+    if not by_memory or limit is None:
+        return f"no candidate can run here: {cands[0].reason} (and {len(cands) - 1} more)"
+    lean = min(by_memory, key=lambda c: min(c.predicted_gb.values()))
+    setup = setup_of(
+        compose_config([*base, *lean.overrides, f"trainer.micro_batch_size={min(lean.predicted_gb)}"])
+    )
+    found = suggestions(setup, limit)
+    fix = (
+        f"; the planner's cheapest change that fits: {found[0][0]} ({' '.join(found[0][1].overrides)})"
+        if found
+        else ""
+    )
+    return f"no candidate fits {limit / GB:.2f} GB per device (memory less tune.headroom): the leanest, {' '.join(lean.overrides)}, needs {min(lean.predicted_gb.values()):.2f} GB{fix}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+# A tune's report, in its directory: report.md (every candidate, pruned, failed or measured, best first; the
+# winner, its margin over the runner-up and whether that margin is within the step-to-step noise; the
+# winner's command line and preset), report.csv (the same rows) and report.png (tokens/s against peak
+# memory, the sweep report's chart).
+import csv
+from pathlib import Path
+
+from launcher.report_chart import plot
+
+AXIS_NAMES = ("strategy", "precision", "attention", "activation_checkpointing", "compile")
+
+
+def rows_of(cands, alive) -> list[dict]:
+    rank = {id(c): i for i, c in enumerate(alive)}
+    rows = []
+    for c in cands:
+        best = c.best
+        s = best["summary"] if best else {}
+        memory = s.get("mem_reserved_peak_gb_max", s.get("peak_rss_gb_max"))
+        micro = (
+            best["micro"]
+            if best
+            else (c.micro_batches[-1] if c.micro_batches else min(c.predicted_gb, default=None))
+        )
+        rows.append({
+            "settings": {**dict(zip(AXIS_NAMES, (o.split("=", 1)[1] for o in c.overrides), strict=True)), "micro_batch": micro},
+            "status": "ok" if c.status == "measured" else c.status,
+            "reason": c.reason,
+            "tokens_per_s_median": s.get("tokens_per_s_median"),
+            "tokens_per_s_p10": s.get("tokens_per_s_p10"),
+            "tokens_per_s_p90": s.get("tokens_per_s_p90"),
+            "mfu": s.get("mfu"),
+            "peak_mem_gb": memory,
+            "predicted_gb": c.predicted_gb.get(micro) if micro is not None else None,
+            "trials": len(c.trials),
+            "steps": best["steps"] if best else None,
+            "world_size": s.get("world_size"),
+            "run_dir": best["run_dir"] if best else "",
+            "order": (rank.get(id(c), len(alive)), c.status != "measured", -(s.get("tokens_per_s_median") or 0.0)),
+        })  # fmt: skip
+    rows.sort(key=lambda r: r["order"])
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def _num(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    done = [r for r in rows if r["status"] == "ok"]
+    if not done:
+        return ["No candidate finished a trial."]
+    top = done[0]
+    lines = [
+        f"**Winner:** #1 {_name(top)} at {top['tokens_per_s_median']:,.0f} tokens/s (median of {top['steps']} measured steps)."
+    ]
+    if len(done) > 1:
+        second = done[1]
+        margin = top["tokens_per_s_median"] / second["tokens_per_s_median"] - 1
+        noise = (
+            top["tokens_per_s_p10"] is not None
+            and second["tokens_per_s_p90"] is not None
+            and (top["tokens_per_s_p10"] <= second["tokens_per_s_p90"])
+        )
+        lines.append(f"Margin over #2 ({_name(second)}): {margin:+.1%}" + (
+            ", within noise (their p10-p90 step ranges overlap)." if noise else ", beyond the step-to-step noise."))  # fmt: skip
+    return lines
+
+
+def _name(r: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+
+
+def write_report(root: Path, cands, alive, command: str, preset, seconds: float, trials, cfg) -> str:
+    rows = rows_of(cands, alive)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "pruned", "pending")}
+    head = ["#", *AXIS_NAMES, "micro-batch", "status", "tokens/s median (p10-p90)", "MFU", "predicted peak GB/rank",
+            "measured peak GB", "trials", "reason"]  # fmt: skip
+    lines = [
+        f"# Tune report: {root}",
+        "",
+        f"{len(rows)} candidates: {counts['ok']} measured, {counts['failed']} failed, {counts['pruned']} pruned before any "
+        f"trial, {counts['pending']} not reached; {trials.ran} trials run, {trials.reused} reused from an earlier tune, "
+        f"{seconds / 60:.1f} min.",
+        "",
+        *verdict(rows),
+        "",
+        *(
+            [
+                f"Train with it: `{command}`",
+                f"or: `python train.py --config-dir {root} +tuned=winner` ({preset})",
+                "",
+            ]
+            if command
+            else []
+        ),
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    for r in rows:
+        tps = _num(r["tokens_per_s_median"], ",.0f")
+        if r["tokens_per_s_p10"] is not None:
+            tps += f" ({r['tokens_per_s_p10']:,.0f}-{r['tokens_per_s_p90']:,.0f})"
+        cells = [str(r["rank"]), *(str(r["settings"][k]) for k in AXIS_NAMES), str(r["settings"]["micro_batch"] or "-"),
+                 r["status"], tps, _num(r["mfu"], ".1%"), _num(r["predicted_gb"], ".3f"), _num(r["peak_mem_gb"], ".3f"),
+                 str(r["trials"]), r["reason"].replace("|", "\\|")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## How to read it",
+        "",
+        f"- **pruned**: never tried: the pre-launch checks refused it, or the memory planner's peak exceeded the memory "
+        f"less tune.headroom={cfg.tune.headroom} at every micro-batch.",
+        f"- **Trials**: {cfg.tune.warmup_steps} warm-up steps kept out, then {cfg.tune.trial_steps} measured steps; the "
+        "micro-batch doubles while it gains tune.min_gain; the better half goes on with twice the steps, for "
+        f"tune.rounds={cfg.tune.rounds} rounds. Tokens/s is the median over a trial's measured steps.",
+        "",
+        "![tokens/s against peak memory](report.png)",
+        "",
+    ]
+    text = "\n".join(lines)
+    (root / "report.md").write_text(text)
+    with open(root / "report.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        keys = ["tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "mfu", "predicted_gb", "peak_mem_gb", "trials", "steps", "reason", "run_dir"]  # fmt: skip
+        w.writerow(["rank", *AXIS_NAMES, "micro_batch", "status", *keys])
+        for r in rows:
+            w.writerow([r["rank"], *(r["settings"][k] for k in AXIS_NAMES), r["settings"]["micro_batch"], r["status"],
+                        *("" if r[k] is None else r[k] for k in keys)])  # fmt: skip
+    memory = "peak memory, GB (max over ranks)"
+    plot(rows, list(AXIS_NAMES[:3]), root / "report.png", str(root), memory, False)
+    return text

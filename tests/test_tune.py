@@ -1,0 +1,165 @@
+# python -m launcher.tune on the CPU: the planner prunes what cannot fit and what only recomputes more, real
+# trials measure the rest (each its own worker processes, so one killed by the out-of-memory killer is a
+# row), a rerun reuses what finished, then_train trains exactly the winner, the budget stops the search,
+# and bad input is one line before any trial.
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher import tune as tune_cli
+from tests.helpers.cli import cli_env, workers
+from tests.helpers.reports import assert_png
+from tests.helpers.run import REPO, read_summary
+
+pytestmark = pytest.mark.slow
+
+# 2 precisions x 2 attentions x 2 AC modes on one process, micro-batch 2 of a global batch of 4 (the
+# micro-batch's growth: one trial each here; a doubling that stops early is a candidate's own business).
+BASE = (
+    "model=debug", "data=synthetic", "trainer.device=cpu", "trainer.seq_len=256", "trainer.global_batch_size=4",
+    "trainer.max_steps=3", "launcher.nproc_per_node=1", "plan.device=cpu", "tune.precisions=[fp32,bf16-mixed]",
+    "tune.attentions=[flash,standard]", "tune.activation_checkpointing=[none,full]", "tune.micro_batch_sizes=[2]",
+    "tune.trial_steps=2", "tune.warmup_steps=1", "tune.rounds=2",
+)  # fmt: skip
+
+
+def budget_gb() -> float:
+    # Between the planner's peaks of flash and standard attention at micro-batch 2, fp32, no checkpointing:
+    # standard attention's (B, H, T, T) scores do not fit, flash does.
+    from launcher.compose import compose_config
+    from launcher.plan import setup_of
+
+    peaks = {
+        a: setup_of(compose_config([*BASE, f"attention={a}", "trainer.micro_batch_size=2"])).plan().peak / 1e9
+        for a in ("flash", "standard")
+    }
+    assert peaks["flash"] < peaks["standard"]
+    return round((peaks["flash"] * 1.5 + peaks["standard"]) / 2.5 / 0.9, 4)  # / 0.9: tune.headroom
+
+
+def leanest_gb() -> float:
+    from launcher.compose import compose_config
+    from launcher.plan import setup_of
+
+    return min(
+        setup_of(compose_config([*BASE, f"precision={p}", "attention=flash", f"strategy.activation_checkpointing={ac}",
+                                 "trainer.micro_batch_size=2"])).plan().peak / 1e9
+        for p in ("fp32", "bf16-mixed") for ac in ("none", "full")
+    )  # fmt: skip
+
+
+def run_tune(*overrides: str, kill_first_trial: bool = False) -> tuple[int, str, str]:
+    args = [sys.executable, "-m", "launcher.tune", *BASE, *overrides]
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    if kill_first_trial:  # what the kernel's out-of-memory killer does to a trial's worker
+        threading.Thread(target=_kill_first_worker, args=(proc,), daemon=True).start()
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def _kill_first_worker(proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = workers(proc.pid)
+        if found:
+            time.sleep(0.5)
+            found[0].send_signal(signal.SIGKILL)
+            return
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    # -> (tune dir, the first run's (exit code, stdout, stderr, report rows), the rerun's, with then_train).
+    root = tmp_path_factory.mktemp("tune") / "t"
+    limit = budget_gb()
+    first = run_tune(f"tune.dir={root}", f"plan.device_memory_gb={limit}", kill_first_trial=True)
+    first_rows = rows(root) if (root / "report.csv").exists() else []
+    again = run_tune(f"tune.dir={root}", f"plan.device_memory_gb={limit}", "tune.then_train=true")
+    return root, (*first, first_rows), again
+
+
+def rows(root: Path) -> list[dict]:
+    import csv
+
+    with open(root / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_planner_prunes_before_any_trial(tuned):
+    root, (code, out, err, found), _ = tuned
+    assert code == 0, err[-3000:]
+    assert len(found) == 8
+    standard = [r for r in found if r["attention"] == "standard" and r["activation_checkpointing"] == "none"]
+    assert all(r["status"] == "pruned" and "predicted peak" in r["reason"] for r in standard), standard
+    dominated = [r for r in found if r["attention"] == "flash" and r["activation_checkpointing"] == "full"]
+    assert all(r["status"] == "pruned" and r["reason"].startswith("dominated") for r in dominated), dominated
+    pruned = {
+        (r["precision"], r["attention"], r["activation_checkpointing"])
+        for r in found
+        if r["status"] == "pruned"
+    }
+    for trial in (root / "trials").iterdir():  # no trial of a pruned candidate was ever started
+        over = json.loads((trial / "overrides.json").read_text())
+        get = dict(o.split("=", 1) for o in over)
+        assert (get["precision"], get["attention"], get["strategy.activation_checkpointing"]) not in pruned
+
+
+def test_a_killed_trial_is_a_row_and_the_tune_goes_on(tuned):
+    root, (code, out, err, found), _ = tuned
+    failed = [r for r in found if r["status"] == "failed"]
+    assert len(failed) == 1 and "SIGKILL" in failed[0]["reason"], found
+    measured = [r for r in found if r["status"] == "ok"]
+    assert measured and float(measured[0]["tokens_per_s_median"]) > 0
+    assert "**Winner:** #1" in out and "Train with it: `python train.py " in out
+    assert_png(root / "report.png")
+
+
+def test_a_rerun_reuses_its_trials_and_then_train_trains_exactly_the_winner(tuned):
+    root, _, (code, out, err) = tuned
+    assert code == 0, err[-3000:]
+    md = (root / "report.md").read_text()
+    assert " trials run, " in md and "reused from an earlier tune" in md
+    winner = next(r for r in rows(root) if r["rank"] == "1")
+    summary = read_summary(root / "train")
+    assert summary["status"] == "ok" and summary["steps"] == 3  # the user's trainer.max_steps
+    choices = summary["choices"]
+    assert (choices["precision"], choices["attention"]) == (winner["precision"], winner["attention"])
+    assert summary["micro_batch_size"] == int(winner["micro_batch"])
+    assert summary["strategy_applied"]["activation_checkpointing"] == winner["activation_checkpointing"]
+
+
+def test_the_budget_stops_the_search(tmp_path):
+    tune_cli.main([*BASE, f"tune.dir={tmp_path / 't'}", "tune.budget_minutes=0.01"])  # 0.6 s: one trial at most
+    found = rows(tmp_path / "t")
+    assert any(r["status"] == "pending" for r in found), found  # not reached within the budget
+    assert sum(r["status"] in ("ok", "failed") for r in found) <= 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["tune.attentions=[]"], ["tune.attentions is empty"]),
+        (["tune.precisions=[fp4]"], ["tune.precisions holds 'fp4'", "precision", "bf16-mixed"]),
+        (["LEANEST"], ["no candidate fits", "the planner's cheapest change that fits"]),
+    ],
+)
+def test_bad_input_is_one_line_before_any_trial(overrides, names, tmp_path, capsys):
+    if overrides == ["LEANEST"]:  # just under the leanest candidate's predicted peak: nothing fits as it is
+        overrides = [f"plan.device_memory_gb={leanest_gb() * 0.95 / 0.9:.6f}"]
+    with pytest.raises(SystemExit) as exit_:
+        tune_cli.main([*BASE, f"tune.dir={tmp_path / 't'}", *overrides])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shardlab: error: "), err
+    for name in names:
+        assert name in err[0]
+    assert not (tmp_path / "t").exists()
