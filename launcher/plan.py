@@ -97,6 +97,9 @@ def describe(cfg: DictConfig, plan: MemoryPlan) -> str:
     ]
     if plan.buffers:
         lines.append(_row(f"  {'buffers':18s}RoPE tables", plan.buffers))
+    if cfg.strategy.compile:  # MemTracker cannot run under compile, so this is stated, not measured
+        lines.append("  strategy.compile=true: planned as eager; compiled blocks fuse ops and keep fewer intermediates, "
+                     "so the activations here are an upper bound")  # fmt: skip
     if plan.host:
         lines.append(_row(f"  {'host memory':18s}offloaded model state, not on the device", plan.host))
     at = plan.events[plan.peak_event]

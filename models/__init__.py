@@ -11,7 +11,7 @@ from .hf import HFArgs, HFCausalLM
 from .llama import ModelArgs, ParamShapes, Transformer
 
 FAMILIES = {"llama": (ModelArgs, Transformer), "gpt2": (GPT2Args, GPT2), "hf": (HFArgs, HFCausalLM)}
-SHAPES = {ModelArgs: llama.param_shapes, GPT2Args: gpt2.param_shapes}  # the native families' layouts
+SHAPES = {ModelArgs: llama.param_shapes, GPT2Args: gpt2.param_shapes, HFArgs: hf.param_shapes}
 HF_EXPORT = {ModelArgs: llama, GPT2Args: gpt2, HFArgs: hf}  # each family's hf_config and to_hf
 
 # preset name -> (family, argument dict)
@@ -129,12 +129,14 @@ def build_model(args: ModelArgs | GPT2Args | HFArgs) -> nn.Module:
 
 
 def param_shapes(args) -> ParamShapes:
-    # The native families' parameters by name; a Hugging Face model's are its module's (issue: not planned).
-    if type(args) not in SHAPES:
-        raise ValueError(
-            f"no parameter layout for {type(args).__name__}: the native llama and gpt2 families have one"
-        )
+    # Each family's parameters by name, from its arguments (a Hugging Face model's: its module on meta).
     return SHAPES[type(args)](args)
+
+
+def family(args) -> str | None:
+    # "llama" or "gpt2": which native family's structure a model has (a Hugging Face model's: its
+    # architecture's, or None where it is neither).
+    return args.family if isinstance(args, HFArgs) else ("llama" if isinstance(args, ModelArgs) else "gpt2")
 
 
 def hf_export(args, state: dict) -> tuple:
@@ -173,4 +175,5 @@ __all__ = [
     "num_params",
     "param_count",
     "param_shapes",
+    "family",
 ]

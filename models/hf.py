@@ -118,6 +118,23 @@ class HFArgs:
     def has_kv_heads(self) -> bool:
         return hasattr(self.config, "num_key_value_heads")
 
+    @property
+    def family(self) -> str | None:
+        # Which native family's activations this architecture has, for the memory planner: "llama" (RMSNorm,
+        # rotary, SwiGLU, grouped K/V: Llama, Mistral, Qwen2; within 15% of MemTracker, tests/test_memory.py),
+        # or None. transformers' GPT-2 is not GPT-2-like enough: its tanh GELU is written out op by op and its
+        # dropout layers keep masks even at p=0, so it saves about half again what the native GPT-2 does
+        # (measured: the native terms came to 0.68 of MemTracker's peak).
+        return {"llama": "llama", "mistral": "llama", "qwen2": "llama"}.get(self.config.model_type)
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return getattr(self.config, "intermediate_size", None) or 4 * self.dim
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_seq_len
+
 
 def build_config(args: HFArgs):
     from transformers import AutoConfig
@@ -209,6 +226,43 @@ def checkpoint_files(name_or_path: str | None) -> dict[str, Path] | None:
             "transformers and save_pretrained(DIR) (safetensors by default), then point model.name_or_path at DIR"
         )
     return None
+
+
+_SHAPES: dict[str, tuple] = {}
+
+
+def param_shapes(args: HFArgs):
+    # The module's own parameters, built on the meta device (nothing allocated): the decoder layers (the
+    # ModuleList of the class _no_split_modules names) are the blocks, the rest the root; lookup tables are
+    # the embeddings no Linear shares its weight with.
+    from .llama import ParamShapes
+
+    key = args.config.to_json_string()
+    if key not in _SHAPES:
+        with torch.device("meta"):
+            model = HFCausalLM(args)
+        layers = decoder_layers(model.hf)
+        block = {n: tuple(p.shape) for n, p in layers[0].named_parameters()}
+        in_layers = {id(p) for p in layers.parameters()}
+        root = {n: tuple(p.shape) for n, p in model.named_parameters() if id(p) not in in_layers}
+        linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+        tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} - linear
+        lookups = tuple(n for n, p in model.named_parameters() if id(p) in tables)
+        _SHAPES[key] = (root, block, lookups)
+    root, block, lookups = _SHAPES[key]
+    return ParamShapes(root, block, lookups)
+
+
+def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
+    # The ModuleList of the decoder-layer class a transformers model names in _no_split_modules (what
+    # accelerate's and FSDP's auto-wrap policies use: LlamaDecoderLayer, GPT2Block, ...).
+    names = set(getattr(hf_model, "_no_split_modules", None) or ())
+    for m in hf_model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(type(b).__name__ in names for b in m):
+            return m
+    raise ValueError(
+        f"cannot find the decoder layers of {type(hf_model).__name__} (its _no_split_modules: {sorted(names)})"
+    )
 
 
 def hf_config(args: HFArgs):

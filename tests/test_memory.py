@@ -67,6 +67,9 @@ EXTRA = {
     "debug/ddp/gqa/bf16-mixed": ("model=debug", "strategy=ddp", "precision=bf16-mixed", "attention=gqa"),
     "debug/single/bf16-true": ("model=debug", "strategy=single", "precision=bf16-true"),
     "debug/single/adamw8bit": ("model=debug", "strategy=single", "optim=adamw8bit"),
+    # Hugging Face models, planned from their module's own parameters and their family's activation terms.
+    "hf_llama_debug/single/fp32": ("model=hf_llama_debug", "strategy=single"),
+    "hf_llama_debug/fsdp/bf16-mixed": ("model=hf_llama_debug", "strategy=fsdp", "precision=bf16-mixed"),
 }
 
 

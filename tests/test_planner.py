@@ -222,3 +222,14 @@ def test_8bit_states_follow_the_local_shard_as_torchao_does():
         for n in (1, 2)
     )
     assert two > one / 2
+
+
+def test_hugging_face_models_are_planned_where_they_are_built_like_llama(capsys):
+    # Parameters from the module built on meta, activations from the Llama terms (MemTracker: test_memory.py);
+    # transformers' GPT-2 saves more than its native twin, and is refused in one line rather than planned wrong.
+    plan_cli.main(["model=hf_llama_debug", "plan.device_memory_gb=1", "strategy.compile=true"])
+    out = capsys.readouterr().out
+    assert "fits:" in out and "planned as eager" in out
+    with pytest.raises(SystemExit):
+        plan_cli.main(["model=hf_gpt2_debug"])
+    assert "not gpt2: plan a native model of the same shapes instead" in capsys.readouterr().err

@@ -138,7 +138,9 @@ def test_a_rerun_reuses_its_trials_and_then_train_trains_exactly_the_winner(tune
 
 
 def test_the_budget_stops_the_search(tmp_path):
-    tune_cli.main([*BASE, f"tune.dir={tmp_path / 't'}", "tune.budget_minutes=0.01"])  # 0.6 s: one trial at most
+    tune_cli.main(
+        [*BASE, f"tune.dir={tmp_path / 't'}", "tune.budget_minutes=0.01"]
+    )  # 0.6 s: one trial at most
     found = rows(tmp_path / "t")
     assert any(r["status"] == "pending" for r in found), found  # not reached within the budget
     assert sum(r["status"] in ("ok", "failed") for r in found) <= 1

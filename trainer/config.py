@@ -215,19 +215,25 @@ class TuneConfig:
     # the budget is spent. Candidates are strategy x precision x attention x activation checkpointing x
     # compile, each with the micro-batches the planner lets fit.
     strategies: list[str] | None = None  # default: single on one device; ddp, fsdp, fsdp_grad_op on more
-    precisions: list[str] | None = None  # default: bf16-mixed and fp8 on CUDA (the checks prune what can't), fp32 and bf16-mixed on CPU
+    precisions: list[str] | None = (
+        None  # default: bf16-mixed and fp8 on CUDA (the checks prune what can't), fp32 and bf16-mixed on CPU
+    )
     attentions: list[str] | None = None  # default: sdpa, flash
     activation_checkpointing: list[str] | None = None  # default: none, selective, full
     compile: list[bool] | None = None  # default: [false]
     micro_batch_sizes: list[int] | None = None  # default: the powers of two that divide the per-rank batch
-    headroom: float = ranged(0.1, "[0, 1)")  # a candidate fits when its predicted peak <= (1 - headroom) x memory
+    headroom: float = ranged(
+        0.1, "[0, 1)"
+    )  # a candidate fits when its predicted peak <= (1 - headroom) x memory
     trial_steps: int = ranged(6, ">= 1")  # measured steps of a first trial (doubled for each later round)
     warmup_steps: int = ranged(2, ">= 0")  # per trial, kept out of its tokens/s
     rounds: int = ranged(2, ">= 1")  # successive halving: the better half goes on, with twice the steps
     min_gain: float = ranged(0.03, ">= 0")  # a doubled micro-batch must be this much faster to go on growing
     budget_minutes: float | None = ranged(None, "> 0")  # stop and report the best so far
     then_train: bool = False  # train the winner at once, with the trainer.max_steps given
-    dir: str | None = None  # default: tune/<a hash of the model, device and space>, so a rerun reuses its trials
+    dir: str | None = (
+        None  # default: tune/<a hash of the model, device and space>, so a rerun reuses its trials
+    )
 
 
 @dataclass

@@ -3,7 +3,7 @@
 # (tests/test_memory.py). Also the gradients of activations alive during a block's backward.
 import math
 
-from models import ModelArgs, param_shapes
+from models import family, param_shapes
 from trainer.memory.spec import PlanSpec, precision_bytes
 
 
@@ -25,7 +25,7 @@ def elements(shape: tuple, shard: int = 1) -> int:
 
 
 def is_llama(args) -> bool:
-    return isinstance(args, ModelArgs)
+    return family(args) == "llama"
 
 
 def widths(spec: PlanSpec) -> tuple[int, int, bool]:

@@ -17,7 +17,7 @@
 import os
 from dataclasses import dataclass, field
 
-from models import GPT2Args, ModelArgs
+from models import family
 from strategies.common import checkpointed
 from trainer.memory.activations import (
     all_shapes,
@@ -233,8 +233,11 @@ def _block_events(args, spec, i, base, done, layer_bytes, logits) -> dict:
 
 
 def plan_memory(args, spec: PlanSpec) -> MemoryPlan:
-    if not isinstance(args, ModelArgs | GPT2Args):
-        raise ValueError(f"the planner covers the native llama and gpt2 families, not {type(args).__name__}")
+    if family(args) is None:
+        raise ValueError(
+            f"the planner covers the native llama and gpt2 families and Hugging Face models built like Llama (llama, "
+            f"mistral, qwen2), not {args.config.model_type}: plan a native model of the same shapes instead"
+        )
     if spec.world_size < 1 or spec.shard < 1 or spec.world_size % spec.shard:
         raise ValueError(f"the shard group ({spec.shard}) must divide the world size ({spec.world_size})")
     state = model_state(args, spec)
@@ -264,7 +267,7 @@ def plan_memory(args, spec: PlanSpec) -> MemoryPlan:
 def plan_for_run(cfg, args, world_size: int, device_type: str) -> MemoryPlan | None:
     # The planner's per-rank prediction for a run, or None for models it does not cover (model=hf).
     # Arithmetic only: cheap enough for every run.
-    if not isinstance(args, ModelArgs | GPT2Args):
+    if family(args) is None:
         return None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     return plan_memory(args, spec_from_config(cfg, world_size, device_type, local))
