@@ -6,8 +6,10 @@
 # micro-batch's predicted peak exceeds the memory, less tune.headroom, is pruned with that peak).
 # Stage 2, short real trials through the launcher sweeps use (launcher.elastic.launch: each trial its own
 # worker processes, so a trial that runs out of memory or crashes is a row, never the end of the tune):
-# per candidate the micro-batch grows (doubling) until a trial fails or gains under tune.min_gain; then
-# successive halving: the better half goes on to a trial of twice the steps, for tune.rounds rounds.
+# per candidate a first trial at the largest micro-batch the planner lets fit (halved after an out-of-memory
+# or another failure, until one runs); then successive halving: the better half goes on to a trial of twice
+# the steps, for tune.rounds rounds. Growing the micro-batch from small would spend a trial per doubling on
+# what the planner already bounds: the planner is the judge of what fits, and the trials of what is fast.
 # The result, in the tune directory: report.md / report.csv / report.png (every candidate with its status),
 # winner.yaml (`python train.py --config-dir <dir> --config-name winner`) and the winner's command line;
 # tune.then_train=true trains it at once. A rerun of the same tune reuses the trials it finished.
@@ -37,7 +39,7 @@ from launcher.plan import device_bytes, device_of, setup_of
 from launcher.tune_report import write_report
 from trainer import gpus
 from trainer.checks import validate
-from trainer.config import batch_layout
+from trainer.config import batch_layout, check_schema
 from trainer.dist import device_type
 from trainer.memory import GB
 from trainer.memory.suggest import suggestions
@@ -244,20 +246,12 @@ def tokens_per_s(trial: dict | None) -> float:
     return (trial or {}).get("summary", {}).get("tokens_per_s_median") or 0.0
 
 
-def grow(cand: Candidate, trials: Trials, steps: int, min_gain: float) -> None:
-    # The micro-batch doubles (from two below the largest the planner lets fit) while it gains min_gain.
-    start = max(0, len(cand.micro_batches) - 3)
-    previous = None
-    for micro in cand.micro_batches[start:]:
-        if trials.out_of_time():
+def first_trial(cand: Candidate, trials: Trials, steps: int) -> None:
+    # The largest micro-batch the planner lets fit; after an out-of-memory (or another failure), the next
+    # smaller one, until a trial runs.
+    for micro in reversed(cand.micro_batches):
+        if trials.out_of_time() or trials.run(cand, micro, steps).get("status") == "ok":
             return
-        summary = trials.run(cand, micro, steps)
-        if summary.get("status") != "ok":
-            break  # out of memory (or another failure): larger micro-batches would not do better
-        rate = summary["tokens_per_s_median"] or 0.0
-        if previous is not None and rate < previous * (1 + min_gain):
-            break
-        previous = rate
 
 
 def search(cands: list[Candidate], trials: Trials, cfg) -> list[Candidate]:
@@ -265,7 +259,7 @@ def search(cands: list[Candidate], trials: Trials, cfg) -> list[Candidate]:
     alive = [c for c in cands if c.status == "pending"]
     steps = cfg.tune.trial_steps
     for c in alive:
-        grow(c, trials, steps, cfg.tune.min_gain)
+        first_trial(c, trials, steps)
         c.status = "measured" if c.best else ("failed" if c.trials else "pending")
         if c.status == "failed":
             c.reason = c.trials[-1]["summary"].get("error", "")
@@ -325,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     base = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = compose_config(base)
-        setup_of(cfg)  # the config itself: schema, strategy, model, shapes
+        check_schema(cfg)  # the rest of the config is each candidate's, checked with it
         nproc = resolve_nproc(str(cfg.launcher.nproc_per_node), cfg.trainer.device)
         world = nproc * cfg.launcher.nnodes
         batch_layout(cfg.trainer, world)

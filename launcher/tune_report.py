@@ -113,9 +113,9 @@ def write_report(root: Path, cands, alive, command: str, preset, seconds: float,
         "",
         f"- **pruned**: never tried: the pre-launch checks refused it, or the memory planner's peak exceeded the memory "
         f"less tune.headroom={cfg.tune.headroom} at every micro-batch.",
-        f"- **Trials**: {cfg.tune.warmup_steps} warm-up steps kept out, then {cfg.tune.trial_steps} measured steps; the "
-        "micro-batch doubles while it gains tune.min_gain; the better half goes on with twice the steps, for "
-        f"tune.rounds={cfg.tune.rounds} rounds. Tokens/s is the median over a trial's measured steps.",
+        f"- **Trials**: {cfg.tune.warmup_steps} warm-up steps kept out, then {cfg.tune.trial_steps} measured steps, at the "
+        "largest micro-batch the planner lets fit (halved after a failure); the better half goes on with twice the "
+        f"steps, for tune.rounds={cfg.tune.rounds} rounds. Tokens/s is the median over a trial's measured steps.",
         "",
         "![tokens/s against peak memory](report.png)",
         "",

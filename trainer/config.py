@@ -228,7 +228,6 @@ class TuneConfig:
     trial_steps: int = ranged(6, ">= 1")  # measured steps of a first trial (doubled for each later round)
     warmup_steps: int = ranged(2, ">= 0")  # per trial, kept out of its tokens/s
     rounds: int = ranged(2, ">= 1")  # successive halving: the better half goes on, with twice the steps
-    min_gain: float = ranged(0.03, ">= 0")  # a doubled micro-batch must be this much faster to go on growing
     budget_minutes: float | None = ranged(None, "> 0")  # stop and report the best so far
     then_train: bool = False  # train the winner at once, with the trainer.max_steps given
     dir: str | None = (
