@@ -54,19 +54,35 @@ def loader_tokens_per_s(data_dir: Path, seq_len: int, batch: int, seconds: float
     return steps * batch * seq_len / (time.perf_counter() - start)
 
 
+def write_apart(root: Path, n_tokens: int) -> Path:
+    # In a process of its own: Linux's ru_maxrss, which summary.json's peak RSS reads, carries a parent's RSS
+    # into the children it starts (exec keeps the old mm's high-water mark), and writing 1 GB of random tokens
+    # would raise this process's.
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.data_loader", "--write", str(root), str(n_tokens)],
+        cwd=REPO,
+        check=True,
+    )
+    return root
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--write", nargs=2, metavar=("DIR", "TOKENS"), help=argparse.SUPPRESS)
     ap.add_argument("--big-mb", type=int, default=1024)
     ap.add_argument("--small-mb", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=30)
     opts = ap.parse_args()
+    if opts.write:
+        write_tokens(Path(opts.write[0]), int(opts.write[1]))
+        return
     defaults = OmegaConf.load(REPO / "conf" / "trainer" / "default.yaml")  # llama_20m trains at these
     seq_len, batch = defaults.get("seq_len", 256), defaults.get("global_batch_size", 8)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         runs = {}
         for name, mb in (("small", opts.small_mb), ("big", opts.big_mb)):
-            data_dir = write_tokens(tmp / name, int(mb * 1e6 / 2))
+            data_dir = write_apart(tmp / name, int(mb * 1e6 / 2))
             size = sum(f.stat().st_size for f in data_dir.glob("*.bin")) / 1e6
             runs[name] = (size, train_run(data_dir, tmp / f"run-{name}", opts.steps))
         (small_mb, small), (big_mb, big) = runs["small"], runs["big"]

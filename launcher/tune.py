@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from launcher.compose import compose_config
 from launcher.elastic import WorkerFailed, launch, resolve_nproc
 from launcher.errors import describe_error, fail, short_reason
-from launcher.plan import device_bytes, device_of, setup_of
+from launcher.plan import device_bytes, setup_of
 from launcher.tune_report import write_report
 from trainer import gpus
 from trainer.checks import validate
@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         nproc = resolve_nproc(str(cfg.launcher.nproc_per_node), cfg.trainer.device)
         world = nproc * cfg.launcher.nnodes
         batch_layout(cfg.trainer, world)
-        device, limit = device_of(cfg), device_bytes(cfg)
+        # What this machine runs (trainer.device=auto here: its GPU if any), unless plan.device says otherwise.
+        device, limit = cfg.plan.device or device_type(cfg.trainer.device), device_bytes(cfg)
         limit = None if limit is None else limit * (1 - cfg.tune.headroom)
         cands = plan_candidates(base, cfg, world, device, limit)
         if all(c.status == "pruned" for c in cands):
