@@ -12,6 +12,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from launcher.errors import describe_failure, failure_traceback
 from launcher.prefork import warm_workers
+from launcher.slurm import AGENT_SIGNALS
 from trainer.checks import check_device_capabilities, model_args
 from trainer.dist import broadcast_object, init_run
 
@@ -73,6 +74,9 @@ def launch_config(launcher_cfg, nproc: int) -> LaunchConfig:
         max_restarts=launcher_cfg.max_restarts,  # explicit: the API's default is 3, torchrun's CLI 0
         monitor_interval=launcher_cfg.monitor_interval,
         start_method="forkserver",
+        # The signals on which the agent stops its workers. In a SLURM job not SIGTERM (preemption, requeue):
+        # the workers save a checkpoint on it themselves, and the agent waits for them (launcher/slurm.py).
+        **({"signals_to_handle": AGENT_SIGNALS} if "SLURM_JOB_ID" in os.environ else {}),
     )
 
 

@@ -19,6 +19,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from trainer import preempt
 from trainer.config import unknown_key_message
 from trainer.loggers import write_json_atomic
 
@@ -132,8 +133,9 @@ def short_reason(error: str, last_step: int | None) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def record_failure(run_dir: Path, reason: str) -> None:
+def record_failure(run_dir: Path, reason: str, **extra) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        run_dir / "summary.json", {"status": "failed", "error": reason, "run_dir": str(run_dir)}
-    )
+    summary = {"status": "failed", "error": reason, "run_dir": str(run_dir), **extra}
+    if (job := preempt.job_id()) is not None:  # inside a SLURM job
+        summary.setdefault("slurm_job_id", job)
+    write_json_atomic(run_dir / "summary.json", summary)

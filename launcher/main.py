@@ -2,6 +2,7 @@
 # process (world size 1), under the torchrun that started us (style 1), or start the workers (styles 2, 3).
 import contextlib
 import os
+import signal
 import traceback
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from launcher import slurm
 from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
 from launcher.errors import describe_error, fail, first_line, record_failure
 from launcher.sweep import fill_sweep_logger, reuse_previous_success
@@ -62,6 +64,7 @@ def main(cfg: DictConfig) -> dict | None:
         return main_torchrun(cfg)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        slurm.fill_rendezvous(cfg.launcher)  # in a SLURM job of several nodes: from the allocation
         nproc = resolve_nproc(cfg.launcher.nproc_per_node, cfg.trainer.device)
         check_gpus(nproc, cfg.trainer.device)
         # The device the workers will use, not merely whether a GPU is present: trainer.device=cpu on a
@@ -87,8 +90,13 @@ def main(cfg: DictConfig) -> dict | None:
             env = init_run(cfg)
             check_device_capabilities(cfg, model_args(cfg), env.device)
             summary = run_worker(cfg, env)
+            if summary.get("status") == "preempted":
+                stopped(run_dir, summary, [])
         else:  # a sweep job always runs in its own processes, so one job's crash cannot take the sweep down
-            summary = launch(cfg, nproc)
+            with slurm.held_signals() as got:
+                summary = launch(cfg, nproc)
+            if got or (summary or {}).get("status") == "preempted":
+                stopped(run_dir, summary, got)
     except Exception as e:
         # Not a WorkerFailed from a launch: the launcher itself failed (rendezvous, a signal), not rank 0.
         who = "rank 0" if in_process else "launcher"
@@ -102,6 +110,27 @@ def main(cfg: DictConfig) -> dict | None:
             fail(reason, code=1)
         summary = {"status": "failed", "error": reason}
     return job_outcome(run_dir, summary)
+
+
+def stopped(run_dir: Path, summary: dict | None, got: list[int]) -> None:
+    # A SLURM signal came while the workers ran. They saved a checkpoint at a step boundary and stopped (or, where
+    # it came in the last step, finished): the run is recorded as stopped until a requeued job finishes it.
+    summary = summary or {}
+    if summary.get("status") not in ("preempted", None) or (not got and not summary):
+        return  # finished (or failed) before the signal mattered
+    signum = got[0] if got else signal.Signals[summary["signal"]]
+    name = signal.Signals(signum).name
+    where = (
+        f"at step {summary['step']}, checkpoint {summary['checkpoint']}"
+        if "step" in summary
+        else "on another node"
+    )
+    reason = (
+        f"stopped by {name} {where} (SLURM preemption, requeue or time limit): a requeued job resumes from it"
+    )
+    record_failure(run_dir, reason)
+    print(f"shardlab: {reason}", flush=True)
+    slurm.hand_over(signum)
 
 
 def job_outcome(run_dir: Path, summary: dict | None) -> dict | None:

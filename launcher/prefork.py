@@ -8,6 +8,8 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 
+from launcher.slurm import ignored_in_children
+
 # The entry script (which every worker would import again) and the trainer.
 WORKER_MODULES = ("__main__", "launcher.worker")
 
@@ -15,7 +17,10 @@ WORKER_MODULES = ("__main__", "launcher.worker")
 def warm_workers(modules: tuple[str, ...] = WORKER_MODULES) -> None:
     # Idempotent: one server per process, for every launch it makes; the first call's modules are preloaded.
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(modules))
-    multiprocessing.forkserver.ensure_running()
+    with (
+        ignored_in_children()
+    ):  # in a SLURM job: the workers catch its signals themselves (launcher/slurm.py)
+        multiprocessing.forkserver.ensure_running()
 
 
 def will_launch(cfg, multirun: bool) -> bool:

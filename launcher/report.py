@@ -70,7 +70,7 @@ def _world_size(config: dict) -> int | None:
 PASS_THROUGH = (
     "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "tokens_per_s_std", "tokens_per_s_per_device",
     "tflops_per_device", "mfu", "mfu_peak_source", "memory_kind", "final_loss", "val_loss",
-    "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio",
+    "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "slurm_job_id",
 )  # fmt: skip
 # Predicted (trainer/planner.py, every run) and, with metrics.memory_breakdown=true, measured (PyTorch's
 # MemTracker, one step) peak memory per rank.
@@ -257,7 +257,8 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
         ("final loss", 1),
         ("val loss", 1),
     ]
-    head += [("tokens/step", 1)] * unequal + [("run dir", 0)]
+    slurm = any(r["slurm_job_id"] for r in rows)  # run by SLURM (hydra/launcher=submitit_slurm)
+    head += [("tokens/step", 1)] * unequal + [("SLURM job", 0)] * slurm + [("run dir", 0)]
     lines = [
         "| " + " | ".join(h for h, _ in head) + " |",
         "|" + "|".join("---:" if r else "---" for _, r in head) + "|",
@@ -274,6 +275,7 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
             _cell(r, "val_loss", best),
         ]
         cells += [f"{r['tokens_per_step']:,}" if r["tokens_per_step"] else "?"] * unequal
+        cells += [str(r["slurm_job_id"] or "-")] * slurm
         cells.append(f"`{r['run_dir']}`")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
@@ -331,7 +333,7 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
 CSV_COLUMNS = (
     "world_size", "status", "reason", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
     "tokens_per_s_std", "tokens_per_s_per_device", "tflops_per_device", "mfu", "peak_mem_gb", "memory_kind",
-    "final_loss", "val_loss", "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "tokens_per_step", "steps", "warmup_steps", "reused_from", "run_dir",
+    "final_loss", "val_loss", "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "tokens_per_step", "steps", "warmup_steps", "reused_from", "slurm_job_id", "run_dir",
 )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import first_line, record_failure
+from trainer import preempt
 from trainer.dist import DistEnv, close_distributed, first_failure
 from trainer.loop import train
 
@@ -29,7 +30,10 @@ def run_worker(cfg: DictConfig, env: DistEnv, say_first_failure: bool = False) -
     # A failure is recorded in summary.json (rank 0: the run's first failure, whichever rank had it) before it
     # propagates; say_first_failure: the rank that had it also prints it in one line.
     run_dir = Path(cfg.run_dir)
-    if env.world_size > 1:
+    # A SLURM job's SIGTERM or SIGUSR2 asks for a checkpoint at the next step (trainer/preempt.py). Under SLURM
+    # a launcher's SIGTERM after another rank failed is caught the same way: the others then fail in the
+    # failed rank's collectives (gloo), or are killed by the agent after its shutdown timeout (nccl).
+    if not preempt.arm() and env.world_size > 1:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if env.is_rank0:

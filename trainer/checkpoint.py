@@ -14,6 +14,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from models import build_model
+from trainer import preempt
 from trainer.paths import unwritable_reason
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -121,8 +122,9 @@ def maybe_resume(
     # -> (the last completed step, the checkpoint resumed from, its train state); (0, None, {}) for a fresh
     # start. `extra`: templates of the extra tensors save() was given, filled from the checkpoint if there.
     path = resolve_resume(ckpt_cfg.resume, root)
-    if elastic_restart() and (own := complete_checkpoints(root)):
-        path = own[-1][1]  # restarted after a failure: this run's newest save, whatever resume named
+    if (elastic_restart() or preempt.restarted()) and (own := complete_checkpoints(root)):
+        # restarted after a failure, or a requeued SLURM job: this run's newest save, whatever resume named
+        path = own[-1][1]
     if path is None:
         return 0, None, {}
     from trainer import checkpoint_io

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import strategies
 from models import build_model
-from trainer import checkpoint
+from trainer import checkpoint, preempt
 from trainer.checks import model_args
 from trainer.config import batch_layout
 from trainer.console import ProgressBar, format_summary
@@ -126,9 +126,14 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
             if (row := metrics.log(step, final=step == t.max_steps)) is not None:
                 loggers.log(row, step)
             bar.update(step, row)
-            checkpoint.maybe_save(
+            saved = checkpoint.maybe_save(
                 cfg.checkpoint, ckpt_root, step, t.max_steps, model, optimizer, scheduler, ckpt_meta
             )
+            if step < t.max_steps and (sig := preempt.requested(env)) is not None:
+                saved = saved or checkpoint.save(
+                    ckpt_root, step, model, optimizer, scheduler, cfg.checkpoint.keep_last, ckpt_meta()
+                )
+                return {"status": "preempted", "signal": sig, "step": step, "checkpoint": str(saved)}
         bar.close()
         summary = metrics.summary()
         loggers.summary(summary)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import strategies
 from models import flops_per_token, param_count
+from trainer import preempt
 from trainer.evaluate import perplexity
 from trainer.memory import memory_summary, plan_for_run
 from trainer.peaks import device_key, lookup_peak_tflops
@@ -385,6 +386,8 @@ class Metrics:
             "precision": self.precision,
             "flops_per_token": self.flops_per_token,
         }
+        if (job := preempt.job_id()) is not None:
+            out["slurm_job_id"] = job
         if self._evals:  # the last validation, and the best with its step
             (step, loss), (best_step, best) = self._evals[-1], min(self._evals, key=lambda e: (e[1], e[0]))
             out |= {"val_loss": loss, "val_ppl": perplexity(loss), "val_step": step, "best_val_loss": best}
