@@ -115,9 +115,9 @@ def main(cfg: DictConfig) -> dict | None:
 def stopped(run_dir: Path, summary: dict | None, got: list[int]) -> None:
     # A SLURM signal came while the workers ran. They saved a checkpoint at a step boundary and stopped (or, where
     # it came in the last step, finished): the run is recorded as stopped until a requeued job finishes it.
-    summary = summary or {}
-    if summary.get("status") not in ("preempted", None) or (not got and not summary):
-        return  # finished (or failed) before the signal mattered
+    summary = summary or {}  # {}: rank 0 ran on another node
+    if summary.get("status") not in ("preempted", None):
+        return  # finished before the signal mattered
     signum = got[0] if got else signal.Signals[summary["signal"]]
     name = signal.Signals(signum).name
     where = (
