@@ -11,6 +11,7 @@
 #     with SLURM's state as its reason, and the others are still waited for.
 # Inside each job launcher/slurm.py takes the rendezvous from the allocation and turns preemption into a
 # checkpoint and a requeue (hydra.launcher.max_num_timeout: how many timeouts may requeue it).
+import json
 import re
 import shutil
 import subprocess
@@ -135,18 +136,33 @@ class SlurmLauncher(PluginSlurmLauncher):
     def _result(self, job, overrides: list[str], num: int) -> JobReturn:
         try:
             return job.results()[0]
-        except Exception:  # the job ended without a result: SLURM's state says how
+        except Exception:  # the job ended without a result (or with submitit's error): SLURM's state says how
             state = job.state
             reason = f"SLURM job {job.job_id} ended {state} without a result ({_kind(state)})"
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
             with open_dict(cfg.hydra.job):
                 cfg.hydra.job.num = num  # as the job itself would have had it
             run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+            # What the job recorded itself comes first (e.g. "stopped by SIGUSR2 at step 40 ..." when submitit
+            # would not requeue it again); a summary of a run that finished is left as it is.
+            ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+            own = _read_summary(run_dir)
+            if own.get("status") == "ok":  # the run finished; only submitit's record of it was lost
+                ret.return_value = own
+                return ret
+            if own.get("error"):
+                reason = f"{own['error']}; then {reason}"
             record_failure(run_dir, reason, slurm_job_id=job.job_id)
             print(f"shardlab: failed: {run_dir}: {reason}", flush=True)
-            ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
             ret.return_value = {"status": "failed", "error": reason}
             return ret
+
+
+def _read_summary(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _singletons():
