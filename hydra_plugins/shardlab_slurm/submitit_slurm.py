@@ -143,15 +143,15 @@ class SlurmLauncher(PluginSlurmLauncher):
             with open_dict(cfg.hydra.job):
                 cfg.hydra.job.num = num  # as the job itself would have had it
             run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
-            # What the job recorded itself comes first (e.g. "stopped by SIGUSR2 at step 40 ..." when submitit
-            # would not requeue it again); a summary of a run that finished is left as it is.
+            # What the job recorded itself follows SLURM's word (e.g. "stopped by SIGUSR2 at step 40 ..." when
+            # submitit would not requeue it again); a summary of a run that finished is left as it is.
             ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
             own = _read_summary(run_dir)
             if own.get("status") == "ok":  # the run finished; only submitit's record of it was lost
                 ret.return_value = own
                 return ret
-            if own.get("error"):
-                reason = f"{own['error']}; then {reason}"
+            if own.get("error"):  # e.g. scancel's SIGTERM made the workers checkpoint first
+                reason = f"{reason}; the job had recorded: {own['error']}"
             record_failure(run_dir, reason, slurm_job_id=job.job_id)
             print(f"shardlab: failed: {run_dir}: {reason}", flush=True)
             ret.return_value = {"status": "failed", "error": reason}
