@@ -34,8 +34,8 @@ install: $(STAMP) ## create .venv and install the dependencies from pyproject.to
 train: $(STAMP) ## train the default config (native Llama, embedded text corpus) and print a summary
 	$(PY) train.py $(ARGS)
 
-test: $(STAMP) ## run the test suite
-	$(PY) -m pytest -q $(ARGS)
+test: $(STAMP) ## run the test suite (two workers, whole files each: see README)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 sweep: $(STAMP) ## a CPU-sized sweep (strategy x precision x attention); report in multirun/<date>/<time>/
 	$(PY) train.py -m +sweep=cpu $(ARGS)

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -73,17 +74,25 @@ def test_wandb_offline_run_holds_rows_and_summary(tmp_path, monkeypatch):
     log_all(lg)
 
     [run_file] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    history, summary, run = {}, {}, None
-    for rec in wandb_records(run_file):
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            run = rec.run
-        elif kind == "history":
-            items = {item_key(i): json.loads(i.value_json) for i in rec.history.item}
-            history[rec.history.step.num] = items
-        elif kind == "summary":
-            summary.update({item_key(i): json.loads(i.value_json) for i in rec.summary.update})
+    # wandb's own service process writes the file; on a loaded machine its last writes can land a moment after
+    # finish() has returned (seen once in several suites: no run record yet), so read until it is whole.
+    deadline = time.monotonic() + 10
+    while True:
+        history, summary, run = {}, {}, None
+        for rec in wandb_records(run_file):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                run = rec.run
+            elif kind == "history":
+                items = {item_key(i): json.loads(i.value_json) for i in rec.history.item}
+                history[rec.history.step.num] = items
+            elif kind == "summary":
+                summary.update({item_key(i): json.loads(i.value_json) for i in rec.summary.update})
+        if (run is not None and "tokens_per_s_median" in summary) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
 
+    assert run is not None, f"no run record in {run_file}"
     assert run.project == "shardlab-test" and run.run_group == "g1" and run.display_name == "r1"
     assert list(run.tags) == ["cpu", "test"]
     config = {item_key(i): json.loads(i.value_json) for i in run.config.update}

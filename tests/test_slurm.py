@@ -124,10 +124,15 @@ def test_sweep_of_two_jobs_each_a_world_of_two_tasks(tmp_path):
         s = summary(sweep_dir / job)
         assert s["world_size"] == 2 and s["status"] == "ok"
         assert s["slurm_job_id"] in ids
-    sacct = subprocess.run(
-        ["sacct", "-X", "-P", "-n", "-j", ",".join(ids), "-o", "JobID,State"], capture_output=True, text=True
-    ).stdout
-    assert sacct.count("COMPLETED") == 2, sacct
+
+    def sacct() -> str:  # accounting lags the controller by a moment: retried (sacct states, one per job)
+        return subprocess.run(
+            ["sacct", "-X", "-P", "-n", "-j", ",".join(ids), "-o", "JobID,State"],
+            capture_output=True,
+            text=True,
+        ).stdout
+
+    wait_for(lambda: sacct().count("COMPLETED") == 2, timeout=30, every=0.5)
 
 
 @needs_slurm
