@@ -13,7 +13,8 @@ PACKAGES = ("hydra_plugins", "launcher", "trainer", "strategies", "models")
 # package -> the packages of ours it may import (DESIGN.md: models/ imports nothing of ours, strategies/
 # never imports trainer/, nothing imports hydra_plugins/ but train.py).
 ALLOWED = {
-    "hydra_plugins": {"hydra_plugins", "launcher", "trainer", "strategies", "models"},  # Hydra's plugins: on top
+    # Hydra's plugins (hydra_plugins/shardlab_slurm): on top
+    "hydra_plugins": {"hydra_plugins", "launcher", "trainer", "strategies", "models"},
     "launcher": {"launcher", "trainer", "strategies", "models"},
     "trainer": {"trainer", "strategies", "models"},
     "strategies": {"strategies"},
