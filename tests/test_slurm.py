@@ -161,7 +161,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path):
     # submitit's pre-timeout signal (SIGUSR2), then a requeue (SIGTERM to every process): each time the workers
     # save at a step boundary, the job is requeued and resumes; the final loss is bit-exact with a run that
     # was never interrupted.
-    run = ("strategy=ddp", "launcher.nproc_per_node=2", "trainer.max_steps=300", "trainer.log_every=10")
+    run = ("strategy=ddp", "launcher.nproc_per_node=2", "trainer.max_steps=400", "trainer.log_every=10")
     proc, sweep_dir = sweep(tmp_path, *run)
     run_dir = sweep_dir / "0"
     job = None
