@@ -15,6 +15,7 @@ from launcher.prefork import warm_workers
 from launcher.slurm import AGENT_SIGNALS
 from trainer.checks import check_device_capabilities, model_args
 from trainer.dist import broadcast_object, init_run
+from trainer.preempt import under_slurm
 
 CPU_DEFAULT_NPROC = 2  # nproc_per_node=auto without GPUs: enough to exercise the collectives
 
@@ -76,7 +77,7 @@ def launch_config(launcher_cfg, nproc: int) -> LaunchConfig:
         start_method="forkserver",
         # The signals on which the agent stops its workers. In a SLURM job not SIGTERM (preemption, requeue):
         # the workers save a checkpoint on it themselves, and the agent waits for them (launcher/slurm.py).
-        **({"signals_to_handle": AGENT_SIGNALS} if "SLURM_JOB_ID" in os.environ else {}),
+        **({"signals_to_handle": AGENT_SIGNALS} if under_slurm() else {}),
     )
 
 

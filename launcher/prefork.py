@@ -17,9 +17,8 @@ WORKER_MODULES = ("__main__", "launcher.worker")
 def warm_workers(modules: tuple[str, ...] = WORKER_MODULES) -> None:
     # Idempotent: one server per process, for every launch it makes; the first call's modules are preloaded.
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(modules))
-    with (
-        ignored_in_children()
-    ):  # in a SLURM job: the workers catch its signals themselves (launcher/slurm.py)
+    # In a SLURM job the workers catch its signals themselves (launcher/slurm.py).
+    with ignored_in_children():
         multiprocessing.forkserver.ensure_running()
 
 

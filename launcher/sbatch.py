@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, HydraException, OmegaConfBaseException) as e:
         fail(describe_error(e))
     # SLURM opens the job's log before the script runs: its directory must exist at submission
-    Path(opts.output or opts.run_root).expanduser().parent.mkdir(
-        parents=True, exist_ok=True
-    ) if opts.output else Path(opts.run_root).mkdir(parents=True, exist_ok=True)
+    log_dir = Path(opts.output).expanduser().parent if opts.output else Path(opts.run_root)
+    log_dir.mkdir(parents=True, exist_ok=True)
     print(script(opts, overrides, cfg), end="")
 
 

@@ -1,5 +1,5 @@
 # What a shardlab job does differently inside a SLURM allocation: a job of Hydra's submitit launcher
-# (`-m hydra/launcher=submitit_slurm`, launcher/slurm_launcher.py) or the `srun python train.py` of a script from
+# (`-m hydra/launcher=submitit_slurm`, hydra_plugins/shardlab_slurm) or the `srun python train.py` of a script from
 # `python -m launcher.sbatch`. One task per node; in each, shardlab's own launcher starts the local workers.
 #   - the rendezvous comes from the allocation: launcher.nnodes is checked against the step's tasks, the
 #     endpoint is the first node, the id the SLURM job id (nothing to fill in per job);
@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 
-from trainer.preempt import SIGNALS
+from trainer.preempt import SIGNALS, under_slurm
 
 PORT_BASE, PORT_SPAN = 20000, 20000  # the rendezvous port of a job: the same on every node, from its id
 
@@ -42,7 +42,7 @@ def fill_rendezvous(launcher_cfg) -> None:
     # launcher.rdzv_endpoint / rdzv_id is filled from the allocation. A batch script's own shell (no srun
     # step) is one process on one node, whatever the allocation.
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
-    if "SLURM_JOB_ID" not in os.environ or (tasks == 1 and launcher_cfg.nnodes == 1):
+    if not under_slurm() or (tasks == 1 and launcher_cfg.nnodes == 1):
         return
     if launcher_cfg.nnodes != tasks:
         raise ValueError(
@@ -63,38 +63,30 @@ def held_signals():
     # workers checkpoint (submitit's own handler would requeue and exit at once; torch's elastic agent leaves
     # SIGTERM alone there, see launcher/elastic.py). -> the signals received, in order.
     got: list[int] = []
-    if "SLURM_JOB_ID" not in os.environ:
+    with _handling(lambda signum, frame: got.append(signum)):
         yield got
-        return
-    before = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in SIGNALS}
-    try:
-        yield got
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-
-
-AGENT_SIGNALS = (
-    "SIGINT,SIGHUP,SIGQUIT"  # not SIGTERM: in a SLURM job the agent would kill its workers mid-save
-)
 
 
 def ignored_in_children():
     # For starting the forkserver the workers fork from: a process ignores what its parent ignored (across
     # exec, unlike handlers), so the workers are not killed by these signals before they catch them.
-    if "SLURM_JOB_ID" not in os.environ:
-        return contextlib.nullcontext()
-    return _ignoring(SIGNALS)
+    return _handling(signal.SIG_IGN)
 
 
 @contextlib.contextmanager
-def _ignoring(signals):
-    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+def _handling(handler):
+    # In a SLURM job: SIGNALS go to handler for the duration, then back to what handled them before.
+    before = {sig: signal.signal(sig, handler) for sig in SIGNALS} if under_slurm() else {}
     try:
         yield
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
+
+
+# The signals on which torch's elastic agent stops its workers; not SIGTERM: in a SLURM job the agent would kill
+# its workers mid-save.
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
 def hand_over(signum: int) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers.wandb import item_key, wandb_records
+from tests.helpers.wandb import read_wandb_run
 from trainer import loggers as loggers_mod
 from trainer.loggers import build_loggers
 
@@ -78,16 +78,8 @@ def test_wandb_offline_run_holds_rows_and_summary(tmp_path, monkeypatch):
     # finish() has returned (seen once in several suites: no run record yet), so read until it is whole.
     deadline = time.monotonic() + 10
     while True:
-        history, summary, run = {}, {}, None
-        for rec in wandb_records(run_file):
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                run = rec.run
-            elif kind == "history":
-                items = {item_key(i): json.loads(i.value_json) for i in rec.history.item}
-                history[rec.history.step.num] = items
-            elif kind == "summary":
-                summary.update({item_key(i): json.loads(i.value_json) for i in rec.summary.update})
+        found = read_wandb_run(run_file)
+        run, history, summary = found["run"], found["history"], found["summary"]
         if (run is not None and "tokens_per_s_median" in summary) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -95,7 +87,7 @@ def test_wandb_offline_run_holds_rows_and_summary(tmp_path, monkeypatch):
     assert run is not None, f"no run record in {run_file}"
     assert run.project == "shardlab-test" and run.run_group == "g1" and run.display_name == "r1"
     assert list(run.tags) == ["cpu", "test"]
-    config = {item_key(i): json.loads(i.value_json) for i in run.config.update}
+    config = found["config"]
     assert config["model"] == {"dim": 64}
     assert history[1]["loss"] == 4.0 and history[1]["note"] == "warm-up"
     assert history[2]["loss"] == 3.5 and history[2]["tokens_per_s"] == 1234.5
