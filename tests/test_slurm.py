@@ -6,9 +6,11 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -51,13 +53,21 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def wait_for(what, timeout: float = 120, every: float = 0.2):
+def wait_for(what, timeout: float = 120, every: float = 0.2, explain=lambda: ""):
+    # explain: what to add to the failure (e.g. the job's state and log), read when it fails.
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if found := what():
             return found
         time.sleep(every)
-    pytest.fail(f"timed out after {timeout} s waiting for {getattr(what, '__name__', what)}")
+    pytest.fail(f"timed out after {timeout} s waiting for {getattr(what, '__name__', what)}\n{explain()}")
+
+
+def job_report(sweep_dir: Path, job: str | None) -> str:
+    # For a failure: the job's queue state and reason, and the end of its submitit logs.
+    queue = subprocess.run(["squeue", "-h", "-o", "%i %T %r %S"], capture_output=True, text=True).stdout
+    logs = "".join(p.read_text() for p in sorted((sweep_dir / ".submitit").glob("*/*_log.*")))
+    return f"job {job}; squeue: {queue.strip()!r}\n{logs[-3000:]}"
 
 
 def steps_logged(run_dir: Path) -> int:
@@ -74,6 +84,25 @@ def job_state(job: str) -> str:
         ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True
     ).stdout.split()
     return out[0] if out else ""
+
+
+def release(job: str) -> None:
+    # A requeued job is held ~2 min (its BeginTime) so that its next launch carries a credential newer than the
+    # revoked one of the run that just ended; started sooner (within that second) slurmd refuses the launch and
+    # the job FAILS. So: wait for SLURM's own hold, which it sets once the old run has fully ended, then let a
+    # second pass and start the job now.
+    def held() -> bool:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r|%S"], capture_output=True, text=True)
+        state, reason, begin = (out.stdout.strip().split("|") + ["", "", ""])[:3]
+        return (
+            state == "PENDING"
+            and reason == "BeginTime"
+            and begin > f"{datetime.now() + timedelta(seconds=30):%FT%T}"
+        )
+
+    wait_for(held, timeout=60, every=0.1)
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
 
 
 def job_of(run_dir: Path) -> str:
@@ -165,15 +194,24 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path):
     proc, sweep_dir = sweep(tmp_path, *run)
     run_dir = sweep_dir / "0"
     job = None
-    for signal_it, at in (
-        (lambda j: ["scancel", "--signal=USR2", j], 40),  # submitit's pre-timeout signal
-        (lambda j: ["scontrol", "requeue", j], 150),  # a requeue: SIGTERM, then SIGKILL after KillWait
-    ):
-        wait_for(lambda at=at: steps_logged(run_dir) >= at, timeout=180)
-        job = job or job_of(run_dir)
-        subprocess.run(signal_it(job), check=True)
-        wait_for(lambda job=job: job_state(job) == "PENDING", timeout=60)
-        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # held ~2 min
+    try:
+        for signal_it, at in (
+            (lambda j: ["scancel", "--signal=USR2", j], 40),  # submitit's pre-timeout signal
+            (lambda j: ["scontrol", "requeue", j], 150),  # a requeue: SIGTERM, then SIGKILL after KillWait
+        ):
+            wait_for(
+                lambda at=at: steps_logged(run_dir) >= at,
+                timeout=180,
+                explain=lambda job=job: job_report(sweep_dir, job),
+            )
+            job = job or job_of(run_dir)
+            subprocess.run(signal_it(job), check=True)
+            release(job)
+    except BaseException:  # leave no job behind to hold the node's cores for the tests after this one
+        os.killpg(proc.pid, signal.SIGKILL)
+        if job:
+            subprocess.run(["scancel", job], capture_output=True)
+        raise
     rc, out, err = finish(proc, timeout=240)
     assert rc == 0, out[-3000:] + err[-3000:]
     logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_0_log.out"))
