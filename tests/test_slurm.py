@@ -79,11 +79,10 @@ def steps_logged(run_dir: Path) -> int:
     return max((json.loads(line).get("step", 0) for line in lines if line.endswith("}")), default=0)
 
 
-def job_state(job: str) -> str:
-    out = subprocess.run(
-        ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True
-    ).stdout.split()
-    return out[0] if out else ""
+def job_state(job: str, fields: str = "%T") -> list[str]:
+    # squeue's fields (e.g. "%T|%r|%S": state, reason, begin time) of a job still queued; [] once it is gone.
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", fields], capture_output=True, text=True).stdout
+    return out.strip().split("|") if out.strip() else []
 
 
 def release(job: str) -> None:
@@ -92,13 +91,9 @@ def release(job: str) -> None:
     # the job FAILS. So: wait for SLURM's own hold, which it sets once the old run has fully ended, then let a
     # second pass and start the job now.
     def held() -> bool:
-        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r|%S"], capture_output=True, text=True)
-        state, reason, begin = (out.stdout.strip().split("|") + ["", "", ""])[:3]
-        return (
-            state == "PENDING"
-            and reason == "BeginTime"
-            and begin > f"{datetime.now() + timedelta(seconds=30):%FT%T}"
-        )
+        fields = job_state(job, "%T|%r|%S")  # state, reason, begin time
+        later = f"{datetime.now() + timedelta(seconds=30):%FT%T}"
+        return fields[:2] == ["PENDING", "BeginTime"] and fields[2] > later
 
     wait_for(held, timeout=60, every=0.1)
     time.sleep(2)
@@ -237,7 +232,7 @@ def test_printed_sbatch_script_runs_as_printed(tmp_path):
     job = subprocess.run(
         ["sbatch", "--parsable", str(tmp_path / "job.sbatch")], capture_output=True, text=True, check=True
     ).stdout.strip()
-    wait_for(lambda: job_state(job) == "", timeout=180, every=0.5)
+    wait_for(lambda: not job_state(job), timeout=180, every=0.5)
     s = summary(tmp_path / "runs" / job)
     assert s["status"] == "ok" and s["world_size"] == 2 and s["slurm_job_id"] == job
 
