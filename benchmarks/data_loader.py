@@ -2,7 +2,7 @@
 # ~1 MB one (windows are read through numpy.memmap, so the file is never copied into memory: the two peaks
 # should be within 100 MB); (2) the loader's tokens/s (one process, memmap, llama_20m's batch shape) beside
 # llama_20m's training tokens/s from that run: the loader must be at least 50x faster, so data is never what a
-# step waits for. The token files are random uint16 ids with the meta.json launcher.prepare writes.
+# step waits for. The token files are random uint16 ids with the meta.json commands.prepare writes.
 #   python -m benchmarks.data_loader                 # 1 GB and 1 MB, 30 training steps each
 #   python -m benchmarks.data_loader --big-mb 200    # a quicker look
 import argparse

@@ -52,8 +52,8 @@ class Runner:
 
 def sized_micro_batch(model: str, seq_len: int, memory_bytes: float, share: float, overrides: tuple) -> int:
     # The largest power-of-two micro-batch whose planned peak is at most `share` of the device's memory.
+    from commands.plan import setup_of
     from launcher.compose import compose_config
-    from launcher.plan import setup_of
 
     micro = 1
     while micro < 1024:

@@ -2,7 +2,7 @@
 # bf16-mixed x flash, standard x no / full activation checkpointing) at micro-batches 2, 4 and 8, 2 processes,
 # and a memory budget that prunes some (the planner's peak of ddp + fp32 + standard attention at micro-batch
 # 2, less 10%). The sweep runs all 48 (candidate, micro-batch) jobs with `python train.py -m`, as a user
-# without a tune would; the tune runs `python -m launcher.tune` on the same space and budget. Printed: both
+# without a tune would; the tune runs `python -m commands.tune` on the same space and budget. Printed: both
 # wall times, the sweep's best, and the tune's winner as the sweep measured it: the winner must be within 5%
 # of the sweep's best (or within its step-to-step noise), in at most 40% of the sweep's time.
 #   python -m benchmarks.tune_vs_sweep
@@ -22,8 +22,8 @@ STEPS, WARMUP = 12, 2  # the sweep's jobs: as long as the tune's last round
 
 
 def budget_gb() -> float:
+    from commands.plan import setup_of
     from launcher.compose import compose_config
-    from launcher.plan import setup_of
 
     cfg = compose_config(
         [*BASE, "strategy=ddp", "precision=fp32", "attention=standard", "trainer.micro_batch_size=2"]
@@ -60,7 +60,7 @@ def main() -> None:
                     r["activation_checkpointing"] = r.get("strategy.activation_checkpointing", "none")
                     r["micro"] = r.get("trainer.micro_batch_size", "")
                     jobs[key(r)] = r
-        tune = [sys.executable, "-m", "launcher.tune", *BASE, f"plan.device_memory_gb={limit}",
+        tune = [sys.executable, "-m", "commands.tune", *BASE, f"plan.device_memory_gb={limit}",
                 *(f"tune.{a}=[{','.join(AXES[k])}]" for a, k in (("strategies", "strategy"), ("precisions", "precision"),
                   ("attentions", "attention"), ("activation_checkpointing", "strategy.activation_checkpointing"),
                   ("micro_batch_sizes", "trainer.micro_batch_size"))),

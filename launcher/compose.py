@@ -1,4 +1,4 @@
-# Hydra set-up shared by train.py, `python -m launcher.plan` and the tests: the schemas and the resolvers
+# Hydra set-up shared by train.py, `python -m commands.plan` and the tests: the schemas and the resolvers
 # that keep one run directory per run whichever way the run was started. No torch here: train.py imports
 # this before Hydra has parsed the command line.
 import os

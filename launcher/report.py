@@ -301,7 +301,7 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
     if memory_columns(rows):
         notes.append(
             "- **Predicted peak**: the memory planner's peak per rank for the job's config (`python -m "
-            "launcher.plan`); **MemTracker peak**: one training step measured by PyTorch's MemTracker on rank 0 "
+            "commands.plan`); **MemTracker peak**: one training step measured by PyTorch's MemTracker on rank 0 "
             "(metrics.memory_breakdown=true), tensors only, without the allocator's cache or other process memory."
         )
     if reused:

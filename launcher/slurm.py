@@ -1,6 +1,6 @@
 # What a shardlab job does differently inside a SLURM allocation: a job of Hydra's submitit launcher
 # (`-m hydra/launcher=submitit_slurm`, hydra_plugins/shardlab_slurm) or the `srun python train.py` of a script from
-# `python -m launcher.sbatch`. One task per node; in each, shardlab's own launcher starts the local workers.
+# `python -m commands.sbatch`. One task per node; in each, shardlab's own launcher starts the local workers.
 #   - the rendezvous comes from the allocation: launcher.nnodes is checked against the step's tasks, the
 #     endpoint is the first node, the id the SLURM job id (nothing to fill in per job);
 #   - preemption: SLURM's SIGTERM and submitit's pre-timeout SIGUSR2 reach every process of the job. The workers

@@ -120,7 +120,7 @@ def param_shapes(args: ModelArgs) -> ParamShapes:
 
 # ---------------------------------------------------------------- the same model in transformers
 # LlamaForCausalLM holds the same tensors under other names (RoPE pairs in HF's rotate_half layout already):
-# launcher/export.py writes a Hugging Face directory with these, and the parity tests build one from them.
+# commands/export.py writes a Hugging Face directory with these, and the parity tests build one from them.
 HF_BLOCK_NAMES = {
     "attention_norm": "input_layernorm",
     "attention.wq": "self_attn.q_proj",

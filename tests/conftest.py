@@ -40,8 +40,8 @@ def text_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_tokens(tmp_path_factory, text_corpus) -> Path:
-    # The corpus's .py files as launcher.prepare writes them: byte-level tokens, one file held out.
-    from launcher.prepare import prepare
+    # The corpus's .py files as commands.prepare writes them: byte-level tokens, one file held out.
+    from commands.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "bytes"
     prepare(str(text_corpus), str(out), glob="*.py", val_fraction=0.34, num_proc=1)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import export
+from commands import export
 from launcher.errors import describe_error
 from tests.helpers.cli import cli_env, finish, start_cli
 from tests.helpers.run import REPO, compose_config, train_in_process
@@ -233,7 +233,7 @@ def test_fp8_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
 
 
 def test_export_of_a_corrupt_checkpoint_fails_in_one_line(ckpt, tmp_path, capsys):
-    # launcher.export's command line (its success path runs as a subprocess in tests/test_checkpoint.py).
+    # commands.export's command line (its success path runs as a subprocess in tests/test_checkpoint.py).
     with pytest.raises(SystemExit) as exit_:
         export.main([str(ckpt / "corrupt"), str(tmp_path / "m.pt")])
     assert exit_.value.code == 2

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from launcher.export import consolidated_model_state, export
+from commands.export import consolidated_model_state, export
 from models import build_model
 from tests.helpers import dist as dist_helpers
 from tests.helpers.cli import cli_env, start_cli, workers
@@ -232,7 +232,7 @@ def test_export_consolidates_shards_into_one_file(runs, tmp_path, text_corpus):
     src = _at(out, "fsdp-saved", HALF)
     target = tmp_path / "model.safetensors"
     proc = subprocess.run(
-        [sys.executable, "-m", "launcher.export", str(src), str(target)],
+        [sys.executable, "-m", "commands.export", str(src), str(target)],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,
@@ -257,7 +257,7 @@ def test_export_consolidates_shards_into_one_file(runs, tmp_path, text_corpus):
     assert loss == pytest.approx(_losses(out, "fsdp-resumed")[HALF + 1], rel=1e-5)
 
     code = subprocess.run(
-        [sys.executable, "-m", "launcher.export", str(tmp_path / "nothing"), str(target)],
+        [sys.executable, "-m", "commands.export", str(tmp_path / "nothing"), str(target)],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,

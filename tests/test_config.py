@@ -55,7 +55,7 @@ def test_every_option(group, option, tmp_path, request):
     # A group outside the main config's defaults (an experiment/ preset) is added with `+`.
     choice = f"{group}={option}" if group in SCHEMAS else f"+{group}={option}"
     needs = NEEDS.get((group, option), [])
-    if (group, option) == ("data", "tokens"):  # a directory of launcher.prepare's
+    if (group, option) == ("data", "tokens"):  # a directory of commands.prepare's
         needs = [f"data.path={request.getfixturevalue('prepared_tokens')}"]
     cfg = compose_config(choice, *needs)
     if group in SCHEMAS:

@@ -1,4 +1,4 @@
-# The memory planner's arithmetic (trainer/memory/) and `python -m launcher.plan`: the rules of thumb it
+# The memory planner's arithmetic (trainer/memory/) and `python -m commands.plan`: the rules of thumb it
 # must reproduce as special cases, sharding, the activation formula's terms, and the CLI's verdicts.
 # Pure arithmetic, no tensors: fast. tests/test_memory.py checks the same numbers against MemTracker.
 import dataclasses
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launcher import plan as plan_cli
+from commands import plan as plan_cli
 from models import build_model_args, param_count
 from models.llama import ModelArgs
 from tests.helpers.cli import cli_env
@@ -181,7 +181,7 @@ def test_plan_cli_runs_as_a_module_and_reports_bad_overrides():
         [
             sys.executable,
             "-m",
-            "launcher.plan",
+            "commands.plan",
             "model=llama_1b",
             "strategy=ddp",
             "precision=fp32",
@@ -196,7 +196,7 @@ def test_plan_cli_runs_as_a_module_and_reports_bad_overrides():
     assert ok.returncode == 0, ok.stderr
     assert "does not fit" in ok.stdout and "optim=adamw8bit" in ok.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "launcher.plan", "precision=fp4"],
+        [sys.executable, "-m", "commands.plan", "precision=fp4"],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,

@@ -1,4 +1,4 @@
-# Prepared token files: `python -m launcher.prepare` from text files, JSON Lines and Parquet (bytes or a local
+# Prepared token files: `python -m commands.prepare` from text files, JSON Lines and Parquet (bytes or a local
 # tokenizer), split by whole documents, deterministic, written whole or not at all; data=tokens reading them
 # through numpy.memmap; and every bad input of both in one line.
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from launcher import prepare as prepare_cli
-from launcher.prepare import prepare
+from commands import prepare as prepare_cli
+from commands.prepare import prepare
 from tests.helpers.cli import cli_env
 from tests.helpers.run import REPO, compose_config, read_rows, train_in_process
 from trainer.checks import validate
@@ -28,7 +28,7 @@ def _docs(out: Path, split: str, dtype=np.uint16, eos: int = 0) -> list[np.ndarr
 def byte_dir(tmp_path_factory, text_corpus) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "bytes"
     proc = subprocess.run(
-        [sys.executable, "-m", "launcher.prepare", str(text_corpus), str(out), "--glob", "*.py", "--val-fraction", "0.34"],
+        [sys.executable, "-m", "commands.prepare", str(text_corpus), str(out), "--glob", "*.py", "--val-fraction", "0.34"],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

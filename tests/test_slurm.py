@@ -223,7 +223,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path):
 @needs_slurm
 def test_printed_sbatch_script_runs_as_printed(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "launcher.sbatch", *TINY, "launcher.nproc_per_node=2", "strategy=ddp",
+        [sys.executable, "-m", "commands.sbatch", *TINY, "launcher.nproc_per_node=2", "strategy=ddp",
          "--run-root", str(tmp_path / "runs"), "--cpus-per-task", "2", "--time", "10"],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
@@ -291,7 +291,7 @@ def test_nnodes_must_match_the_tasks_of_the_step(monkeypatch):
 def test_sbatch_script_requests_what_the_config_needs(capsys):
     # A GPU config (printing needs no GPU and no SLURM): nodes from launcher.nnodes, a GPU and a CPU per worker,
     # one task per node, requeue on preemption, the run directory named after the job.
-    from launcher.sbatch import main
+    from commands.sbatch import main
 
     main(["model=debug", "strategy=fsdp", "launcher.nproc_per_node=8", "launcher.nnodes=2", "--partition", "gpu",
           "--time", "240", "--mem-gb", "512", "--run-root", "/tmp/shardlab-sbatch-test"])  # fmt: skip

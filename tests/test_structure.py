@@ -1,6 +1,6 @@
 # The code's structure as the design states it, read from the source with ast (nothing imported): no two
-# modules import each other, also not through an import inside a function; imports point one way, train.py ->
-# launcher -> trainer -> {strategies, models}; and `python train.py --help` imports no torch.
+# modules import each other, also not through an import inside a function; imports point one way, train.py and
+# commands -> launcher -> trainer -> {strategies, models}; and `python train.py --help` imports no torch.
 import ast
 import subprocess
 import sys
@@ -9,12 +9,14 @@ from pathlib import Path
 from tests.helpers.cli import cli_env
 from tests.helpers.run import REPO
 
-PACKAGES = ("hydra_plugins", "launcher", "trainer", "strategies", "models")
-# package -> the packages of ours it may import (DESIGN.md: models/ imports nothing of ours, strategies/
-# never imports trainer/, nothing imports hydra_plugins/ but train.py).
+PACKAGES = ("hydra_plugins", "commands", "launcher", "trainer", "strategies", "models")
+# package -> the packages of ours it may import: models/ imports nothing of ours, strategies/ never imports
+# trainer/, nothing imports hydra_plugins/ but train.py, and nothing imports commands/ (the stand-alone
+# commands, one floor above launcher/).
 ALLOWED = {
     # Hydra's plugins (hydra_plugins/shardlab_slurm): on top
     "hydra_plugins": {"hydra_plugins", "launcher", "trainer", "strategies", "models"},
+    "commands": {"commands", "launcher", "trainer", "strategies", "models"},
     "launcher": {"launcher", "trainer", "strategies", "models"},
     "trainer": {"trainer", "strategies", "models"},
     "strategies": {"strategies"},

@@ -1,4 +1,4 @@
-# python -m launcher.tune on the CPU: the planner prunes what cannot fit and what only recomputes more, real
+# python -m commands.tune on the CPU: the planner prunes what cannot fit and what only recomputes more, real
 # trials measure the rest (each its own worker processes, so one killed by the out-of-memory killer is a
 # row), a rerun reuses what finished, then_train trains exactly the winner, the budget stops the search,
 # and bad input is one line before any trial.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import tune as tune_cli
+from commands import tune as tune_cli
 from tests.helpers.cli import cli_env, workers
 from tests.helpers.reports import assert_png
 from tests.helpers.run import REPO, read_summary
@@ -32,8 +32,8 @@ BASE = (
 def budget_gb() -> float:
     # Between the planner's peaks of flash and standard attention at micro-batch 2, fp32, no checkpointing:
     # standard attention's (B, H, T, T) scores do not fit, flash does.
+    from commands.plan import setup_of
     from launcher.compose import compose_config
-    from launcher.plan import setup_of
 
     peaks = {
         a: setup_of(compose_config([*BASE, f"attention={a}", "trainer.micro_batch_size=2"])).plan().peak / 1e9
@@ -44,8 +44,8 @@ def budget_gb() -> float:
 
 
 def leanest_gb() -> float:
+    from commands.plan import setup_of
     from launcher.compose import compose_config
-    from launcher.plan import setup_of
 
     return min(
         setup_of(compose_config([*BASE, f"precision={p}", "attention=flash", f"strategy.activation_checkpointing={ac}",
@@ -55,7 +55,7 @@ def leanest_gb() -> float:
 
 
 def run_tune(*overrides: str, kill_first_trial: bool = False) -> tuple[int, str, str]:
-    args = [sys.executable, "-m", "launcher.tune", *BASE, *overrides]
+    args = [sys.executable, "-m", "commands.tune", *BASE, *overrides]
     proc = subprocess.Popen(
         args, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from models import build_model
 from trainer import preempt
-from trainer.paths import unwritable_reason
+from trainer.paths import publish, unwritable_reason
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -74,26 +74,15 @@ def save(root: Path, step: int, model, optimizer, scheduler, keep_last: int, met
     checkpoint_io.write(tmp, step, model, optimizer, scheduler, meta)
     _barrier()
     if _is_rank0():
-        _publish(tmp, final)
+        publish(tmp, final)  # the same step saved again (a resume from an older one) replaces it only then
         for _, old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    # The same step saved again (a resume from an older checkpoint): the old one is moved aside, not deleted
-    # first, so a crash here still leaves a complete checkpoint of every other step.
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def model_record(cfg) -> dict[str, str]:
-    # What a checkpoint says of the model it holds, for launcher/export.py to rebuild it with no config at
+    # What a checkpoint says of the model it holds, for commands/export.py to rebuild it with no config at
     # hand: the model's and the attention option's fields (JSON), and the run's tokenizer directory, if any.
     model = OmegaConf.to_container(cfg.model, resolve=True)
     attention = OmegaConf.to_container(cfg.attention, resolve=True)

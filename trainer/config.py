@@ -202,7 +202,7 @@ class EvalConfig:
 
 @dataclass
 class PlanConfig:
-    # python -m launcher.plan: per-rank memory of this config, and whether it fits
+    # python -m commands.plan: per-rank memory of this config, and whether it fits
     device_memory_gb: float | None = ranged(
         None, "> 0"
     )  # per device, decimal GB; None: the visible GPU's, if any
@@ -211,7 +211,7 @@ class PlanConfig:
 
 @dataclass
 class TuneConfig:
-    # python -m launcher.tune: the search space, axis by axis (None: a default that suits the device), and how
+    # python -m commands.tune: the search space, axis by axis (None: a default that suits the device), and how
     # the budget is spent. Candidates are strategy x precision x attention x activation checkpointing x
     # compile, each with the micro-batches the planner lets fit.
     strategies: list[str] | None = None  # default: single on one device; ddp, fsdp, fsdp_grad_op on more

@@ -5,7 +5,7 @@
 # eval batch i is the same consecutive windows every time it is asked for, so validation curves compare.
 #   synthetic  uniform random tokens from the seed; held out: a stream of its own
 #   text       the bytes (or a local tokenizer's ids) of files; held out: the stream's last data.val_fraction
-#   tokens     the flat token files of `python -m launcher.prepare`, read through numpy.memmap (a window is
+#   tokens     the flat token files of `python -m commands.prepare`, read through numpy.memmap (a window is
 #              read when a batch asks for it; the file is never copied into memory); held out: its val split
 import json
 import mmap
@@ -17,7 +17,7 @@ import torch
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step, row) over the generator's seed space
 _VAL_STREAM = 2**31 - 1  # synthetic held-out batches: seeds no training step uses
 SOURCES = ("synthetic", "text", "tokens")
-TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}  # launcher/prepare.py writes these
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}  # commands/prepare.py writes these
 
 
 def _seed(*parts: int) -> int:
@@ -163,10 +163,10 @@ def read_meta(path: str) -> dict:
     # A prepared token directory's meta.json, and its token files checked against it (sizes, not contents).
     if not path:
         raise ValueError(
-            "data=tokens needs data.path: point it at a directory written by `python -m launcher.prepare`"
+            "data=tokens needs data.path: point it at a directory written by `python -m commands.prepare`"
         )
     root = Path(path).expanduser()
-    fix = f"point data.path at a directory written by `python -m launcher.prepare`, or prepare {root} again"
+    fix = f"point data.path at a directory written by `python -m commands.prepare`, or prepare {root} again"
     if not root.is_dir():
         raise ValueError(f"data.path {str(root)!r} is not a directory: {fix}")
     try:

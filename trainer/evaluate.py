@@ -29,7 +29,7 @@ def check_held_out(val_windows: int | None, seq_len: int, batches: int, global_b
         raise ValueError(
             f"eval.batches={batches} of trainer.global_batch_size={global_batch} sequences needs {need} held-out "
             f"windows of {seq_len + 1} tokens, but the data holds {val_windows}: lower eval.batches, or "
-            "hold out more (data.val_fraction for data=text, --val-fraction of launcher.prepare for data=tokens)"
+            "hold out more (data.val_fraction for data=text, --val-fraction of commands.prepare for data=tokens)"
         )
 
 

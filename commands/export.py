@@ -1,6 +1,6 @@
 # From a (possibly sharded) DCP checkpoint to a model others can load:
-#   python -m launcher.export outputs/.../checkpoints/step_00000100 model.safetensors   (or model.pt): one file
-#   python -m launcher.export outputs/.../checkpoints/step_00000100 hf_model/             a Hugging Face model
+#   python -m commands.export outputs/.../checkpoints/step_00000100 model.safetensors   (or model.pt): one file
+#   python -m commands.export outputs/.../checkpoints/step_00000100 hf_model/             a Hugging Face model
 # A Hugging Face directory holds config.json and model.safetensors under transformers' names (and the run's
 # tokenizer files, when it used one): AutoModelForCausalLM.from_pretrained(dir) loads it, and shardlab trains
 # it again with model=hf model.name_or_path=dir. Loads in one process with no process group: DCP reassembles
@@ -8,7 +8,6 @@
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from launcher.errors import fail
 from models import build_model_args, hf_export
 from trainer.checkpoint import resolve_resume
 from trainer.checkpoint_io import read_metadata, read_model_state, read_train_state, verify
+from trainer.paths import staged
 
 FILE_FORMATS = (".safetensors", ".pt")  # any other target: a Hugging Face directory
 
@@ -74,29 +74,19 @@ def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
         return target
     args, tokenizer = model_record(path)
     config, hf_state = hf_export(args, state)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged(target) as tmp:
         config.save_pretrained(tmp)
         save_file(_safe_state(hf_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer:
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(tokenizer, local_files_only=True).save_pretrained(tmp)
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m launcher.export",
+        prog="python -m commands.export",
         description="a checkpoint -> a model file or a Hugging Face directory",
     )
     ap.add_argument(

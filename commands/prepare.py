@@ -1,5 +1,5 @@
 # Text -> flat token files that data=tokens reads through numpy.memmap, tokenized once instead of every run:
-#   python -m launcher.prepare <source> <out dir> [--tokenizer DIR] [--val-fraction F] [--glob G] [--text-field F]
+#   python -m commands.prepare <source> <out dir> [--tokenizer DIR] [--val-fraction F] [--glob G] [--text-field F]
 # source: a text file, or a directory of text files (--glob, read recursively in sorted order, one file one
 # document), JSON Lines or Parquet files with a text field. Read with Hugging Face `datasets` from local
 # files only (never the hub), tokenized in batches on all cores (byte-level, or a local HF tokenizer).
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from launcher.errors import fail
+from trainer.paths import staged
 
 BYTE_EOS = 0  # byte-level documents are separated by a NUL byte, which text does not hold
 KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # any other suffix: plain text
@@ -147,10 +148,7 @@ def prepare(source: str, out: str, tokenizer: str | None = None, val_fraction: f
     files, kind = source_files(src, glob)
     tok, vocab, eos = load_tokenizer(tokenizer)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(target) as tmp:
         ds, field = load_documents(files, kind, text_field, tmp / ".cache")
         held = split_documents(len(ds), val_fraction)
         procs = max(1, min(num_proc or os.cpu_count() or 1, len(ds)))
@@ -178,24 +176,15 @@ def prepare(source: str, out: str, tokenizer: str | None = None, val_fraction: f
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         del ds, tokenized
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    # The complete directory takes the out dir's name in one rename; an old one (--overwrite) goes after.
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launcher.prepare", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m commands.prepare",
+        description="text, JSON Lines or Parquet files -> the token files data=tokens reads (train.bin, val.bin, "
+        "meta.json), byte-level or with a local Hugging Face tokenizer",
+    )
     ap.add_argument("source", help="a text, JSON Lines or Parquet file, or a directory of them")
     ap.add_argument("out", help="the directory to write (train.bin, val.bin, meta.json)")
     ap.add_argument(

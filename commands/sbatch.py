@@ -1,5 +1,5 @@
 # A ready sbatch script for a config, for users who submit by hand:
-#   python -m launcher.sbatch model=llama_1b strategy=fsdp launcher.nproc_per_node=8 launcher.nnodes=2 \
+#   python -m commands.sbatch model=llama_1b strategy=fsdp launcher.nproc_per_node=8 launcher.nnodes=2 \
 #       --partition gpu --time 240 > train.sbatch && sbatch train.sbatch
 # One srun task per node runs `python train.py <overrides>`; in each, shardlab's launcher starts the node's
 # workers and takes the rendezvous from the allocation (launcher/slurm.py). The run directory is named after the
@@ -25,7 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog="python -m launcher.sbatch", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m commands.sbatch",
+        description="print a ready sbatch script for a config: one srun task per node runs train.py with the "
+        "given overrides; resources follow launcher.nnodes and launcher.nproc_per_node",
+    )
     ap.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
     ap.add_argument("--time", type=int, default=60, help="time limit, minutes (default 60)")
     ap.add_argument("--mem-gb", type=int, help="memory per node, GB (default: the partition's)")
@@ -43,7 +47,7 @@ def script(opts: argparse.Namespace, overrides: list[str], cfg) -> str:
     root = opts.run_root
     lines = [
         "#!/bin/bash",
-        f"# shardlab: python -m launcher.sbatch {shlex.join(sys.argv[1:])}",
+        f"# shardlab: python -m commands.sbatch {shlex.join(sys.argv[1:])}",
         f"#SBATCH --job-name={opts.job_name}",
         f"#SBATCH --nodes={cfg.launcher.nnodes}",
         "#SBATCH --ntasks-per-node=1",
@@ -68,7 +72,7 @@ def script(opts: argparse.Namespace, overrides: list[str], cfg) -> str:
 def main(argv: list[str] | None = None) -> None:
     opts, overrides = parse(list(sys.argv[1:] if argv is None else argv))
     if bad := [o for o in overrides if o.startswith("-")]:
-        fail(f"unknown option {bad[0]}: see python -m launcher.sbatch --help")
+        fail(f"unknown option {bad[0]}: see python -m commands.sbatch --help")
     try:
         cfg = compose_config(overrides)
         nproc = per_node(cfg.launcher.nproc_per_node) or 1

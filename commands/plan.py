@@ -1,5 +1,5 @@
 # Per-rank memory of a training config before anything runs, from the same Hydra config as train.py:
-#   python -m launcher.plan model=llama3_8b strategy=fsdp precision=bf16-mixed launcher.nproc_per_node=8 plan.device_memory_gb=80
+#   python -m commands.plan model=llama3_8b strategy=fsdp precision=bf16-mixed launcher.nproc_per_node=8 plan.device_memory_gb=80
 # prints parameters, gradients, optimizer state, activations (per block and in all), temporaries and the peak,
 # whether it fits the device, and if not, the cheapest changes that would make it fit. The arithmetic is in
 # trainer/memory/; this is its command line.

@@ -1,5 +1,5 @@
 # The fastest configuration that fits, found and then trained:
-#   python -m launcher.tune model=llama_160m launcher.nproc_per_node=8 plan.device_memory_gb=80 [tune.strategies=[ddp,fsdp]]
+#   python -m commands.tune model=llama_160m launcher.nproc_per_node=8 plan.device_memory_gb=80 [tune.strategies=[ddp,fsdp]]
 # Stage 1, no trial spent: every candidate (strategy x precision x attention x activation checkpointing x
 # compile) is checked by the same pre-launch checks as a run (a candidate the device cannot run is pruned
 # with the check's message) and planned by the memory planner at each micro-batch (a candidate whose every
@@ -32,11 +32,11 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from commands.plan import device_bytes, setup_of
+from commands.tune_report import write_report
 from launcher.compose import compose_config
 from launcher.elastic import WorkerFailed, launch, resolve_nproc
 from launcher.errors import describe_error, fail, short_reason
-from launcher.plan import device_bytes, setup_of
-from launcher.tune_report import write_report
 from trainer import gpus
 from trainer.checks import validate
 from trainer.config import batch_layout, check_schema
