@@ -14,8 +14,8 @@ from launcher.compose import compose_config
 from launcher.elastic import resolve_nproc
 from launcher.errors import describe_error, fail
 from trainer import gpus
-from trainer.checks import model_args
-from trainer.config import check_schema
+from trainer.checks import model_args, run_dims
+from trainer.config import batch_layout, check_schema
 from trainer.memory import GB, MemoryPlan, precision_bytes, spec_from_config
 from trainer.memory.suggest import Setup, suggestions
 from trainer.optim import OPTIMIZERS
@@ -40,8 +40,8 @@ def setup_of(cfg: DictConfig) -> Setup:
     # The config's planner inputs; raises ValueError (with the fix) for what the planner cannot plan.
     check_schema(cfg)
     nproc = resolve_nproc(str(cfg.launcher.nproc_per_node))
-    world = nproc * cfg.launcher.nnodes
-    strategies.check_config(cfg.strategy, world)
+    dims = run_dims(cfg.strategy, nproc * cfg.launcher.nnodes, nproc)
+    strategies.check_config(cfg.strategy, dims, *batch_layout(cfg.trainer, dims))
     args = model_args(cfg)
     if cfg.trainer.seq_len > args.max_seq_len:
         raise ValueError(
@@ -49,7 +49,7 @@ def setup_of(cfg: DictConfig) -> Setup:
         )
     return Setup(
         args=args,
-        spec=spec_from_config(cfg, world, device_of(cfg), nproc),
+        spec=spec_from_config(cfg, dims, device_of(cfg)),
         nproc=nproc,
         nnodes=cfg.launcher.nnodes,
         micro_batch_size=cfg.trainer.micro_batch_size,
@@ -64,11 +64,7 @@ def _row(text: str, value: float) -> str:
 def describe(cfg: DictConfig, plan: MemoryPlan) -> str:
     s, p = plan.spec, precision_bytes(plan.spec.precision)
     shard = f", sharded 1/{s.shard}" if s.shard > 1 else ""
-    layout = "shard-grad-op" if not s.reshard_after_forward else "full shard"
-    where = {"single": "1 rank", "ddp": f"replicated on {s.world_size} rank(s)"}.get(
-        s.strategy,
-        f"{layout} over {s.shard} of {s.world_size} ranks" + (", CPU offload" if s.cpu_offload else ""),
-    )
+    where = s.layout.plan_layout(s)
     weights = {4: "fp32", 2: "bf16"}[p.weights]
     block, blocks = max(plan.layer_bytes), len(plan.layer_bytes)
     checkpointed = sum(b < block for b in plan.layer_bytes)

@@ -19,7 +19,6 @@ from launcher.compose import compose_config
 from launcher.errors import describe_error, fail
 from launcher.slurm import per_node, slurm_gpus
 from trainer.checks import validate
-from trainer.config import batch_layout
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = compose_config(overrides)
         nproc = per_node(cfg.launcher.nproc_per_node) or 1
         world = nproc * cfg.launcher.nnodes
-        batch_layout(cfg.trainer, world)
-        validate(cfg, world, "cpu" if cfg.trainer.device == "cpu" else "cuda", None)
+        validate(cfg, world, "cpu" if cfg.trainer.device == "cpu" else "cuda", None, per_node=nproc)
     except (ValueError, HydraException, OmegaConfBaseException) as e:
         fail(describe_error(e))
     # SLURM opens the job's log before the script runs: its directory must exist at submission

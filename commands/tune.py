@@ -37,9 +37,10 @@ from commands.tune_report import write_report
 from launcher.compose import compose_config
 from launcher.elastic import WorkerFailed, launch, resolve_nproc
 from launcher.errors import describe_error, fail, short_reason
+from strategies import STRATEGIES
 from trainer import gpus
-from trainer.checks import validate
-from trainer.config import batch_layout, check_schema
+from trainer.checks import run_dims, validate
+from trainer.config import check_schema
 from trainer.dist import device_type
 from trainer.memory import GB
 from trainer.memory.suggest import suggestions
@@ -75,11 +76,9 @@ class Candidate:
 
 
 def default_axes(device: str, world: int, nnodes: int) -> dict:
-    strategies = (
-        ["single"] if world == 1 else ["ddp", "fsdp", "fsdp_grad_op"] + (["hsdp"] if nnodes > 1 else [])
-    )
+    # Each strategy names the conf/strategy options worth trying at this size (single alone on one device).
     return {
-        "strategies": strategies,
+        "strategies": [p for s in STRATEGIES.values() for p in s.tune_presets(world, nnodes)],
         "precisions": ["bf16-mixed", "fp8"] if device == "cuda" else ["fp32", "bf16-mixed"],
         "attentions": ["sdpa", "flash"],
         "activation_checkpointing": ["none", "selective", "full"],
@@ -117,25 +116,26 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
 
 
-def micro_options(cfg, world: int) -> list[int]:
-    per_rank = cfg.trainer.global_batch_size // world
+def micro_options(cfg, dp_size: int) -> list[int]:
+    # The micro-batches a candidate of this data-parallel size is planned (and tried) at.
+    per_rank = cfg.trainer.global_batch_size // dp_size
     given = cfg.tune.micro_batch_sizes
     found = sorted(given) if given is not None else [m for m in (2**i for i in range(12)) if m <= per_rank]
     bad = [m for m in found if m < 1 or per_rank % m]
     if bad or not found:
         raise ValueError(
             f"tune.micro_batch_sizes must divide the per-rank batch (trainer.global_batch_size {cfg.trainer.global_batch_size} "
-            f"/ world size {world} = {per_rank}), got {bad or found}"
+            f"/ data-parallel size {dp_size} = {per_rank}), got {bad or found}"
         )
     return found
 
 
-def plan_candidates(base: list[str], cfg, world: int, device: str, limit: float | None) -> list[Candidate]:
+def plan_candidates(base: list[str], cfg, nproc: int, device: str, limit: float | None) -> list[Candidate]:
     # Stage 1: the checks, then the planner, for every candidate. No trial.
+    world = nproc * cfg.launcher.nnodes
     axes = axes_of(cfg, device, world)
     dev = device_type(cfg.trainer.device)
     capability = gpus.capability()
-    micros = micro_options(cfg, world)
     out = []
     for values in itertools.product(*(axes[a] for a in AXES)):
         over = tuple(
@@ -146,10 +146,11 @@ def plan_candidates(base: list[str], cfg, world: int, device: str, limit: float 
         out.append(cand)
         try:
             c = compose_config([*base, *over])
-            validate(c, world, dev, capability)
+            validate(c, world, dev, capability, per_node=nproc)
         except (ValueError, HydraException, OmegaConfBaseException) as e:
             cand.status, cand.reason = "pruned", describe_error(e)
             continue
+        micros = micro_options(cfg, run_dims(c.strategy, world, nproc).dp_size)
         for m in micros:
             try:
                 peak = setup_of(compose_config([*base, *over, f"trainer.micro_batch_size={m}"])).plan().peak
@@ -322,11 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         check_schema(cfg)  # the rest of the config is each candidate's, checked with it
         nproc = resolve_nproc(str(cfg.launcher.nproc_per_node), cfg.trainer.device)
         world = nproc * cfg.launcher.nnodes
-        batch_layout(cfg.trainer, world)
         # What this machine runs (trainer.device=auto here: its GPU if any), unless plan.device says otherwise.
         device, limit = cfg.plan.device or device_type(cfg.trainer.device), device_bytes(cfg)
         limit = None if limit is None else limit * (1 - cfg.tune.headroom)
-        cands = plan_candidates(base, cfg, world, device, limit)
+        cands = plan_candidates(base, cfg, nproc, device, limit)
         if all(c.status == "pruned" for c in cands):
             raise ValueError(no_fit(cands, base, limit))
     except (ValueError, HydraException, OmegaConfBaseException) as e:

@@ -1,7 +1,6 @@
 # Hydra set-up shared by train.py, `python -m commands.plan` and the tests: the schemas and the resolvers
 # that keep one run directory per run whichever way the run was started. No torch here: train.py imports
 # this before Hydra has parsed the command line.
-import os
 from datetime import datetime
 from pathlib import Path
 
@@ -10,27 +9,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launcher.errors import fail
 from trainer.config import SCHEMAS, register_configs
+from trainer.environments import current
 from trainer.paths import stdlib_path, unwritable_reason
 
 _run_dir: str | None = None
 
 
-def _torchrun_run_id() -> str:
-    # Every rank of one torchrun job must agree on the run dir before any communication exists. A
-    # multi-node job has a shared rendezvous id; a single-node `torchrun` without --rdzv-id/--standalone
-    # reports "none", so use what its local workers share: the agent process (our parent) and its start.
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if run_id not in ("", "none"):
-        return run_id
-    import psutil
-
-    agent = psutil.Process(os.getppid())
-    return f"{datetime.fromtimestamp(agent.create_time()):%Y-%m-%d_%H-%M-%S}-{agent.pid}"
-
-
 def _new_run_dir(base: str, rdzv_id: str = "") -> str:
     # Created exclusively here, so two runs started in the same second get two directories. The nodes of
-    # one multi-node job share launcher.rdzv_id, and so one directory (on a shared filesystem).
+    # one multi-node job share launcher.rdzv_id, and so one directory (on a shared filesystem); so do the
+    # processes of a torchrun or of pods, by the run id their environment gives them (trainer/environments.py).
     global _run_dir
     if _run_dir is None:
         if why := unwritable_reason(base):
@@ -39,8 +27,8 @@ def _new_run_dir(base: str, rdzv_id: str = "") -> str:
             )
         if rdzv_id:
             _run_dir = f"{base}/multinode/{rdzv_id}"
-        elif "TORCHELASTIC_RUN_ID" in os.environ:
-            _run_dir = f"{base}/torchrun/{_torchrun_run_id()}"
+        elif shared := current().run_path():
+            _run_dir = f"{base}/{shared}"
         else:
             stem = Path(base) / f"{datetime.now():%Y-%m-%d}" / f"{datetime.now():%H-%M-%S}"
             stem.parent.mkdir(parents=True, exist_ok=True)
@@ -56,8 +44,8 @@ def _new_run_dir(base: str, rdzv_id: str = "") -> str:
 
 
 def _hydra_subdir() -> str | None:
-    # Under torchrun every rank runs Hydra; only rank 0 writes .hydra/.
-    return ".hydra" if int(os.environ.get("RANK", "0")) == 0 else None
+    # Under torchrun (and on pods) every rank or node runs Hydra; only rank 0 writes .hydra/.
+    return ".hydra" if current().rank() == 0 else None
 
 
 def setup_hydra() -> None:

@@ -12,10 +12,9 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from launcher.errors import describe_failure, failure_traceback
 from launcher.prefork import warm_workers
-from launcher.slurm import AGENT_SIGNALS
+from launcher.slurm import agent_signals
 from trainer.checks import check_device_capabilities, model_args
 from trainer.dist import broadcast_object, init_run
-from trainer.preempt import under_slurm
 
 CPU_DEFAULT_NPROC = 2  # nproc_per_node=auto without GPUs: enough to exercise the collectives
 
@@ -75,9 +74,9 @@ def launch_config(launcher_cfg, nproc: int) -> LaunchConfig:
         max_restarts=launcher_cfg.max_restarts,  # explicit: the API's default is 3, torchrun's CLI 0
         monitor_interval=launcher_cfg.monitor_interval,
         start_method="forkserver",
-        # The signals on which the agent stops its workers. In a SLURM job not SIGTERM (preemption, requeue):
-        # the workers save a checkpoint on it themselves, and the agent waits for them (launcher/slurm.py).
-        **({"signals_to_handle": AGENT_SIGNALS} if under_slurm() else {}),
+        # The signals on which the agent stops its workers. Not those that mean preemption (a SLURM job's SIGTERM):
+        # the workers save a checkpoint on them themselves, and the agent waits for them (launcher/slurm.py).
+        signals_to_handle=agent_signals(),
     )
 
 

@@ -19,8 +19,8 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from trainer import preempt
 from trainer.config import unknown_key_message
+from trainer.environments import current
 from trainer.loggers import write_json_atomic
 
 NO_ERROR_FILE = "<N/A>"  # torch's ProcessFailure.error_file when a worker wrote none (a signal, an exit)
@@ -136,6 +136,6 @@ def short_reason(error: str, last_step: int | None) -> str:
 def record_failure(run_dir: Path, reason: str, **extra) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {"status": "failed", "error": reason, "run_dir": str(run_dir), **extra}
-    if (job := preempt.job_id()) is not None:  # inside a SLURM job
+    if (job := current().job_id()) is not None:  # inside a SLURM job
         summary.setdefault("slurm_job_id", job)
     write_json_atomic(run_dir / "summary.json", summary)

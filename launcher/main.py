@@ -1,7 +1,6 @@
 # What train.py calls once Hydra has composed the config: validate at the boundary, then run in this
 # process (world size 1), under the torchrun that started us (style 1), or start the workers (styles 2, 3).
 import contextlib
-import os
 import signal
 import traceback
 from pathlib import Path
@@ -19,11 +18,8 @@ from launcher.sweep import fill_sweep_logger, reuse_previous_success
 from trainer import gpus
 from trainer.checks import capability, check_device_capabilities, model_args, validate
 from trainer.config import SCHEMAS
-from trainer.dist import broadcast_object, close_distributed, device_type, init_run
-
-
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+from trainer.dist import available_device, broadcast_object, close_distributed, init_run
+from trainer.environments import current
 
 
 def stamp_run(cfg: DictConfig) -> Path:
@@ -35,11 +31,12 @@ def stamp_run(cfg: DictConfig) -> Path:
 
 @record  # the exception goes to torchrun's error file, so its report names this rank's cause, not only its exit
 def main_torchrun(cfg: DictConfig) -> dict:
-    # Style 1: torchrun started every rank and each composed its own config; rank 0's resolved one is the run's.
+    # Style 1: torchrun (or a pod operator, one process a worker) started every rank and each composed its own
+    # config; rank 0's resolved one is the run's.
     # Each rank validates once, its own typed config (the same overrides everywhere) on its own device.
     env = init_run(cfg)
     try:
-        validate(cfg, env.world_size, env.device.type, capability(env.device))
+        validate(cfg, env.world_size, env.device.type, capability(env.device), per_node=env.per_node)
     except (ValueError, OmegaConfBaseException) as e:
         close_distributed(env)
         if env.is_rank0:
@@ -60,17 +57,18 @@ def main_torchrun(cfg: DictConfig) -> dict:
 
 def main(cfg: DictConfig) -> dict | None:
     run_dir = stamp_run(cfg)
-    if under_torchrun():
+    where = current()  # trainer/environments.py: where this job runs, detected once
+    if not where.creates_processes:  # torchrun (or an operator) started every rank
         return main_torchrun(cfg)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        slurm.fill_rendezvous(cfg.launcher)  # in a SLURM job of several nodes: from the allocation
+        where.fill_launcher(cfg.launcher)  # several nodes of a SLURM job or of pods: from their variables
         nproc = resolve_nproc(cfg.launcher.nproc_per_node, cfg.trainer.device)
         check_gpus(nproc, cfg.trainer.device)
         # The device the workers will use, not merely whether a GPU is present: trainer.device=cpu on a
         # GPU machine must be checked as a CPU run. The GPUs' compute capability comes from NVML: the
         # parent never creates a CUDA context.
-        validate(cfg, nproc * cfg.launcher.nnodes, device_type(cfg.trainer.device), gpus.capability())
+        validate(cfg, nproc * cfg.launcher.nnodes, available_device(), gpus.capability(), per_node=nproc)
     except (ValueError, OmegaConfBaseException) as e:
         reason = describe_error(e)
         if not multirun:

@@ -6,9 +6,9 @@
 # threads), so forking it is safe. Standard library only: train.py calls this before torch is imported.
 import multiprocessing
 import multiprocessing.forkserver
-import os
 
 from launcher.slurm import ignored_in_children
+from trainer.environments import current
 
 # The entry script (which every worker would import again) and the trainer.
 WORKER_MODULES = ("__main__", "launcher.worker")
@@ -23,8 +23,10 @@ def warm_workers(modules: tuple[str, ...] = WORKER_MODULES) -> None:
 
 
 def will_launch(cfg, multirun: bool) -> bool:
-    # Whether this process will start workers (styles 2 and 3), as far as the config says before torch loads:
-    # nproc_per_node=auto counts as more than one. Not under a torchrun that started this process (style 1).
-    if "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ:
+    # Whether this process will start workers (styles 2 and 3), as far as the config and the environment say
+    # before torch loads: nproc_per_node=auto counts as more than one. Not where the workers exist (style 1).
+    where = current()
+    if not where.creates_processes:
         return False
-    return multirun or str(cfg.launcher.nproc_per_node) != "1" or cfg.launcher.nnodes > 1
+    launcher = cfg.launcher
+    return multirun or str(launcher.nproc_per_node) != "1" or launcher.nnodes > 1 or where.multi_node()

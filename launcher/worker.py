@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from launcher.errors import first_line, record_failure
 from trainer import preempt
 from trainer.dist import DistEnv, close_distributed, first_failure
+from trainer.environments import current
 from trainer.loop import train
 
 # Longer than two polls of the elastic agent (launcher.monitor_interval, 0.5 s) and torchrun's (0.1 s).
@@ -33,7 +34,7 @@ def run_worker(cfg: DictConfig, env: DistEnv, say_first_failure: bool = False) -
     # A SLURM job's SIGTERM or SIGUSR2 asks for a checkpoint at the next step (trainer/preempt.py). Under SLURM
     # a launcher's SIGTERM after another rank failed is caught the same way: the others then fail in the
     # failed rank's collectives (gloo), or are killed by the agent after its shutdown timeout (nccl).
-    if not preempt.arm() and env.world_size > 1:
+    if not preempt.arm(current().preemption_signals) and env.world_size > 1:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if env.is_rank0:

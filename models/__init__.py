@@ -135,8 +135,13 @@ def param_shapes(args) -> ParamShapes:
 
 def family(args) -> str | None:
     # "llama" or "gpt2": which native family's structure a model has (a Hugging Face model's: its
-    # architecture's, or None where it is neither).
-    return args.family if isinstance(args, HFArgs) else ("llama" if isinstance(args, ModelArgs) else "gpt2")
+    # architecture's, or None where it is neither). Arguments of no family known here are an error, not GPT-2.
+    if isinstance(args, HFArgs):
+        return args.family
+    for name, (args_cls, _) in FAMILIES.items():
+        if type(args) is args_cls:
+            return name
+    raise TypeError(f"no model family has arguments of type {type(args).__name__}: add it to models.FAMILIES")
 
 
 def hf_export(args, state: dict) -> tuple:

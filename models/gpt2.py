@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .attention import ATTENTION, get_attention
 from .llama import ParamShapes, SeededInit, canonical_name, is_residual_projection, seeded_generator
+from .plan import ParallelPlan
 
 
 @dataclass
@@ -168,7 +169,24 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+PLAN = ParallelPlan(
+    blocks="layers",
+    rowwise=("attention.wo", "feed_forward.w2"),
+    colwise=("feed_forward.w1",),
+    norms=("attention_norm", "ffn_norm"),
+    embedding="tok_embeddings",
+    final_norm="norm",
+    head="output",
+    # A column split of the fused (dim, 3 * dim) wqkv would give each rank a slice across q, k and v, not
+    # whole heads of each: splitting it needs a layout of its own, which GPT-2 does not get here.
+    unsplit="GPT-2 fuses q, k and v in one Linear (wqkv, as GPT-2's c_attn), which a column split would cut "
+    "across q, k and v instead of into whole heads: use a Llama-family model for tensor parallelism",
+)
+
+
 class GPT2(SeededInit, nn.Module):
+    parallel_plan = PLAN
+
     def __init__(self, args: GPT2Args):
         super().__init__()
         self.args = args

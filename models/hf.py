@@ -7,6 +7,7 @@
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .attention import ATTENTION
 from .flops import num_params
 from .llama import canonical_name, seeded_generator
+from .plan import ParallelPlan
 
 # shardlab's generic model fields -> the names every transformers config answers to (GPT2Config maps
 # hidden_size to n_embd and so on through its attribute_map).
@@ -330,6 +332,30 @@ class HFCausalLM(nn.Module):
         pinned = self.args.attention == "flash" and self.hf.config._attn_implementation == "sdpa"
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if pinned else contextlib.nullcontext():
             return self.hf(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)
+
+    @functools.cached_property
+    def parallel_plan(self) -> ParallelPlan:
+        # transformers' own plan, read and not copied: config.base_model_tp_plan names the base model's
+        # projections ("layers.*.self_attn.q_proj": "colwise"); the blocks are the decoder layers.
+        layers = decoder_layers(self.hf)
+        names = {id(m): n for n, m in self.named_modules()}
+        tp = getattr(self.args.config, "base_model_tp_plan", None) or {}
+        inner = {k.split(".*.", 1)[1]: v for k, v in tp.items() if ".*." in k}
+        base = getattr(self.hf, self.hf.base_model_prefix, self.hf)
+        final = next((m for m in base.children() if "Norm" in type(m).__name__), None)
+        return ParallelPlan(
+            blocks=names[id(layers)],
+            colwise=tuple(k for k, v in inner.items() if v.startswith("colwise")),
+            rowwise=tuple(k for k, v in inner.items() if v.startswith("rowwise")),
+            norms=tuple(n for n, m in layers[0].named_modules() if "Norm" in type(m).__name__),
+            embedding=names[id(self.hf.get_input_embeddings())],
+            final_norm=names[id(final)] if final is not None else None,
+            head=names.get(id(self.hf.get_output_embeddings())),
+            unsplit=None
+            if tp
+            else f"transformers has no tensor-parallel plan for {self.args.config.model_type} "
+            "(config.base_model_tp_plan): use a Llama-like model (llama, mistral, qwen2) for tensor parallelism",
+        )
 
     def enable_activation_checkpointing(self, every: int) -> None:
         # The model's own hook: every `every`-th decoder layer recomputes its activations in backward.

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ATTENTION, get_attention
+from .plan import ParallelPlan
 
 
 @dataclass
@@ -284,7 +285,22 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# Meta's layout, as torchtitan splits it: q, k, v (K/V heads split across ranks under GQA) and the SwiGLU gate
+# and up projections column-wise; the attention output and the down projection row-wise.
+PLAN = ParallelPlan(
+    blocks="layers",
+    colwise=("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"),
+    rowwise=("attention.wo", "feed_forward.w2"),
+    norms=("attention_norm", "ffn_norm"),
+    embedding="tok_embeddings",
+    final_norm="norm",
+    head="output",
+)
+
+
 class Transformer(SeededInit, nn.Module):
+    parallel_plan = PLAN
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

@@ -1,42 +1,19 @@
-# Pieces every strategy applies before wrapping: activation checkpointing and per-block torch.compile.
+# Pieces every strategy applies before wrapping (activation checkpointing, per-block torch.compile) and what the
+# loop asks of any wrapped model (the gradient norm). Imported by the methods that wrap a model: it loads torch.
+import sys
+
 import torch
 from torch import nn
 
-AC_MODES = ("none", "full", "selective")
-
-
-def checkpointed(mode: str, every: int, n_layers: int) -> list[bool]:
-    # Which blocks recompute their activations in backward (keeping only their input): full, every one;
-    # selective, every `every`-th, trading some memory back for speed. The memory planner reads the same.
-    if mode not in AC_MODES:
-        raise ValueError(
-            f"unknown strategy.activation_checkpointing {mode!r}: valid options are {', '.join(AC_MODES)}"
-        )
-    return [mode == "full" or (mode == "selective" and i % every == 0) for i in range(n_layers)]
+from strategies.base import checkpointed
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
-    # The repeated transformer blocks: native models keep them in `layers`; HF decoders under .model.
-    for owner in (model, getattr(model, "model", None)):
-        if owner is not None and isinstance(getattr(owner, "layers", None), nn.ModuleList):
-            return owner.layers
-    # Hugging Face models name their decoder-layer class in _no_split_modules (what accelerate's and FSDP's
-    # auto-wrap policies use): the blocks are the ModuleList made of it (LlamaDecoderLayer, GPT2Block, ...).
-    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) and all(_is_one_of(b, names) for b in m):
-            return m
-    raise ValueError(
-        f"cannot find the transformer blocks of {type(model).__name__} (no .layers ModuleList, and no "
-        "ModuleList of the classes its _no_split_modules names)"
-    )
-
-
-def _is_one_of(block: nn.Module, class_names: set[str]) -> bool:
-    # Through the wrappers compile and AC put around a block, and FSDP2's subclass of its class.
-    for attr in ("_orig_mod", "_checkpoint_wrapped_module"):
-        block = getattr(block, attr, block)
-    return any(cls.__name__ in class_names for cls in type(block).__mro__)
+    # The repeated transformer blocks, where the model's own plan says (models/plan.py: each family keeps one).
+    plan = getattr(model, "parallel_plan", None)
+    if plan is None:
+        raise ValueError(f"{type(model).__name__} has no parallel_plan saying where its transformer blocks are")
+    return plan.block_list(model)
 
 
 def apply_ac(model: nn.Module, mode: str, every: int) -> None:
@@ -61,3 +38,21 @@ def apply_compile(model: nn.Module) -> None:
     layers = blocks(model)
     for i, block in enumerate(layers):
         layers[i] = torch.compile(block, fullgraph=True)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    # max_norm 0 reports the norm without clipping. Under FSDP the grads are DTensor shards and the norm
+    # is a DTensor reduced over the mesh.
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return norm.full_tensor() if instance_of(norm, "torch.distributed.tensor", "DTensor") else norm
+
+
+def instance_of(obj, module: str, name: str) -> bool:
+    # isinstance against a class of a module that is imported only where it is used (FSDP2, DTensor):
+    # until that module is loaded, nothing can be an instance of its class, and nothing need load it.
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(obj, getattr(loaded, name))

@@ -45,7 +45,7 @@ def test_the_rank_whose_failure_came_first_writes_the_summary(tmp_path, one_thre
     cfg = compose_config("data=text", f"data.path={tmp_path / 'not-on-this-node'}")
     cfg.run_dir = str(tmp_path / "run")
     with pytest.raises(ValueError, match="data.path"):
-        run_worker(cfg, DistEnv(rank=1, local_rank=1, world_size=1, device=torch.device("cpu")))
+        run_worker(cfg, DistEnv(rank=1, local_rank=1, world_size=2, device=torch.device("cpu")))
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "failed" and summary["error"].startswith(
         "rank 1 failed: ValueError: data.path"

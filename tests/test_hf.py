@@ -17,10 +17,9 @@ from strategies.common import blocks
 from strategies.fsdp import materialize
 from tests.helpers import dist as dist_helpers
 from tests.helpers.hf import as_hf_llama
-from tests.helpers.run import compose_config, read_rows, train_in_process
-from trainer.checks import model_args, validate
-from trainer.loop import build_parallel_model, train
-from trainer.precision import build_precision
+from tests.helpers.run import build_for, compose_config, read_rows, train_in_process
+from trainer.checks import validate
+from trainer.loop import train
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,8 +212,7 @@ def test_a_missing_local_path_is_one_clear_line(tmp_path):
 
 # ---------------------------------------------------------------- single, and fsdp on 2 processes
 def _inspect(cfg, env, run_dir) -> dict:
-    args = model_args(cfg)
-    model, _, _ = build_parallel_model(args, cfg, env, build_precision(cfg.precision.name, env.device))
+    model, _ = build_for(cfg, env)
     layers = blocks(model)
     return {
         "sharded_blocks": all(isinstance(b, FSDPModule) for b in layers),

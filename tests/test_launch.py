@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cli import cli_env, finish, start, workers
-from tests.helpers.run import REPO, read_rows
+from tests.helpers.run import REPO, compose_config, read_rows, train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +80,28 @@ def test_two_nodes_on_one_machine_form_one_world(tmp_path):
     assert summaries(tmp_path / "outputs") == [run_dir / "summary.json"]
     assert_ok(run_dir, strategy="ddp")
     assert sum("shardlab: ok:" in out for _, out, _ in results) == 1
+
+
+def test_two_pods_an_operator_starts_form_one_world_with_singles_losses(tmp_path, one_thread):
+    # Two "pods" with exactly the variables Kubeflow's PyTorchJob sets without nprocPerNode (MASTER_ADDR,
+    # MASTER_PORT, WORLD_SIZE = the pods, RANK = the pod), each `python train.py strategy=ddp
+    # launcher.nproc_per_node=2`: one world of 4 in one run dir named after the master, one summary, one "ok",
+    # and the loss trajectory of one process training the same global batch.
+    port = free_port()
+    pod = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "PYTHONUNBUFFERED": "0"}
+    args = [sys.executable, TRAIN, *TINY, "strategy=ddp", "launcher.nproc_per_node=2"]
+    procs = [start(args, tmp_path, env={**cli_env(), **pod, "RANK": str(r)}) for r in (0, 1)]
+    results = [finish(p) for p in procs]
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    run_dir = tmp_path / "outputs" / "multinode" / f"pods-127.0.0.1-{port}"
+    assert summaries(tmp_path / "outputs") == [run_dir / "summary.json"]
+    assert_ok(run_dir, world_size=4, strategy="ddp")
+    assert sum("shardlab: ok:" in out for _, out, _ in results) == 1
+    single = tmp_path / "single"
+    train_in_process(compose_config(*TINY), single)
+    expected = [r["loss"] for r in read_rows(single)]
+    assert [r["loss"] for r in read_rows(run_dir)] == pytest.approx(expected, abs=1e-5)
 
 
 def multinode_args(rdzv_id: str) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
-import strategies
+from strategies import get_strategy
 from tests.helpers import dist as dist_helpers
 from tests.helpers.run import compose_config, train_in_process
 from trainer.checks import model_args
@@ -78,29 +78,35 @@ def measure_one(cfg, env: DistEnv) -> dict:
     # planner's prediction for the same config. strategy=single runs alone on each rank (world size 1).
     if cfg.strategy.name == "single":  # its own world of one: no collective with the other rank's job
         env = DistEnv(rank=0, local_rank=0, world_size=1, device=env.device)
-    world = env.world_size
+    strategy = get_strategy(cfg.strategy.name)
+    dims = strategy.dims(cfg.strategy, env.world_size, env.per_node, env.rank)
     args = model_args(cfg)
     torch.manual_seed(cfg.trainer.seed)
-    model, _, precision = build_parallel_model(
-        args, cfg, env, build_precision(cfg.precision.name, env.device)
+    model, precision = build_parallel_model(
+        args,
+        cfg.strategy,
+        dims,
+        env.device,
+        cfg.trainer.seed,
+        build_precision(cfg.precision.name, env.device),
     )
     optimizer = build_optimizer(model, cfg.optim, env.device)
-    micro, accum = batch_layout(cfg.trainer, world)
+    micro, accum = batch_layout(cfg.trainer, dims)
     data = build_data(cfg.data, cfg.trainer.seq_len, cfg.trainer.seed, args.vocab_size)
-    rank = env.rank if world > 1 else 0
+    rank, world = dims.dp_rank, dims.dp_size
     # Two warm-up steps on short batches: the first creates the optimizer state, the second lets DDP
     # rebuild its gradient buckets in the order backward produced them (it does so once, in forward).
     for step in (1, 2):
         warm = [(x[:, :8], y[:, :8]) for x, y in micro_batches(data, step, rank, world, micro, 1)]
-        train_step(model, optimizer, warm, precision, env, 1, cfg.optim.grad_clip)
+        train_step(model, optimizer, warm, precision, env, strategy, 1, cfg.optim.grad_clip)
     batches = list(micro_batches(data, 3, rank, world, micro, accum))
     measured, _ = measure_step(
         model,
         optimizer,
-        lambda: train_step(model, optimizer, batches, precision, env, accum, cfg.optim.grad_clip),
-        fsdp=strategies.is_sharded(cfg.strategy.name),
+        lambda: train_step(model, optimizer, batches, precision, env, strategy, accum, cfg.optim.grad_clip),
+        fsdp=strategy.shards_state,
     )
-    plan = plan_memory(args, spec_from_config(cfg, world, env.device.type))
+    plan = plan_memory(args, spec_from_config(cfg, dims, env.device.type))
     return breakdown_record(measured, plan, step=3)
 
 

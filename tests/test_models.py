@@ -289,3 +289,42 @@ def test_llama_matches_hf_llama(tie):
     x = tokens(T=48)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["debug", "gpt2_debug", "hf_llama_debug", "hf_gpt2_debug"])
+def test_each_family_says_how_it_splits(name):
+    # The plan beside each family names real modules: its blocks, Linears to split column- and row-wise in every
+    # block (a column split divides output features, a row split input features), norms, embedding and head;
+    # or, where tensor parallelism cannot split it, one line saying why. transformers' plan is its own.
+    from tests.helpers.run import compose_config
+    from trainer.checks import model_args
+
+    args = model_args(compose_config(f"model={name}"))
+    with torch.device("meta"):
+        model = build_model(args)
+    plan = model.parallel_plan
+    layers = plan.block_list(model)
+    assert len(layers) == args.n_layers and isinstance(layers, torch.nn.ModuleList)
+    for block in layers:
+        for path in (*plan.colwise, *plan.rowwise):
+            assert isinstance(block.get_submodule(path), torch.nn.Linear), path
+        assert all(block.get_submodule(n) is not None for n in plan.norms) and len(plan.norms) == 2
+    assert isinstance(model.get_submodule(plan.embedding), torch.nn.Embedding)
+    assert isinstance(model.get_submodule(plan.head), torch.nn.Linear) and model.get_submodule(plan.final_norm)
+    if name in ("debug", "hf_llama_debug"):  # q, k, v, gate, up; o, down
+        assert (len(plan.colwise), len(plan.rowwise), plan.unsplit) == (5, 2, None)
+        q, o = (layers[0].get_submodule(plan.colwise[0]), layers[0].get_submodule(plan.rowwise[0]))
+        assert q.out_features == args.n_heads * args.head_dim == o.in_features
+    else:
+        assert plan.unsplit and "\n" not in plan.unsplit
+    if name.startswith("hf"):
+        tp = args.config.base_model_tp_plan or {}
+        assert {k.split(".*.")[1] for k in tp} == {*plan.colwise, *plan.rowwise}
+
+
+def test_arguments_of_no_known_family_are_an_error():
+    from models import family
+
+    assert family(build_model_args("debug")) == "llama" and family(build_model_args("gpt2_debug")) == "gpt2"
+    with pytest.raises(TypeError, match="no model family has arguments of type dict"):
+        family({"dim": 64})

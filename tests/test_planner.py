@@ -19,8 +19,8 @@ from trainer.memory.activations import layer_terms
 ONE_B = ModelArgs(dim=2048, n_layers=18, n_heads=16, vocab_size=32000, max_seq_len=4096)
 
 
-def state_per_param(args, **spec) -> float:
-    s = model_state(args, PlanSpec(**spec))
+def state_per_param(args, strategy="single", world_size=1, **spec) -> float:
+    s = model_state(args, PlanSpec.of(strategy, world_size, **spec))
     return (s["params"] + s["grads"] + s["optimizer"]) / param_count(args)
 
 
@@ -51,20 +51,20 @@ def test_zero_mixed_precision_adam_is_16_bytes_divided_by_n_under_full_shard():
 def test_fsdp_model_state_per_rank_is_1_over_n_of_ddp():
     args = build_model_args("llama3_8b")
     for precision in ("fp32", "bf16-mixed", "bf16-true"):
-        ddp = model_state(args, PlanSpec(precision=precision, strategy="ddp", world_size=8))
-        fsdp = model_state(args, PlanSpec(precision=precision, strategy="fsdp", world_size=8))
+        ddp = model_state(args, PlanSpec.of("ddp", 8, precision=precision))
+        fsdp = model_state(args, PlanSpec.of("fsdp", 8, precision=precision))
         for key in ("params", "grads", "optimizer"):
             assert fsdp[key] == pytest.approx(ddp[key] / 8, rel=1e-4)
 
 
 def test_sharding_variants():
-    args, base = build_model_args("llama_1b"), dict(precision="bf16-mixed", world_size=8, micro_batch=1)
-    full = plan_memory(args, PlanSpec(strategy="fsdp", **base))
+    args, base = build_model_args("llama_1b"), dict(precision="bf16-mixed", micro_batch=1)
+    full = plan_memory(args, PlanSpec.of("fsdp", 8, **base))
     # HSDP shards over its shard dim only: shard 4 of 8 ranks holds twice full shard's state.
-    hsdp = plan_memory(args, PlanSpec(strategy="hsdp", shard_size=4, **base))
+    hsdp = plan_memory(args, PlanSpec.of("hsdp", 8, shard_size=4, **base))
     assert hsdp.optimizer == pytest.approx(2 * full.optimizer, rel=1e-4)
     # Shard-grad-op (ZeRO-2) keeps every block gathered (bf16) from forward to backward: 2 bytes/param more.
-    grad_op = plan_memory(args, PlanSpec(strategy="fsdp", reshard_after_forward=False, **base))
+    grad_op = plan_memory(args, PlanSpec.of("fsdp", 8, reshard_after_forward=False, **base))
     assert grad_op.optimizer == full.optimizer
     gathered = (
         grad_op.events["start of backward"]["gathered params"]
@@ -73,7 +73,7 @@ def test_sharding_variants():
     blocks = param_count(args) - args.vocab_size * args.dim - args.dim  # tied head: root is embedding + norm
     assert gathered == pytest.approx(2 * blocks, rel=1e-3)
     # CPU offload: the sharded state moves to host memory.
-    offload = plan_memory(args, PlanSpec(strategy="fsdp", cpu_offload=True, **base))
+    offload = plan_memory(args, PlanSpec.of("fsdp", 8, cpu_offload=True, **base))
     assert offload.params == offload.grads == offload.optimizer == 0
     assert offload.host == pytest.approx(full.params + full.grads + full.optimizer)
     assert offload.peak < full.peak
@@ -217,10 +217,7 @@ def test_8bit_states_follow_the_local_shard_as_torchao_does():
     assert state_bytes("adamw8bit", 2, 2048) == 4 * 2048  # small, bf16 weights: bf16 moments
     # A (64, 64) matrix is quantised whole, but not in 32-row halves under FSDP on 2 ranks.
     args = build_model_args("debug", {"dim": 64, "n_layers": 1, "multiple_of": 64})
-    one, two = (
-        model_state(args, PlanSpec(optim="adamw8bit", strategy="fsdp", world_size=n))["optimizer"]
-        for n in (1, 2)
-    )
+    one, two = (model_state(args, PlanSpec.of("fsdp", n, optim="adamw8bit"))["optimizer"] for n in (1, 2))
     assert two > one / 2
 
 

@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 
-import strategies
 from models import build_model, build_model_args
+from strategies import get_strategy
+from strategies.common import clip_grad_norm
 from tests.helpers import dist as dist_helpers
-from tests.helpers.run import compose_config, read_rows, train_in_process
+from tests.helpers.run import build_for, compose_config, read_rows, train_in_process
 from trainer.checks import check_capability, validate
 from trainer.data import build_data, micro_batches
 from trainer.dist import init_distributed
-from trainer.loop import build_parallel_model, train, train_step
+from trainer.loop import train, train_step
 from trainer.optim import build_optimizer
 from trainer.precision import PRECISIONS, build_precision
 
@@ -119,13 +120,14 @@ def test_fp16_mixed_skips_an_inf_step_and_recovers(one_thread):
     data = build_data(cfg.data, cfg.trainer.seq_len, cfg.trainer.seed, args.vocab_size)
 
     def run(inject_at: int | None):
-        model, _, precision = build_parallel_model(args, cfg, env, build_precision("fp16-mixed", env.device))
+        model, precision = build_for(cfg, env, args, build_precision("fp16-mixed", env.device))
         opt = build_optimizer(model, cfg.optim, env.device)
         history = []
         for step in range(1, 6):
             before = [p.detach().clone() for p in model.parameters()]
             handle = _inf_into(model.layers[1].feed_forward.w2.weight) if step == inject_at else None
-            loss, _ = train_step(model, opt, micro_batches(data, step, 0, 1, 4, 1), precision, env, 1, 1.0)
+            batches = micro_batches(data, step, 0, 1, 4, 1)
+            loss, _ = train_step(model, opt, batches, precision, env, get_strategy("single"), 1, 1.0)
             if handle is not None:
                 handle.remove()
             changed = any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
@@ -181,9 +183,7 @@ def test_unknown_precision_lists_the_valid_ones():
 # ---------------------------------------------------------------- 2-process gloo group
 def _build(cfg, env):
     args = validate(cfg, env.world_size, "cpu")
-    model, _, precision = build_parallel_model(
-        args, cfg, env, build_precision(cfg.precision.name, env.device)
-    )
+    model, precision = build_for(cfg, env, args)
     data = build_data(cfg.data, cfg.trainer.seq_len, cfg.trainer.seed, args.vocab_size)
     return model, precision, data
 
@@ -234,7 +234,7 @@ def _fp16_steps(cfg, env, inject_at: int | None) -> list:
         if step == inject_at and env.rank == 0:
             next(iter(model.parameters())).grad.to_local().view(-1)[0] = float("inf")
         precision.unscale_(opt)
-        strategies.clip_grad_norm(model, 1.0)
+        clip_grad_norm(model, 1.0)
         stepped = precision.step(opt)
         opt.zero_grad(set_to_none=True)
         changed = any(

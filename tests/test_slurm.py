@@ -272,22 +272,6 @@ def test_bad_slurm_requests_are_refused_before_submission(tmp_path, override, sa
     assert says in refused(tmp_path, override)
 
 
-def test_nnodes_must_match_the_tasks_of_the_step(monkeypatch):
-    # Inside an srun step of two tasks (one per node) launcher.nnodes=1 would start two separate runs.
-    from omegaconf import OmegaConf
-
-    from launcher.slurm import fill_rendezvous
-
-    monkeypatch.setenv("SLURM_JOB_ID", "123")
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
-    launcher_cfg = OmegaConf.create({"nnodes": 1, "rdzv_endpoint": "", "rdzv_id": ""})
-    with pytest.raises(ValueError, match=r"launcher.nnodes=1, but this SLURM job step runs 2 task\(s\), one per node: set launcher.nnodes=2"):  # fmt: skip
-        fill_rendezvous(launcher_cfg)
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task, one node: the local rendezvous as usual
-    fill_rendezvous(launcher_cfg)
-    assert launcher_cfg.rdzv_endpoint == "" and launcher_cfg.rdzv_id == ""
-
-
 def test_sbatch_script_requests_what_the_config_needs(capsys):
     # A GPU config (printing needs no GPU and no SLURM): nodes from launcher.nnodes, a GPU and a CPU per worker,
     # one task per node, requeue on preemption, the run directory named after the job.

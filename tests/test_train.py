@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 import launcher.compose
 from models import build_model, build_model_args
+from strategies import get_strategy
 from tests.helpers.cli import run_cli
 from tests.helpers.run import compose_config, read_rows, read_summary, train_in_process
 from trainer.config import SCHEMAS
@@ -137,7 +138,8 @@ def test_clipping_reports_the_pre_clip_norm_and_clips(one_thread, clip):
     before = [p.detach().clone() for p in model.parameters()]
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)  # so the update is exactly the (clipped) gradient
     env = init_distributed("cpu")
-    _, reported = train_step(model, sgd, [(x, y)], build_precision("fp32", env.device), env, 1, clip)
+    fp32 = build_precision("fp32", env.device)
+    _, reported = train_step(model, sgd, [(x, y)], fp32, env, get_strategy("single"), 1, clip)
     assert float(reported) == pytest.approx(float(norm), rel=1e-5)  # the norm before clipping
     after = [p.detach() for p in model.parameters()]
     step = torch.linalg.vector_norm(torch.stack([(b - a).norm() for b, a in zip(before, after, strict=True)]))

@@ -4,7 +4,6 @@
 # writing itself is trainer/checkpoint_io.py (DCP), imported only where a checkpoint is read or written: a
 # run that never checkpoints never loads DCP.
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from models import build_model
-from trainer import preempt
+from trainer.environments import current
 from trainer.paths import publish, unwritable_reason
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -111,7 +110,7 @@ def maybe_resume(
     # -> (the last completed step, the checkpoint resumed from, its train state); (0, None, {}) for a fresh
     # start. `extra`: templates of the extra tensors save() was given, filled from the checkpoint if there.
     path = resolve_resume(ckpt_cfg.resume, root)
-    if (elastic_restart() or preempt.restarted()) and (own := complete_checkpoints(root)):
+    if current().restarted() and (own := complete_checkpoints(root)):
         # restarted after a failure, or a requeued SLURM job: this run's newest save, whatever resume named
         path = own[-1][1]
     if path is None:
@@ -123,11 +122,6 @@ def maybe_resume(
     if _is_rank0():
         print(f"shardlab: resumed from {path} at step {state['step']}", flush=True)
     return state["step"], path, state
-
-
-def elastic_restart() -> bool:
-    # The elastic agent (launcher.max_restarts, torchrun --max-restarts) counts the group's restarts.
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def check_below_max_steps(path: Path, step: int, max_steps: int) -> None:

@@ -13,11 +13,11 @@ from models.attention import check_attention_supported
 from trainer import checkpoint, optim
 from trainer.config import batch_layout, check_schema, one_of
 from trainer.data import data_facts
+from trainer.dist import device_type as resolve_device
 from trainer.evaluate import check_held_out
 from trainer.loggers import BACKENDS
 from trainer.precision import Precision, build_precision, require_convertible
 
-DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("error", "skip")  # trainer.on_nonfinite
 
 
@@ -25,14 +25,6 @@ def model_args(cfg: DictConfig):
     # The model's arguments as the config gives them, with the attention option's kernel and K/V heads.
     model = OmegaConf.to_container(cfg.model, resolve=True)
     return build_model_args(model.pop("name"), model, OmegaConf.to_container(cfg.attention, resolve=True))
-
-
-def check_device(device: str, available: str) -> str:
-    # -> the device type the run will use; `available` is what the machine has ("cuda" or "cpu").
-    one_of("trainer.device", device, DEVICES)
-    if device == "cuda" and available != "cuda":
-        raise ValueError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu or auto")
-    return "cpu" if device == "cpu" else available
 
 
 def check_capability(precision: Precision, capability) -> None:
@@ -48,11 +40,11 @@ def check_capability(precision: Precision, capability) -> None:
             )
 
 
-def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None):
-    # -> the model's arguments. device_type: what the machine offers; trainer.device=cpu narrows it, so a CPU
-    # run on a GPU host is checked as the CPU run it is.
+def validate(cfg: DictConfig, world_size: int, available: str, capability=None, per_node: int | None = None):
+    # -> the model's arguments. available: what the machine offers ("cuda" or "cpu"); trainer.device=cpu narrows
+    # it, so a CPU run on a GPU host is checked as the CPU run it is. per_node: ranks per node (None: all).
     check_schema(cfg)
-    device_type = check_device(cfg.trainer.device, device_type)
+    device_type = resolve_device(cfg.trainer.device, available)
     if device_type != "cuda":
         capability = None
     args = model_args(cfg)
@@ -63,16 +55,9 @@ def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None
             f"{args.max_seq_len}): lower trainer.seq_len or raise model.max_seq_len"
         )
     one_of("trainer.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
-    micro, accum = batch_layout(t, world_size)
-    strategies.check_config(cfg.strategy, world_size)
-    if cfg.strategy.get("static_graph") and accum > 1:
-        # torch 2.13's DDP reducer fails an INTERNAL ASSERT on the first no_sync backward under a static
-        # graph, and past that stops all-reducing (pytorch/pytorch#143580, the open fix #187732).
-        raise ValueError(
-            f"strategy.static_graph=true cannot be combined with gradient accumulation ({accum} micro-batches "
-            f"of {micro} per rank): DDP's static graph breaks under no_sync in this torch. Set "
-            f"strategy.static_graph=false, or trainer.micro_batch_size={micro * accum} for one micro-batch a step"
-        )
+    dims = run_dims(cfg.strategy, world_size, per_node)
+    micro, accum = batch_layout(t, dims)
+    strategies.check_config(cfg.strategy, dims, micro, accum)
     optim.check_config(cfg.optim)
     one_of("logger.name", cfg.logger.name, BACKENDS)
     precision = build_precision(cfg.precision.name, torch.device(device_type))
@@ -106,6 +91,11 @@ def validate(cfg: DictConfig, world_size: int, device_type: str, capability=None
             "run under compile): set strategy.compile=false for the measured run"
         )
     return args
+
+
+def run_dims(strategy_cfg, world_size: int, per_node: int | None = None, rank: int = 0):
+    # The run's ParallelDims, as its strategy lays out a world of world_size ranks.
+    return strategies.get_strategy(strategy_cfg.name).dims(strategy_cfg, world_size, per_node, rank)
 
 
 def capability(device: torch.device) -> tuple[int, int] | None:

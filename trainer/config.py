@@ -4,25 +4,21 @@
 # one walk. Cross-field checks live in trainer/checks.py's `validate`, which runs once, before any worker
 # starts. No torch here: train.py imports this before Hydra has parsed the command line.
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-_RULE = re.compile(r"^(>=|>) (-?[\d.e+-]+)$|^([\[(])(-?[\d.]+), (-?[\d.]+)([\])])$")
+from strategies import StrategyConfig
+from strategies import schemas as strategy_schemas
+from strategies.base import RANGE_RULE, one_of, ranged
 
-
-def ranged(default, rule: str):
-    # A numeric field and its valid range: ">= 1", "> 0", "[0, 1)", "[0, 1]". None (unset) is always valid.
-    if not _RULE.match(rule):
-        raise ValueError(f"bad range rule {rule!r}")
-    return field(default=default, metadata={"range": rule})
+__all__ = ["SCHEMAS", "batch_layout", "check_schema", "one_of", "ranged", "register_configs"]
 
 
 def _in_range(value, rule: str) -> bool:
-    m = _RULE.match(rule)
+    m = RANGE_RULE.match(rule)
     if m.group(1):
         bound = float(m.group(2))
         return value >= bound if m.group(1) == ">=" else value > bound
@@ -33,7 +29,7 @@ def _in_range(value, rule: str) -> bool:
 
 
 def _phrase(rule: str) -> str:
-    m = _RULE.match(rule)
+    m = RANGE_RULE.match(rule)
     if m.group(1) == ">=":
         return "not be negative" if float(m.group(2)) == 0 else f"be at least {m.group(2)}"
     if m.group(1) == ">":
@@ -72,36 +68,6 @@ class AttentionConfig:
 @dataclass
 class PrecisionConfig:
     name: str = "fp32"
-
-
-@dataclass
-class StrategyConfig:
-    name: str = "single"
-    activation_checkpointing: str = "none"  # none | full | selective
-    ac_every: int = ranged(2, ">= 1")  # selective: checkpoint every n-th block
-    compile: bool = False  # torch.compile each block
-
-
-@dataclass
-class DDPConfig(StrategyConfig):
-    name: str = "ddp"
-    bucket_cap_mb: int = ranged(25, ">= 1")  # DDP's gradient bucket size, MB
-    static_graph: bool = False
-
-
-@dataclass
-class FSDPConfig(StrategyConfig):
-    name: str = "fsdp"
-    reshard_after_forward: bool = True  # true: full shard (ZeRO-3); false: shard grad/optimizer (ZeRO-2)
-    cpu_offload: bool = False  # parameters, gradients and optimizer state live on the CPU
-
-
-@dataclass
-class HSDPConfig(FSDPConfig):
-    name: str = "hsdp"
-    shard_size: int = ranged(
-        0, ">= 0"
-    )  # ranks per shard group (the mesh's inner dim); 0 = the ranks of one node
 
 
 @dataclass
@@ -276,8 +242,9 @@ SCHEMAS = {
 }
 
 
-# Options whose schema extends their group's, e.g. conf/strategy/fsdp.yaml extends /schema/strategy_fsdp.
-OPTION_SCHEMAS = {"strategy_ddp": DDPConfig, "strategy_fsdp": FSDPConfig, "strategy_hsdp": HSDPConfig}
+# Options whose schema extends their group's, e.g. conf/strategy/fsdp.yaml extends /schema/strategy_fsdp: each
+# strategy's own, from its file.
+OPTION_SCHEMAS = strategy_schemas()
 
 
 def register_configs() -> None:
@@ -316,24 +283,20 @@ def check_schema(cfg: DictConfig, prefix: str = "") -> None:
             raise ValueError(f"{prefix}{key} must {_phrase(rule)}, got {value}")
 
 
-def one_of(key: str, value, valid) -> None:
-    # A name that picks one of a registry's entries (the registry lives beside what it names).
-    if value not in valid:
-        raise ValueError(f"unknown {key} {value!r}: valid options are {', '.join(valid)}")
-
-
-def batch_layout(trainer_cfg, world_size: int) -> tuple[int, int]:
-    # -> (micro_batch_size per rank, gradient accumulation steps)
-    gbs = trainer_cfg.global_batch_size
-    if gbs < 1 or gbs % world_size:
+def batch_layout(trainer_cfg, dims) -> tuple[int, int]:
+    # -> (micro_batch_size per rank, gradient accumulation steps). dims: the run's ParallelDims; the global
+    # batch is split over its data-parallel ranks (tensor- and pipeline-parallel peers read the same rows).
+    gbs, dp = trainer_cfg.global_batch_size, dims.dp_size
+    size = "world size" if dp == dims.world_size else "data-parallel size"
+    if gbs < 1 or gbs % dp:
         raise ValueError(
-            f"trainer.global_batch_size ({gbs}) must be a positive multiple of the world size ({world_size})"
+            f"trainer.global_batch_size ({gbs}) must be a positive multiple of the {size} ({dp})"
         )
-    per_rank = gbs // world_size
+    per_rank = gbs // dp
     micro = per_rank if trainer_cfg.micro_batch_size is None else trainer_cfg.micro_batch_size
     if micro < 1 or per_rank % micro:
         raise ValueError(
             f"trainer.micro_batch_size ({micro}) must divide the per-rank batch "
-            f"(global_batch_size {gbs} / world size {world_size} = {per_rank})"
+            f"(global_batch_size {gbs} / {size} {dp} = {per_rank})"
         )
     return micro, per_rank // micro

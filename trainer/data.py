@@ -243,9 +243,10 @@ def data_facts(data_cfg, seq_len: int = 1) -> tuple[int | None, int | None]:
     return None, None
 
 
-def micro_batches(source, step: int, rank: int, world_size: int, micro_batch_size: int, accum: int):
-    # Rank r holds rows [r * per_rank, (r + 1) * per_rank) of the global batch; yields (x, y) per micro-step.
+def micro_batches(source, step: int, dp_rank: int, dp_size: int, micro_batch_size: int, accum: int):
+    # Data-parallel rank r holds rows [r * per_rank, (r + 1) * per_rank) of the global batch; yields (x, y) per
+    # micro-step.
     per_rank = micro_batch_size * accum
-    rows = source.rows(step, range(rank * per_rank, (rank + 1) * per_rank), per_rank * world_size)
+    rows = source.rows(step, range(dp_rank * per_rank, (dp_rank + 1) * per_rank), per_rank * dp_size)
     for chunk in rows.split(micro_batch_size):
         yield chunk[:, :-1], chunk[:, 1:]  # (micro, T) inputs and next-token targets

@@ -7,13 +7,24 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from strategies import get_strategy
+from trainer.config import one_of
+from trainer.environments import current
+
 
 @dataclass(frozen=True)
 class DistEnv:
+    # The processes: this one's world rank, its rank and the rank count on its node, the device it drives. How a
+    # run lays its work over them (data, tensor, pipeline parallel) is the strategy's ParallelDims.
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int | None = None  # None: every rank on one node
+
+    @property
+    def per_node(self) -> int:
+        return self.local_world_size or self.world_size
 
     @property
     def is_rank0(self) -> bool:
@@ -24,14 +35,22 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-def device_type(pref: str) -> str:
-    # trainer.device -> the device type the workers will use. The launcher asks this before any worker
-    # starts, so a bad value fails there; is_available() creates no CUDA context.
-    if pref not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown trainer.device {pref!r}: valid options are auto, cpu, cuda")
-    if pref == "cuda" and not torch.cuda.is_available():
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def available_device() -> str:
+    # What this machine offers; is_available() creates no CUDA context.
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_type(pref: str, available: str | None = None) -> str:
+    # trainer.device -> the device type the run will use; available: what the machine has ("cuda" or "cpu";
+    # None: this machine). The one check of trainer.device: validation asks it before any worker starts.
+    one_of("trainer.device", pref, DEVICES)
+    available = available or available_device()
+    if pref == "cuda" and available != "cuda":
         raise ValueError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu")
-    return "cuda" if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()) else "cpu"
+    return "cpu" if pref == "cpu" else available
 
 
 def pick_device(pref: str, local_rank: int) -> torch.device:
@@ -54,7 +73,7 @@ def init_run(cfg) -> DistEnv:
     # The process group a run's config asks for.
     return init_distributed(
         cfg.trainer.device,
-        cfg.strategy.name != "single",
+        get_strategy(cfg.strategy.name).needs_group,
         cpu_offload=cfg.strategy.get("cpu_offload", False),
         timeout_s=cfg.launcher.get("timeout_s"),
     )
@@ -65,9 +84,9 @@ def init_distributed(
 ) -> DistEnv:
     # need_group: a strategy that needs a process group (DDP, FSDP) even on a world of one. timeout_s: how
     # long a collective waits for a rank that never comes (None: torch's default, nccl 10 min, gloo 30 min).
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # This process's ranks as whatever started it says (trainer/environments.py): torchrun or the elastic agent of
+    # launcher/elastic.py, a pod operator, or nobody (one process).
+    rank, local_rank, world_size, local_world_size = current().ranks()
     device = pick_device(device_pref, local_rank)
     if (world_size > 1 or need_group) and not dist.is_initialized():
         backend = backend_for(device.type, cpu_offload)
@@ -81,7 +100,7 @@ def init_distributed(
             dist.init_process_group(backend, **kwargs)
         else:  # one process, not started by a launcher: an in-process store needs no port
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
-    return DistEnv(rank, local_rank, world_size, device)
+    return DistEnv(rank, local_rank, world_size, device, local_world_size)
 
 
 def _attempt_store(world_size: int):

@@ -35,11 +35,12 @@ def check_held_out(val_windows: int | None, seq_len: int, batches: int, global_b
 
 @torch.no_grad()
 def evaluate(
-    model, data, precision: Precision, env: DistEnv, batches: int, global_batch: int, micro: int
+    model, data, precision: Precision, env: DistEnv, dims, batches: int, global_batch: int, micro: int
 ) -> float:
-    # -> the held-out loss, token-weighted over every batch and rank.
-    per_rank = global_batch // env.world_size
-    rows = range(env.rank * per_rank, (env.rank + 1) * per_rank)
+    # -> the held-out loss, token-weighted over every batch and rank. dims: the run's ParallelDims; each
+    # data-parallel rank evaluates its rows (tensor-parallel peers add the same sums to both totals).
+    per_rank = global_batch // dims.dp_size
+    rows = range(dims.dp_rank * per_rank, (dims.dp_rank + 1) * per_rank)
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, token count
     model.eval()
     try:

@@ -12,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import strategies
 from models import build_model
+from strategies import ParallelDims
+from strategies.common import clip_grad_norm
 from trainer import checkpoint, preempt
 from trainer.checks import model_args
 from trainer.config import batch_layout
@@ -25,32 +27,35 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.precision import Precision, build_precision
 
 
-def build_parallel_model(args, cfg: DictConfig, env: DistEnv, precision: Precision):
-    # Sharded strategies build on the meta device, shard, then materialise only their local shards,
-    # so a model larger than one device can be built; the others build in place on the device.
-    sharded = strategies.is_sharded(cfg.strategy.name)
-    with torch.device("meta" if sharded else env.device):
+def build_parallel_model(args, strategy_cfg, dims: ParallelDims, device, seed: int, precision: Precision):
+    # -> (the model to train, the precision as the strategy leaves it). Strategies that shard build on the meta
+    # device, shard, then materialise only their local shards, so a model larger than one device can be built;
+    # the others build in place on the device.
+    strategy = strategies.get_strategy(strategy_cfg.name)
+    with torch.device("meta" if strategy.on_meta else device):
         model = build_model(args)
-    if not sharded:
-        model.init_weights(cfg.trainer.seed)
+    if not strategy.on_meta:
+        model.init_weights(seed)
     model = precision.prepare_model(model)  # bf16-true cast, fp8/int8 Linear swap: before any wrapper
-    apply = strategies.get_strategy(cfg.strategy.name)
-    mesh = strategies.build_mesh(cfg.strategy, env.world_size, env.device)
-    model = apply(model, mesh, cfg.strategy, device=env.device, precision=precision)
-    if sharded:
-        strategies.materialize(model, env.device, cfg.trainer.seed, cfg.strategy)
-        # FSDP's MixedPrecisionPolicy casts parameters for compute; autocast on top would be redundant.
+    model = strategy.apply(model, dims, strategy_cfg, device=device, precision=precision)
+    if strategy.on_meta:
+        strategy.materialize(model, device, seed, strategy_cfg)
+    if (
+        strategy.casts_params
+    ):  # FSDP's MixedPrecisionPolicy casts for compute; autocast on top would be redundant
         precision = dataclasses.replace(precision, autocast=False)
-    return model, mesh, precision.with_scaler(sharded)  # fp16-mixed: the scaler this strategy needs
+    return model, precision.with_scaler(strategy.shards_state)  # fp16-mixed: the scaler this strategy needs
 
 
-def train_step(model, optimizer, batches, precision: Precision, env: DistEnv, accum: int, grad_clip: float):
+def train_step(
+    model, optimizer, batches, precision: Precision, env: DistEnv, strategy, accum: int, grad_clip: float
+):
     # -> (the step's loss, averaged over micro-batches and ranks; the gradient norm before clipping)
     loss_sum = torch.zeros((), device=env.device)
     for i, (x, y) in enumerate(batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         # Gradients are reduced across ranks only on the last micro-batch of the step.
-        with strategies.grad_sync(model, enabled=i == accum - 1):
+        with strategy.grad_sync(model, enabled=i == accum - 1):
             with precision.context():
                 logits = model(x)  # (micro, T, vocab)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -61,7 +66,7 @@ def train_step(model, optimizer, batches, precision: Precision, env: DistEnv, ac
         optimizer.zero_grad(set_to_none=True)
         return loss_mean, torch.tensor(float("nan"))
     precision.unscale_(optimizer)
-    grad_norm = strategies.clip_grad_norm(model, grad_clip)
+    grad_norm = clip_grad_norm(model, grad_clip)
     precision.step(optimizer)  # fp16-mixed: skipped (and counted) when a gradient is inf/nan
     optimizer.zero_grad(set_to_none=True)
     return loss_mean, grad_norm
@@ -74,10 +79,12 @@ class NonFiniteLoss(RuntimeError):
 def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     torch.manual_seed(cfg.trainer.seed)
     t, args = cfg.trainer, model_args(cfg)
-    micro, accum = batch_layout(t, env.world_size)
+    strategy = strategies.get_strategy(cfg.strategy.name)
+    dims = strategy.dims(cfg.strategy, env.world_size, env.per_node, env.rank)
+    micro, accum = batch_layout(t, dims)
     data = build_data(cfg.data, t.seq_len, t.seed, args.vocab_size)
     precision = build_precision(cfg.precision.name, env.device)
-    model, mesh, precision = build_parallel_model(args, cfg, env, precision)
+    model, precision = build_parallel_model(args, cfg.strategy, dims, env.device, t.seed, precision)
     optimizer = build_optimizer(model, cfg.optim, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     ckpt_root = checkpoint.checkpoint_root(cfg.checkpoint, run_dir)
@@ -86,7 +93,7 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     )
     precision.load_state_tensors(saved)  # fp16-mixed: the loss scale it had reached
     metrics = Metrics.for_run(
-        cfg, env, args, precision, layout=(micro, accum), data=data, model=model, mesh=mesh,
+        cfg, env, dims, args, precision, layout=(micro, accum), data=data, model=model,
         resumed_from=resumed_from, run_dir=run_dir,
     )  # fmt: skip
     metrics.watch_state(model, optimizer)
@@ -104,13 +111,12 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     try:
         metrics.start()
         for step in range(start + 1, t.max_steps + 1):
-            batches = micro_batches(data, step, env.rank, env.world_size, micro, accum)
+            batches = micro_batches(data, step, dims.dp_rank, dims.dp_size, micro, accum)
             run = functools.partial(
-                train_step, model, optimizer, batches, precision, env, accum, cfg.optim.grad_clip
+                train_step, model, optimizer, batches, precision, env, strategy, accum, cfg.optim.grad_clip
             )
             if step == memory_step:
-                sharded = strategies.is_sharded(cfg.strategy.name)
-                loss, grad_norm = metrics.measure_memory(model, optimizer, run, step, sharded)
+                loss, grad_norm = metrics.measure_memory(model, optimizer, run, step, strategy.shards_state)
             else:
                 loss, grad_norm = run()
             lr = scheduler.get_last_lr()[0]
@@ -121,7 +127,7 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
             metrics.update(step, loss=loss, grad_norm=float(grad_norm), lr=lr)
             if step in evals:
                 began = time.perf_counter()
-                val = evaluate(model, data, precision, env, e.batches, t.global_batch_size, micro)
+                val = evaluate(model, data, precision, env, dims, e.batches, t.global_batch_size, micro)
                 metrics.record_eval(step, val, time.perf_counter() - began)
             if (row := metrics.log(step, final=step == t.max_steps)) is not None:
                 loggers.log(row, step)

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 import strategies
 from models import flops_per_token, param_count
-from trainer import preempt
+from strategies.common import instance_of
+from trainer.environments import current
 from trainer.evaluate import perplexity
 from trainer.memory import memory_summary, plan_for_run
 from trainer.peaks import device_key, lookup_peak_tflops
@@ -34,7 +35,7 @@ _GB = 1e9  # keys say `_gb`, so decimal gigabytes
 def measure_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     # Bytes held by this rank: a DTensor (FSDP2 shard) counts its local shard only.
     def nbytes(t: torch.Tensor) -> int:
-        t = t.to_local() if strategies.instance_of(t, "torch.distributed.tensor", "DTensor") else t
+        t = t.to_local() if instance_of(t, "torch.distributed.tensor", "DTensor") else t
         if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao's 8-bit states): its real storage
             names, _ = t.__tensor_flatten__()
             return sum(nbytes(getattr(t, name)) for name in names)
@@ -154,7 +155,7 @@ class Metrics:
 
     @classmethod
     def for_run(
-        cls, cfg, env, args, precision, *, layout, data, model, mesh, resumed_from, run_dir
+        cls, cfg, env, dims, args, precision, *, layout, data, model, resumed_from, run_dir
     ) -> Metrics:
         # The run's metrics: its FLOPs per token and parameter counts from the model's arguments, its memory
         # plan, and what summary.json says of how it ran (layout: micro-batch, accumulation steps).
@@ -170,7 +171,7 @@ class Metrics:
             rank=env.rank,
             tokens_per_step=t.global_batch_size * t.seq_len,
         )
-        m._plan = plan_for_run(cfg, args, env.world_size, env.device.type)
+        m._plan = plan_for_run(cfg, args, dims, env.device.type)
         m._precision = precision
         m._run = {
             "choices": dict(cfg.get("choices") or {}),
@@ -181,7 +182,9 @@ class Metrics:
             "n_params_non_embedding": param_count(args, exclude_embedding=True),
             "data": data.description,
             "resumed_from": str(resumed_from) if resumed_from else None,
-            "strategy_applied": strategies.describe(model, cfg.strategy, mesh),
+            "strategy_applied": strategies.get_strategy(cfg.strategy.name).describe(
+                model, cfg.strategy, dims
+            ),
             "run_dir": str(run_dir),
         }
         return m
@@ -386,7 +389,7 @@ class Metrics:
             "precision": self.precision,
             "flops_per_token": self.flops_per_token,
         }
-        if (job := preempt.job_id()) is not None:
+        if (job := current().job_id()) is not None:
             out["slurm_job_id"] = job
         if self._evals:  # the last validation, and the best with its step
             (step, loss), (best_step, best) = self._evals[-1], min(self._evals, key=lambda e: (e[1], e[0]))

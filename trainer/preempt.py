@@ -1,38 +1,21 @@
-# A stop requested from outside: SLURM's SIGTERM (preemption, `scontrol requeue`, scancel) and the pre-timeout
-# signal submitit asks for (SIGUSR2, `--signal=USR2@<hydra.launcher.signal_delay_s>`) reach every process of a
-# job, the workers included. A worker of a SLURM job turns either into a request: at the next step boundary,
-# every rank having agreed, the run saves a checkpoint and stops (launcher.slurm then requeues the job, which
-# resumes from that checkpoint). Elsewhere the signals keep their usual meaning.
-# Standard library at import: launcher/slurm.py (imported before torch) takes job_id from here.
-import os
+# A stop requested from outside: the signals that mean preemption where the job runs (trainer/environments.py:
+# SLURM's SIGTERM and submitit's pre-timeout SIGUSR2) reach every process of a job, the workers included. A
+# worker turns either into a request: at the next step boundary, every rank having agreed, the run saves a
+# checkpoint and stops (launcher.slurm then requeues the job, which resumes from that checkpoint). Where no
+# signal means preemption, signals keep their usual meaning.
 import signal
 
-SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 _received: list[int] = []
 _armed = False
 
 
-def under_slurm() -> bool:
-    return "SLURM_JOB_ID" in os.environ
-
-
-def job_id() -> str | None:
-    # As sacct and squeue name it: "<array job>_<task>" for a job of an array (a sweep), else the job id.
-    if not under_slurm():
-        return None
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
-
-
-def arm() -> bool:
-    # In a worker: catch the signals (instead of dying of them) and remember which came. -> whether armed.
+def arm(signals) -> bool:
+    # In a worker: catch these signals (instead of dying of them) and remember which came. -> whether armed.
     global _armed
-    if not under_slurm():
-        return False
-    for sig in SIGNALS:
+    for sig in signals:
         signal.signal(sig, lambda signum, frame: _received.append(signum))
-    _armed = True
-    return True
+    _armed = bool(signals)
+    return _armed
 
 
 def requested(env) -> str | None:
@@ -47,8 +30,3 @@ def requested(env) -> str | None:
     if env.distributed and env.world_size > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return signal.Signals(int(flag.item())).name if flag.item() else None
-
-
-def restarted() -> bool:
-    # A requeued SLURM job runs again from its start; SLURM counts the restarts.
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0

@@ -61,12 +61,11 @@ def _train(cfg, env, run_dir: Path) -> dict:
 
 
 def _inspect(cfg, env, run_dir: Path) -> dict:
-    from trainer.checks import model_args
-    from trainer.loop import build_parallel_model
-    from trainer.precision import build_precision
+    from tests.helpers.run import build_for
+    from trainer.checks import run_dims
 
-    args = model_args(cfg)
-    model, mesh, _ = build_parallel_model(args, cfg, env, build_precision(cfg.precision.name, env.device))
+    model, _ = build_for(cfg, env)
+    mesh = run_dims(cfg.strategy, env.world_size, env.per_node, env.rank).mesh(env.device.type)
     params = {}
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p

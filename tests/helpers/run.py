@@ -29,6 +29,19 @@ def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:
     return compose([*(TINY if tiny else ()), *overrides])
 
 
+def build_for(cfg: DictConfig, env, args=None, precision=None):
+    # -> (the model as train() builds it for cfg's strategy on this process group, the precision as it leaves it)
+    from trainer.checks import model_args, run_dims
+    from trainer.loop import build_parallel_model
+    from trainer.precision import build_precision
+
+    dims = run_dims(cfg.strategy, env.world_size, env.per_node, env.rank)
+    precision = precision or build_precision(cfg.precision.name, env.device)
+    return build_parallel_model(
+        args or model_args(cfg), cfg.strategy, dims, env.device, cfg.trainer.seed, precision
+    )
+
+
 def train_in_process(cfg: DictConfig, run_dir: Path) -> dict:
     # World size 1 in this process, as `python train.py` runs it: config.yaml, then train(), then summary.
     from launcher.worker import run_worker

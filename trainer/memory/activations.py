@@ -33,7 +33,7 @@ def widths(spec: PlanSpec) -> tuple[int, int, bool]:
     # whether autocast casts each nn.Linear's fp32 input (one saved bf16 copy per Linear call). Under FSDP
     # the MixedPrecisionPolicy gathers bf16 weights instead of autocast: everything runs in bf16.
     p = precision_bytes(spec.precision)
-    if p.autocast and not spec.sharded:
+    if p.autocast and not spec.casts_params:
         return 4, p.compute, p.linear is None
     return (p.compute if p.autocast else p.weights), p.compute, False
 
@@ -67,7 +67,7 @@ def layer_terms(args, spec: PlanSpec, checkpointed: bool = False) -> dict[str, f
         terms["q, k, v"] = c * e * (d + 2 * args.kv_heads * args.head_dim)
         terms["attention output + logsumexp"] = c * e * d + 4 * b * h * t
     terms["attention output reshaped for wo"] = c * e * d
-    if spec.sharded and p.autocast:
+    if spec.casts_params and p.autocast:
         # MixedPrecisionPolicy casts each block's inputs to bf16, cos/sin included; apply_rope's .float()
         # then makes fp32 copies (T, hd/2), one per use (q and k), which the products keep.
         terms["RoPE cos/sin fp32 copies"] = 4 * 4 * t * args.head_dim // 2
@@ -99,7 +99,7 @@ def _gpt2_layer_terms(args, spec: PlanSpec) -> dict[str, float]:
     b, t, d, h = spec.micro_batch, spec.seq_len, args.dim, args.n_heads
     e = b * t
     r, c, cast = widths(spec)
-    stats = 4 if precision_bytes(spec.precision).autocast and not spec.sharded else r
+    stats = 4 if precision_bytes(spec.precision).autocast and not spec.casts_params else r
     terms = {
         "LayerNorms: input, mean, rstd, Linear input": 2
         * (r * e * d + 2 * stats * e + (c if cast else r) * e * d)
@@ -122,7 +122,7 @@ def head_terms(args, spec: PlanSpec) -> dict[str, float]:
     # logits themselves until the step ends. The head is never torchao-converted: autocast casts it.
     e, d, v = spec.micro_batch * spec.seq_len, args.dim, args.vocab_size
     r, c, _ = widths(spec)
-    autocast = precision_bytes(spec.precision).autocast and not spec.sharded
+    autocast = precision_bytes(spec.precision).autocast and not spec.casts_params
     norm = 4 * e * d + 4 * e + r * e * d if is_llama(args) else r * e * d + 2 * (4 if autocast else r) * e
     terms = {
         "final norm": norm + (c if autocast else r) * e * d,

@@ -14,11 +14,10 @@
 # against MemTracker. The peak is the largest of a few moments of the step (peak_events), not the sum of
 # everything: at the start of backward all activations exist and no gradient yet; at the optimizer step it
 # is the other way round.
-import os
 from dataclasses import dataclass, field
 
 from models import family
-from strategies.common import checkpointed
+from strategies import checkpointed
 from trainer.memory.activations import (
     all_shapes,
     backward_scratch,
@@ -116,7 +115,7 @@ def peak_events(args, spec: PlanSpec, state: dict, layer_bytes: list[float], hea
         "buffers": 4.0 * args.max_seq_len * args.head_dim if is_llama(args) else 0.0,  # RoPE cos, sin (fp32)
         "optimizer": 0.0 if off else state["optimizer"],
     }
-    if spec.strategy == "ddp":  # DDP's gradient buckets: a second copy of the gradients, allocated up front
+    if spec.layout.grad_buckets:  # DDP's gradient buckets: a second copy of the gradients, allocated up front
         base["DDP gradient buckets"] = precision_bytes(spec.precision).grads * state["numel"]
     grads = 0.0 if off else state["grads"]
     # Gradient accumulation: later micro-batches run forward with the gradients held (under FSDP without
@@ -238,8 +237,6 @@ def plan_memory(args, spec: PlanSpec) -> MemoryPlan:
             f"the planner covers the native llama and gpt2 families and Hugging Face models built like Llama (llama, "
             f"mistral, qwen2), not {args.config.model_type}: plan a native model of the same shapes instead"
         )
-    if spec.world_size < 1 or spec.shard < 1 or spec.world_size % spec.shard:
-        raise ValueError(f"the shard group ({spec.shard}) must divide the world size ({spec.world_size})")
     state = model_state(args, spec)
     layer_bytes = [
         sum(layer_terms(args, spec, k).values())
@@ -264,13 +261,12 @@ def plan_memory(args, spec: PlanSpec) -> MemoryPlan:
     )
 
 
-def plan_for_run(cfg, args, world_size: int, device_type: str) -> MemoryPlan | None:
+def plan_for_run(cfg, args, dims, device_type: str) -> MemoryPlan | None:
     # The planner's per-rank prediction for a run, or None for models it does not cover (model=hf).
     # Arithmetic only: cheap enough for every run.
     if family(args) is None:
         return None
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return plan_memory(args, spec_from_config(cfg, world_size, device_type, local))
+    return plan_memory(args, spec_from_config(cfg, dims, device_type))
 
 
 def memory_summary(plan: MemoryPlan | None, record: dict | None) -> dict:

@@ -1,8 +1,9 @@
 # What the memory planner reads of a run: PlanSpec, filled from the Hydra config by spec_from_config, and the
 # bytes per element of each precision, derived from the precision table (trainer/precision.py) itself.
+import dataclasses
 from dataclasses import dataclass
 
-from strategies import SHARDED
+from strategies import ParallelDims, Strategy, get_strategy
 from trainer.config import batch_layout
 from trainer.precision import precision_fields
 
@@ -30,52 +31,73 @@ def precision_bytes(name: str) -> PrecisionBytes:
 
 @dataclass(frozen=True)
 class PlanSpec:
-    # The config values the arithmetic reads (spec_from_config fills it from the Hydra config).
+    # The config values the arithmetic reads (spec_from_config fills it from the Hydra config; PlanSpec.of from a
+    # strategy's name and a world size). The strategy is asked what it shards, over which dimension of dims.
     precision: str = "fp32"
     optim: str = "adamw"
-    strategy: str = "single"  # single | ddp | fsdp | hsdp
-    world_size: int = 1
+    strategy: str = "single"  # a name of strategies.STRATEGIES
+    dims: ParallelDims = (
+        ParallelDims()
+    )  # the layout: the data-parallel size splits the batch, dp_shard the state
     micro_batch: int = 1  # sequences per rank per forward
     seq_len: int = 256
     grad_accum: int = 1
     reshard_after_forward: bool = True  # fsdp/hsdp: false = shard-grad-op (ZeRO-2)
     cpu_offload: bool = False
-    shard_size: int = 0  # hsdp: ranks per shard group (resolved, > 0)
     activation_checkpointing: str = "none"  # none | full | selective
     ac_every: int = 2
     optim_impl: str = "auto"  # auto | fused | foreach | for_loop
     device: str = "cuda"  # cuda | cpu: which AdamW kernel "auto" picks; on cpu, offload stays on the device
 
+    @classmethod
+    def of(cls, strategy: str, world_size: int = 1, per_node: int | None = None, **fields) -> "PlanSpec":
+        # A spec of `strategy` over world_size ranks. fields: PlanSpec's own, and the strategy's options its
+        # layout needs (hsdp: shard_size).
+        names = {f.name for f in dataclasses.fields(cls)}
+        options = {k: v for k, v in fields.items() if k not in names}
+        spec = {k: v for k, v in fields.items() if k in names}
+        return cls(strategy=strategy, dims=get_strategy(strategy).dims(options, world_size, per_node), **spec)
+
     @property
-    def sharded(self) -> bool:
-        return self.strategy in SHARDED
+    def layout(self) -> Strategy:
+        return get_strategy(self.strategy)
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def sharded(self) -> bool:  # parameters, gradients and optimizer state split over dp_shard
+        return self.layout.shards_state
+
+    @property
+    def casts_params(
+        self,
+    ) -> bool:  # FSDP's MixedPrecisionPolicy gathers weights in the compute dtype: no autocast
+        return self.layout.casts_params
 
     @property
     def shard(self) -> int:  # ranks that share one copy of the model state
-        if self.strategy == "hsdp":
-            return self.shard_size or self.world_size
-        return self.world_size if self.strategy == "fsdp" else 1
+        return self.dims.dp_shard if self.sharded else 1
 
     @property
     def offloaded(self) -> bool:  # model state in host memory; on a CPU run the host is the device
         return self.sharded and self.cpu_offload and self.device != "cpu"
 
 
-def spec_from_config(cfg, world_size: int, device: str, local_world_size: int | None = None) -> PlanSpec:
-    # The run's Hydra config -> PlanSpec. local_world_size: ranks per node, HSDP's default shard group.
+def spec_from_config(cfg, dims: ParallelDims, device: str) -> PlanSpec:
+    # The run's Hydra config and its layout -> PlanSpec.
     s, t = cfg.strategy, cfg.trainer
-    micro, accum = batch_layout(t, world_size)
+    micro, accum = batch_layout(t, dims)
     return PlanSpec(
         precision=cfg.precision.name,
         optim=cfg.optim.name,
         strategy=s.name,
-        world_size=world_size,
+        dims=dims,
         micro_batch=micro,
         seq_len=t.seq_len,
         grad_accum=accum,
-        reshard_after_forward=s.get("reshard_after_forward", True),
-        cpu_offload=s.get("cpu_offload", False),
-        shard_size=(s.get("shard_size") or local_world_size or world_size) if s.name == "hsdp" else 0,
+        **get_strategy(s.name).plan_options(s),
         activation_checkpointing=s.activation_checkpointing,
         ac_every=s.ac_every,
         optim_impl=cfg.optim.get("implementation", "auto"),

@@ -1,12 +1,14 @@
 # The cheapest changes that make a config fit its device: each candidate changes the planner's inputs (the
 # PlanSpec and the model's arguments) directly and is planned again; the command-line overrides that make the
-# same change are carried along to be printed. No config is composed per candidate, and nothing is caught: a
-# candidate that does not apply says so by returning None, and a planner bug is an error, not "no suggestion".
+# same change are carried along to be printed. No config is composed per candidate. A candidate that does not
+# apply says so by returning None; the one error caught is a strategy's refusal to lay out a world (_layout), and
+# a planner bug is an error, not "no suggestion".
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from models import ModelArgs
+from strategies import get_strategy
 from trainer.memory.plan import MemoryPlan, plan_memory
 from trainer.memory.spec import PlanSpec
 
@@ -27,7 +29,7 @@ class Setup:
 
     @property
     def global_batch(self) -> int:
-        return self.spec.micro_batch * self.spec.grad_accum * self.spec.world_size
+        return self.spec.micro_batch * self.spec.grad_accum * self.spec.dims.dp_size
 
     def change(self, overrides: list[str], args=None, **spec) -> "Setup":
         keys = {o.split("=", 1)[0] for o in overrides}
@@ -43,16 +45,22 @@ class Setup:
         return plan_memory(self.args, self.spec)
 
 
-def _layout(s: Setup, world: int, micro: int | None) -> dict | None:
-    # -> the spec's batch fields at this world size and micro-batch, or None where they do not divide.
-    gbs = s.global_batch
-    if gbs % world:
+def _layout(s: Setup, strategy: str, nproc: int, nnodes: int, micro: int | None) -> dict | None:
+    # -> the spec's layout and batch fields for `strategy` over nproc x nnodes ranks at this micro-batch, or None
+    # where the strategy cannot lay out that world (HSDP's shard_size does not divide it) or the batch does not
+    # divide.
+    try:
+        dims = get_strategy(strategy).dims({"shard_size": s.shard_size}, nproc * nnodes, nproc)
+    except ValueError:
         return None
-    per_rank = gbs // world
+    gbs = s.global_batch
+    if gbs % dims.dp_size:
+        return None
+    per_rank = gbs // dims.dp_size
     micro = per_rank if micro is None else micro
     if micro < 1 or per_rank % micro:
         return None
-    return {"world_size": world, "micro_batch": micro, "grad_accum": per_rank // micro}
+    return {"strategy": strategy, "dims": dims, "micro_batch": micro, "grad_accum": per_rank // micro}
 
 
 # Candidates, cheapest first, by what they cost a run that fits either way: bf16 and flash attention make steps
@@ -76,11 +84,18 @@ def _flash(s: Setup) -> list[Setup]:
 
 
 def _full_shard(s: Setup) -> list[Setup]:
+    # Replicated model state (DDP) or shard-grad-op over the whole world -> FSDP full shard of the same world.
     spec = s.spec
-    replicated = spec.strategy in ("single", "ddp") and spec.world_size > 1
-    if not (replicated or (spec.strategy == "fsdp" and not spec.reshard_after_forward)):
+    replicated = not spec.sharded and spec.dims.dp_size > 1
+    grad_op = spec.sharded and spec.dims.dp_replicate == 1 and not spec.reshard_after_forward
+    if not (replicated or grad_op):
         return []
-    return [s.change(["strategy=fsdp"], strategy="fsdp", reshard_after_forward=True, cpu_offload=False)]
+    layout = _layout(s, "fsdp", s.nproc, s.nnodes, spec.micro_batch)
+    return (
+        [s.change(["strategy=fsdp"], **layout, reshard_after_forward=True, cpu_offload=False)]
+        if layout
+        else []
+    )
 
 
 def _adamw8bit(s: Setup) -> list[Setup]:
@@ -101,7 +116,7 @@ def _smaller_micro_batch(s: Setup) -> list[Setup]:
     out, micro = [], s.spec.micro_batch
     while micro > 1:
         micro //= 2
-        if (layout := _layout(s, s.spec.world_size, micro)) is not None:
+        if (layout := _layout(s, s.spec.strategy, s.nproc, s.nnodes, micro)) is not None:
             out.append(s.change([f"trainer.micro_batch_size={micro}"], **layout))
     return out
 
@@ -116,29 +131,31 @@ def _gqa(s: Setup) -> list[Setup]:
 
 
 def _more_ranks(s: Setup) -> list[Setup]:
-    # FSDP over more ranks: GPUs per node up to MAX_NPROC, then nodes, doubled, up to 16x the ranks.
+    # Sharded over more ranks (FSDP, where the state was replicated): GPUs per node up to MAX_NPROC, then nodes,
+    # doubled, up to 16x the ranks. The strategy lays out each world (HSDP: a shard group per node unless set).
     out, nproc, nnodes = [], s.nproc, s.nnodes
     sharded = s.spec.sharded
+    strategy = s.spec.strategy if sharded else "fsdp"
     for _ in range(4):
         nproc, nnodes = (nproc * 2, nnodes) if nproc < MAX_NPROC else (nproc, nnodes * 2)
-        layout = _layout(s, nproc * nnodes, s.micro_batch_size)
+        layout = _layout(s, strategy, nproc, nnodes, s.micro_batch_size)
         if layout is None:
             continue
         overrides = ([] if sharded else ["strategy=fsdp"]) + [f"launcher.nproc_per_node={nproc}"]
         overrides += [f"launcher.nnodes={nnodes}"] if nnodes != s.nnodes else []
-        spec = {} if sharded else {"strategy": "fsdp", "reshard_after_forward": True}
-        if s.spec.strategy == "hsdp" and not s.shard_size:
-            spec["shard_size"] = nproc
+        spec = {} if sharded else {"reshard_after_forward": True}
         out.append(dataclasses.replace(s.change(overrides, **spec, **layout), nproc=nproc, nnodes=nnodes))
     return out
 
 
 def _offload(s: Setup) -> list[Setup]:
-    if s.spec.strategy not in ("single", "ddp", "fsdp") or s.spec.cpu_offload:
+    # FSDP full shard with CPU offload over the same world; not for a 2-D (hybrid) layout, which it would lose.
+    spec = s.spec
+    hybrid = spec.sharded and spec.dims.dp_replicate > 1
+    layout = _layout(s, "fsdp", s.nproc, s.nnodes, spec.micro_batch)
+    if hybrid or spec.cpu_offload or layout is None:
         return []
-    return [
-        s.change(["strategy=fsdp_offload"], strategy="fsdp", reshard_after_forward=True, cpu_offload=True)
-    ]
+    return [s.change(["strategy=fsdp_offload"], **layout, reshard_after_forward=True, cpu_offload=True)]
 
 
 CANDIDATES: list[tuple[str, Callable[[Setup], list[Setup]]]] = [

@@ -1,0 +1,24 @@
+# How a model can be split, by module names, kept beside each family (as torchtitan keeps a parallelize plan
+# beside each model): its repeated blocks, and inside a block the projections that split column-wise (output
+# features over the tensor-parallel ranks: q, k, v, gate, up) and row-wise (input features; the partial outputs
+# summed: o, down), the norms that sequence parallelism shards, the embedding and the output head. Strategies
+# turn the names into torch's parallel styles: models/ never imports torch.distributed.
+import operator
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    blocks: str  # the ModuleList of repeated blocks, as a dotted path from the model
+    colwise: tuple[str, ...] = ()  # in a block
+    rowwise: tuple[str, ...] = ()  # in a block
+    norms: tuple[str, ...] = ()  # in a block
+    embedding: str | None = None
+    final_norm: str | None = None
+    head: str | None = None
+    unsplit: str | None = None  # why tensor parallelism cannot split this model, in one line (None: it can)
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        return operator.attrgetter(self.blocks)(model)
