@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from trainer.data import build_data
+from trainer.summary import RunSummary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,12 +37,12 @@ def write_tokens(root: Path, n_tokens: int, vocab: int = 256) -> Path:
     return root
 
 
-def train_run(data_dir: Path, run_dir: Path, steps: int) -> dict:
+def train_run(data_dir: Path, run_dir: Path, steps: int) -> RunSummary:
     cmd = [sys.executable, "train.py", "model=llama_20m", "data=tokens", f"data.path={data_dir}", "trainer.device=cpu",
            f"trainer.max_steps={steps}", "trainer.log_every=10", "trainer.progress_bar=false", "eval.batches=2",
            f"hydra.run.dir={run_dir}"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
-    return json.loads((run_dir / "summary.json").read_text())
+    return RunSummary.read(run_dir)
 
 
 def loader_tokens_per_s(data_dir: Path, seq_len: int, batch: int, seconds: float = 3.0) -> float:
@@ -87,12 +88,12 @@ def main() -> None:
             runs[name] = (size, train_run(data_dir, tmp / f"run-{name}", opts.steps))
         (small_mb, small), (big_mb, big) = runs["small"], runs["big"]
         print(f"peak RSS, llama_20m {opts.steps} steps, 1 process (CPU):")
-        print(f"  {small_mb:9.1f} MB token files: {small['peak_rss_gb_max'] * 1e3:8.1f} MB")
-        print(f"  {big_mb:9.1f} MB token files: {big['peak_rss_gb_max'] * 1e3:8.1f} MB")
-        diff = (big["peak_rss_gb_max"] - small["peak_rss_gb_max"]) * 1e3
+        print(f"  {small_mb:9.1f} MB token files: {small.peak_rss_gb_max * 1e3:8.1f} MB")
+        print(f"  {big_mb:9.1f} MB token files: {big.peak_rss_gb_max * 1e3:8.1f} MB")
+        diff = (big.peak_rss_gb_max - small.peak_rss_gb_max) * 1e3
         print(f"  difference {diff:+.1f} MB (target: within 100 MB)")
         loader = loader_tokens_per_s(tmp / "big", seq_len, batch)
-        training = big["tokens_per_s_median"]
+        training = big.tokens_per_s_median
         print(f"loader (memmap, batch {batch} x {seq_len}): {loader:,.0f} tokens/s; llama_20m training: "
               f"{training:,.0f} tokens/s; ratio {loader / training:,.0f}x (target: at least 50x)")  # fmt: skip
 

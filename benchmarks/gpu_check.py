@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.summary import RunSummary
+
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
 
@@ -28,7 +30,7 @@ class Runner:
     def __init__(self, tmp: Path, dry: bool, timeout: float):
         self.tmp, self.dry, self.timeout, self.n = tmp, dry, timeout, 0
 
-    def train(self, *overrides: str) -> tuple[dict, list[dict]]:
+    def train(self, *overrides: str) -> tuple[RunSummary, list[dict]]:
         # -> (summary.json, metrics.jsonl rows) of one run; a failure is a summary with its error.
         self.n += 1
         run_dir = self.tmp / f"run{self.n}"
@@ -42,10 +44,10 @@ class Runner:
             flush=True,
         )
         summary_file, rows_file = run_dir / "summary.json", run_dir / "metrics.jsonl"
-        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-        if proc.returncode != 0 and summary.get("status") != "failed":
+        summary = RunSummary.read(summary_file) or RunSummary(status="failed")
+        if proc.returncode != 0 and summary.status != "failed":
             lines = (proc.stderr or proc.stdout).strip().splitlines()
-            summary = {"status": "failed", "error": lines[-1] if lines else f"exit {proc.returncode}"}
+            summary = RunSummary(status="failed", error=lines[-1] if lines else f"exit {proc.returncode}")
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
         return summary, rows
 
@@ -77,11 +79,11 @@ def check_mfu_and_fp8(run: Runner, shape: dict, memory: float | None) -> list[tu
     bf16, _ = run.train("precision=bf16-mixed", *common, *batch)
     fp8, _ = run.train("precision=fp8", *common, *batch)
     rows = [("1 MFU", f"{model} bf16-mixed flash compiled, micro-batch {micro} x {seq}",
-             _fmt(bf16.get("tokens_per_s_median"), ",.0f", " tok/s") + ", " + _fmt(bf16.get("tflops_per_device"), ".1f", " TFLOP/s")
-             + ", MFU " + _fmt(bf16.get("mfu"), ".1%"), ">= 50%", _met(bf16.get("mfu"), lambda v: v >= 0.5), bf16)]  # fmt: skip
-    ratio = _ratio(fp8.get("tokens_per_s_median"), bf16.get("tokens_per_s_median"))
+             _fmt(bf16.tokens_per_s_median, ",.0f", " tok/s") + ", " + _fmt(bf16.tflops_per_device, ".1f", " TFLOP/s")
+             + ", MFU " + _fmt(bf16.mfu, ".1%"), ">= 50%", _met(bf16.mfu, lambda v: v >= 0.5), bf16)]  # fmt: skip
+    ratio = _ratio(fp8.tokens_per_s_median, bf16.tokens_per_s_median)
     rows.append(("2 fp8 vs bf16", f"{model}, the same micro-batch, both compiled", f"{_fmt(ratio, '.2f')}x (fp8 MFU vs bf16 peak "
-                 f"{_fmt(fp8.get('mfu'), '.1%')}, vs fp8 peak {_fmt(fp8.get('mfu_low_precision'), '.1%')})", ">= 1.0",
+                 f"{_fmt(fp8.mfu, '.1%')}, vs fp8 peak {_fmt(fp8.mfu_low_precision, '.1%')})", ">= 1.0",
                  _met(ratio, lambda v: v >= 1.0), fp8))  # fmt: skip
     if ratio is not None and ratio < 1.0 and shape["wider"]:
         wide = (*shape["wider"], f"trainer.seq_len={seq}", f"trainer.max_steps={steps}", f"metrics.warmup_steps={warmup}",
@@ -89,7 +91,7 @@ def check_mfu_and_fp8(run: Runner, shape: dict, memory: float | None) -> list[tu
                 "trainer.micro_batch_size=4")  # fmt: skip
         wb, _ = run.train("precision=bf16-mixed", *wide)
         wf, _ = run.train("precision=fp8", *wide)
-        r = _ratio(wf.get("tokens_per_s_median"), wb.get("tokens_per_s_median"))
+        r = _ratio(wf.tokens_per_s_median, wb.tokens_per_s_median)
         rows.append(
             (
                 "2b fp8 vs bf16, wider",
@@ -169,17 +171,15 @@ def check_planner(run: Runner, shape: dict) -> list[tuple]:
         s, _ = run.train(f"model={shape['planner_model']}", "attention=flash" if "GQA" not in name else "attention=gqa",
                          *overrides, f"trainer.seq_len={shape['seq_len']}", "trainer.global_batch_size=4",
                          "trainer.max_steps=4", "metrics.warmup_steps=1", "trainer.log_every=4", "eval.at_end=false")  # fmt: skip
-        measured = s.get("mem_allocated_peak_gb_max") or s.get("peak_rss_gb_max")
-        predicted = s.get("memory_predicted_peak_gb")
+        measured = s.mem_allocated_peak_gb_max or s.peak_rss_gb_max
+        predicted = s.memory_predicted_peak_gb
         ratio = _ratio(predicted, measured)
         gap = (
             None
-            if s.get("mem_reserved_peak_gb_max") is None
-            else s["mem_reserved_peak_gb_max"] - s["mem_allocated_peak_gb_max"]
+            if s.mem_reserved_peak_gb_max is None
+            else s.mem_reserved_peak_gb_max - s.mem_allocated_peak_gb_max
         )
-        kind = (
-            "CUDA allocated" if s.get("mem_allocated_peak_gb_max") is not None else "CPU peak RSS (dry run)"
-        )
+        kind = "CUDA allocated" if s.mem_allocated_peak_gb_max is not None else "CPU peak RSS (dry run)"
         rows.append((f"4 planner, {name}", f"predicted {_fmt(predicted, '.3f')} / {kind} {_fmt(measured, '.3f')} GB; "
                      f"reserved - allocated {_fmt(gap, '.3f')} GB", _fmt(ratio, ".3f"), "0.85-1.15",
                      _met(ratio, lambda v: 0.85 <= v <= 1.15) if not run.dry else "n/a (CPU)", s))  # fmt: skip
@@ -263,7 +263,7 @@ def main() -> int:
     took = time.perf_counter() - began
     table = ["| check | what | result | goal | met |", "|---|---|---|---|---|"]
     table += [f"| {c} | {w} | {r} | {g} | {m} |" for c, w, r, g, m, _ in rows]
-    failed = [f"{c}: {s.get('error')}" for c, *_, s in rows if s and s.get("status") == "failed"]
+    failed = [f"{c}: {s.error}" for c, *_, s in rows if s and s.status == "failed"]
     head = f"## {date.today()} {device}, torch {torch.__version__} (CUDA {torch.version.cuda}), {took / 60:.1f} min"
     text = "\n".join([head, "", *table, *(f"- failed: {f}" for f in failed), ""])
     print("\n" + text)

@@ -12,7 +12,6 @@
 # how fp8's speed is meant to be measured.
 # Exit status 1 if a run failed that should have run, or fp8 misbehaved.
 import argparse
-import json
 import math
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from trainer.precision import PRECISIONS
+from trainer.summary import RunSummary
 
 REPO = Path(__file__).resolve().parent.parent
 # name -> overrides; adamw8bit is an optimizer, measured against fp32 + adamw.
@@ -30,7 +30,7 @@ RUNS["adamw8bit"] = ("precision=fp32", "optim=adamw8bit")
 COMPILED = ("bf16-mixed", "fp8", "fp8-rowwise", "int8")  # --compile: these again, compiled
 
 
-def run_one(name: str, overrides: tuple[str, ...], opts, tmp: Path) -> dict:
+def run_one(name: str, overrides: tuple[str, ...], opts, tmp: Path) -> RunSummary:
     run_dir = tmp / name
     cmd = [
         sys.executable,
@@ -50,30 +50,30 @@ def run_one(name: str, overrides: tuple[str, ...], opts, tmp: Path) -> dict:
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=opts.timeout)
     summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    if proc.returncode != 0 and summary.get("status") != "failed":
+    summary = RunSummary.read(summary_file) or RunSummary(status="failed")
+    if proc.returncode != 0 and summary.status != "failed":
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        summary = {"status": "failed", "error": lines[-1] if lines else f"exit {proc.returncode}"}
+        summary = RunSummary(status="failed", error=lines[-1] if lines else f"exit {proc.returncode}")
     return summary
 
 
-def median_run(runs: list[dict]) -> dict:
+def median_run(runs: list[RunSummary]) -> RunSummary:
     # The run with the median tokens/s stands for the option (a failure anywhere is the result).
-    if any(s.get("status") != "ok" for s in runs):
-        return next(s for s in runs if s.get("status") != "ok")
-    return sorted(runs, key=lambda s: s.get("tokens_per_s_median") or 0.0)[len(runs) // 2]
+    if any(s.status != "ok" for s in runs):
+        return next(s for s in runs if s.status != "ok")
+    return sorted(runs, key=lambda s: s.tokens_per_s_median or 0.0)[len(runs) // 2]
 
 
-def memory_gb(s: dict) -> float | None:
-    for key in ("mem_allocated_peak_gb_max", "mem_allocated_peak_gb", "peak_rss_gb_max", "peak_rss_gb"):
-        if s.get(key) is not None:
-            return s[key]
+def memory_gb(s: RunSummary) -> float | None:
+    for value in (s.mem_allocated_peak_gb_max, s.peak_rss_gb_max):
+        if value is not None:
+            return value
     return None
 
 
-def per_param(s: dict, key: str) -> str:
-    state = s.get("state_bytes_per_rank") or {}
-    n = s.get("n_params")
+def per_param(s: RunSummary, key: str) -> str:
+    state = s.state_bytes_per_rank or {}
+    n = s.n_params
     return f"{state[key] / n:.2f}" if n and key in state else "-"
 
 
@@ -82,11 +82,11 @@ def fp8_verdict(name: str, s: dict, capability) -> str | None:
     if not name.startswith("fp8") or capability is None:
         return None
     if tuple(capability) >= (8, 9):
-        if s.get("status") != "ok":
-            return f"{name} should run on sm{capability[0]}{capability[1]}: {s.get('error')}"
-        return f"{name} ran emulated on a GPU that has fp8" if s.get("emulated") else None
-    if s.get("status") == "ok" or "compute capability 8.9" not in str(s.get("error")):
-        return f"{name} on sm{capability[0]}{capability[1]} should be refused up front, got {s.get('status')}"
+        if s.status != "ok":
+            return f"{name} should run on sm{capability[0]}{capability[1]}: {s.error}"
+        return f"{name} ran emulated on a GPU that has fp8" if s.emulated else None
+    if s.status == "ok" or "compute capability 8.9" not in str(s.error):
+        return f"{name} on sm{capability[0]}{capability[1]} should be refused up front, got {s.status}"
     return None
 
 
@@ -113,19 +113,17 @@ def main() -> int:
     device = torch.cuda.get_device_name() if capability else "cpu"
     names = opts.only or list(RUNS)
     names += [f"{n}+compile" for n in names if opts.compile and n in COMPILED and opts.only]
-    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    rounds: dict[str, list[RunSummary]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         # Interleaved (fp32, bf16-mixed, ..., fp32, bf16-mixed, ...): machine noise hits every option alike.
         for r in range(opts.rounds):
             for name in names:
                 s = run_one(name, RUNS[name], opts, Path(tmp) / f"round{r}")
                 rounds[name].append(s)
-                print(
-                    f"round {r} {name}: {s.get('status')} {s.get('error', '')}", file=sys.stderr, flush=True
-                )
+                print(f"round {r} {name}: {s.status} {s.error or ''}", file=sys.stderr, flush=True)
     results = {name: median_run(runs) for name, runs in rounds.items()}
 
-    base = results.get("fp32", {}).get("tokens_per_s_median")
+    base = results["fp32"].tokens_per_s_median if "fp32" in results else None
     print(
         f"\n{device} (capability {capability}), model={opts.model}, batch {opts.batch} x {opts.seq_len}, "
         f"{opts.steps} steps ({opts.warmup} warm-up), median of {opts.rounds} round(s) {' '.join(opts.set)}"
@@ -135,20 +133,20 @@ def main() -> int:
               "opt B/param", "notes"]  # fmt: skip
     rows, problems = [], []
     for name, s in results.items():
-        ok = s.get("status") == "ok"
+        ok = s.status == "ok"
         loss_ok = ok and all(math.isfinite(s.get(k) or math.nan) for k in ("first_loss", "final_loss"))
-        tps = s.get("tokens_per_s_median")
+        tps = s.tokens_per_s_median
         notes = []
-        if s.get("emulated"):
+        if s.emulated:
             notes.append("emulated")
-        if s.get("skipped_steps"):
+        if s.skipped_steps:
             notes.append(f"{s['skipped_steps']} skipped")
         if not ok:
-            notes.append(str(s.get("error", ""))[:90])
+            notes.append(str(s.error or "")[:90])
         rows.append([
             name,
-            s.get("status", "?"),
-            str(s.get("steps", "-")),
+            s.status,
+            str(s.steps if s.steps is not None else "-"),
             f"{s['first_loss']:.3f}->{s['final_loss']:.3f}" if loss_ok else "-",
             f"{tps:,.0f}" if tps else "-",
             f"{tps / base:.2f}x" if tps and base else "-",

@@ -39,11 +39,12 @@ from launcher.elastic import WorkerFailed, launch, resolve_nproc
 from launcher.errors import describe_error, fail, short_reason
 from strategies import STRATEGIES
 from trainer import gpus
-from trainer.checks import run_dims, validate
+from trainer.checks import model_args, run_dims, validate
 from trainer.config import check_schema
 from trainer.dist import device_type
 from trainer.memory import GB
 from trainer.memory.suggest import suggestions
+from trainer.summary import FAILED, RunSummary
 
 REPO = Path(__file__).resolve().parent.parent
 # axis -> (the config key a value sets, the group whose options are the valid values, or None)
@@ -63,16 +64,12 @@ class Candidate:
     reason: str = ""
     micro_batches: list[int] = field(default_factory=list)  # those the planner lets fit, ascending
     predicted_gb: dict[int, float] = field(default_factory=dict)  # micro-batch -> predicted peak per rank
-    trials: list[dict] = field(default_factory=list)  # {"micro", "steps", "summary"}
+    trials: list[dict] = field(default_factory=list)  # {"micro", "steps", "summary": a RunSummary, ...}
 
     @property
     def best(self) -> dict | None:
-        ok = [
-            t
-            for t in self.trials
-            if t["summary"].get("status") == "ok" and t["summary"].get("tokens_per_s_median")
-        ]
-        return max(ok, key=lambda t: (t["steps"], t["summary"]["tokens_per_s_median"])) if ok else None
+        ok = [t for t in self.trials if t["summary"].ok and t["summary"].tokens_per_s_median]
+        return max(ok, key=lambda t: (t["steps"], t["summary"].tokens_per_s_median)) if ok else None
 
 
 def default_axes(device: str, world: int, nnodes: int) -> dict:
@@ -205,14 +202,14 @@ class Trials:
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
-    def run(self, cand: Candidate, micro: int, steps: int) -> dict:
+    def run(self, cand: Candidate, micro: int, steps: int) -> RunSummary:
         over = [*self.base, *cand.overrides, f"trainer.micro_batch_size={micro}", f"trainer.max_steps={self.warmup + steps}",
                 f"metrics.warmup_steps={self.warmup}", "eval.at_end=false", "checkpoint=none", "trainer.progress_bar=false"]  # fmt: skip
         key = hashlib.sha256(json.dumps(over).encode()).hexdigest()[:12]
         run_dir = self.root / "trials" / key
-        done = run_dir / "summary.json"
-        if done.is_file() and json.loads(done.read_text()).get("status") == "ok":
-            summary = json.loads(done.read_text())
+        done = RunSummary.read(run_dir) if run_dir.is_dir() else None
+        if done is not None and done.ok:
+            summary = done
             self.reused += 1
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -228,30 +225,32 @@ class Trials:
         cand.trials.append(trial)
         return summary
 
-    def _launch(self, over: list[str], run_dir: Path) -> dict:
+    def _launch(self, over: list[str], run_dir: Path) -> RunSummary:
         cfg = compose_config(over)
         cfg.run_dir = str(run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / "overrides.json").write_text(json.dumps(over))
         try:
-            summary = launch(cfg, self.nproc) or {}
+            summary = launch(cfg, self.nproc, model_args(cfg)) or RunSummary(
+                status=FAILED, error="no summary"
+            )
         except WorkerFailed as e:  # out of memory, a crash: the trial's row
-            summary = {"status": "failed", "error": str(e)}
-        if summary.get("status") != "ok":
-            summary = {"status": "failed", "error": short_reason(summary.get("error", "no summary"), None)}
-            (run_dir / "summary.json").write_text(json.dumps(summary))
+            summary = RunSummary(status=FAILED, error=str(e))
+        if not summary.ok:
+            summary = RunSummary(status=FAILED, error=short_reason(summary.error or "no summary", None))
+            summary.write(run_dir)
         return summary
 
 
 def tokens_per_s(trial: dict | None) -> float:
-    return (trial or {}).get("summary", {}).get("tokens_per_s_median") or 0.0
+    return (trial["summary"].tokens_per_s_median if trial else None) or 0.0
 
 
 def first_trial(cand: Candidate, trials: Trials, steps: int) -> None:
     # The largest micro-batch the planner lets fit; after an out-of-memory (or another failure), the next
     # smaller one, until a trial runs.
     for micro in reversed(cand.micro_batches):
-        if trials.out_of_time() or trials.run(cand, micro, steps).get("status") == "ok":
+        if trials.out_of_time() or trials.run(cand, micro, steps).ok:
             return
 
 
@@ -263,7 +262,7 @@ def search(cands: list[Candidate], trials: Trials, cfg) -> list[Candidate]:
         first_trial(c, trials, steps)
         c.status = "measured" if c.best else ("failed" if c.trials else "pending")
         if c.status == "failed":
-            c.reason = c.trials[-1]["summary"].get("error", "")
+            c.reason = c.trials[-1]["summary"].error or ""
     alive = sorted((c for c in alive if c.status == "measured"), key=lambda c: -tokens_per_s(c.best))
     for _ in range(1, cfg.tune.rounds):
         if len(alive) <= 1 or trials.out_of_time():
@@ -275,7 +274,7 @@ def search(cands: list[Candidate], trials: Trials, cfg) -> list[Candidate]:
         alive = sorted(
             alive,
             key=lambda c: (
-                -max(t["steps"] for t in c.trials if t["summary"].get("status") == "ok"),
+                -max(t["steps"] for t in c.trials if t["summary"].ok),
                 -tokens_per_s(c.best),
             ),
         )

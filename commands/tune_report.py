@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 from launcher.report_chart import plot
+from trainer.summary import RunSummary
 
 AXIS_NAMES = ("strategy", "precision", "attention", "activation_checkpointing", "compile")
 
@@ -15,8 +16,8 @@ def rows_of(cands, alive) -> list[dict]:
     rows = []
     for c in cands:
         best = c.best
-        s = best["summary"] if best else {}
-        memory = s.get("mem_reserved_peak_gb_max", s.get("peak_rss_gb_max"))
+        s = best["summary"] if best else RunSummary(status="pending")
+        memory = s.mem_reserved_peak_gb_max if s.mem_reserved_peak_gb_max is not None else s.peak_rss_gb_max
         micro = (
             best["micro"]
             if best
@@ -26,17 +27,17 @@ def rows_of(cands, alive) -> list[dict]:
             "settings": {**dict(zip(AXIS_NAMES, (o.split("=", 1)[1] for o in c.overrides), strict=True)), "micro_batch": micro},
             "status": "ok" if c.status == "measured" else c.status,
             "reason": c.reason,
-            "tokens_per_s_median": s.get("tokens_per_s_median"),
-            "tokens_per_s_p10": s.get("tokens_per_s_p10"),
-            "tokens_per_s_p90": s.get("tokens_per_s_p90"),
-            "mfu": s.get("mfu"),
+            "tokens_per_s_median": s.tokens_per_s_median,
+            "tokens_per_s_p10": s.tokens_per_s_p10,
+            "tokens_per_s_p90": s.tokens_per_s_p90,
+            "mfu": s.mfu,
             "peak_mem_gb": memory,
             "predicted_gb": c.predicted_gb.get(micro) if micro is not None else None,
             "trials": len(c.trials),
             "steps": best["steps"] if best else None,
-            "world_size": s.get("world_size"),
+            "world_size": s.world_size,
             "run_dir": best["run_dir"] if best else "",
-            "order": (rank.get(id(c), len(alive)), c.status != "measured", -(s.get("tokens_per_s_median") or 0.0)),
+            "order": (rank.get(id(c), len(alive)), c.status != "measured", -(s.tokens_per_s_median or 0.0)),
         })  # fmt: skip
     rows.sort(key=lambda r: r["order"])
     for i, r in enumerate(rows, 1):

@@ -13,8 +13,9 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from launcher.errors import describe_failure, failure_traceback
 from launcher.prefork import warm_workers
 from launcher.slurm import agent_signals
-from trainer.checks import check_device_capabilities, model_args
+from trainer.checks import check_device_capabilities
 from trainer.dist import broadcast_object, init_run
+from trainer.summary import RunSummary
 
 CPU_DEFAULT_NPROC = 2  # nproc_per_node=auto without GPUs: enough to exercise the collectives
 
@@ -81,7 +82,7 @@ def launch_config(launcher_cfg, nproc: int) -> LaunchConfig:
 
 
 @record
-def worker_entry(cfg_container: dict, nproc: int) -> dict:
+def worker_entry(cfg_container: dict, nproc: int, args) -> RunSummary:
     # Module-level so it pickles by name; @record writes the exception to the error file the agent reads.
     # The trainer is imported here, in the workers: the parent that launches them never needs it.
     from launcher.worker import run_worker
@@ -94,9 +95,10 @@ def worker_entry(cfg_container: dict, nproc: int) -> dict:
     env = init_run(cfg)
     if cfg.launcher.nnodes > 1:
         check_same_config(cfg_container, env)
-    # The parent validated the config; a worker asks only its own GPU what the parent could not.
-    check_device_capabilities(cfg, model_args(cfg), env.device)
-    return run_worker(cfg, env)
+    # The parent validated the config (and computed the model's arguments, args); a worker asks only its own GPU
+    # what the parent could not.
+    check_device_capabilities(cfg, args, env.device)
+    return run_worker(cfg, env, args)
 
 
 # Keys that may differ between the nodes of one job: where each was told it stands, and its run dir as an
@@ -131,11 +133,11 @@ def _differences(mine, rank0, prefix: str = "") -> list[str]:
     return [] if mine == rank0 or key in NODE_LOCAL_KEYS else [f"{key}={mine!r} (rank 0: {rank0!r})"]
 
 
-def launch(cfg, nproc: int) -> dict | None:
+def launch(cfg, nproc: int, args) -> RunSummary | None:
     warm_workers()  # started already by train.py where it knew; else here
     container = OmegaConf.to_container(cfg, resolve=True)
     try:
-        results = elastic_launch(launch_config(cfg.launcher, nproc), worker_entry)(container, nproc)
+        results = elastic_launch(launch_config(cfg.launcher, nproc), worker_entry)(container, nproc, args)
     except ChildFailedError as e:
         # A spawned worker's traceback reaches nobody but the agent's error file: show the failed rank's.
         if trace := failure_traceback(e):

@@ -21,7 +21,7 @@ from omegaconf.errors import (
 
 from trainer.config import unknown_key_message
 from trainer.environments import current
-from trainer.loggers import write_json_atomic
+from trainer.summary import FAILED, RunSummary
 
 NO_ERROR_FILE = "<N/A>"  # torch's ProcessFailure.error_file when a worker wrote none (a signal, an exit)
 
@@ -133,9 +133,7 @@ def short_reason(error: str, last_step: int | None) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def record_failure(run_dir: Path, reason: str, **extra) -> None:
+def record_failure(run_dir: Path, reason: str, slurm_job_id: str | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"status": "failed", "error": reason, "run_dir": str(run_dir), **extra}
-    if (job := current().job_id()) is not None:  # inside a SLURM job
-        summary.setdefault("slurm_job_id", job)
-    write_json_atomic(run_dir / "summary.json", summary)
+    job = slurm_job_id or current().job_id()  # inside a SLURM job
+    RunSummary(status=FAILED, error=reason, run_dir=str(run_dir), slurm_job_id=job).write(run_dir)

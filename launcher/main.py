@@ -16,10 +16,11 @@ from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
 from launcher.errors import describe_error, fail, first_line, record_failure
 from launcher.sweep import fill_sweep_logger, reuse_previous_success
 from trainer import gpus
-from trainer.checks import capability, check_device_capabilities, model_args, validate
+from trainer.checks import capability, check_device_capabilities, validate
 from trainer.config import SCHEMAS
 from trainer.dist import available_device, broadcast_object, close_distributed, init_run
 from trainer.environments import current
+from trainer.summary import FAILED, PREEMPTED, RunSummary
 
 
 def stamp_run(cfg: DictConfig) -> Path:
@@ -30,20 +31,21 @@ def stamp_run(cfg: DictConfig) -> Path:
 
 
 @record  # the exception goes to torchrun's error file, so its report names this rank's cause, not only its exit
-def main_torchrun(cfg: DictConfig) -> dict:
+def main_torchrun(cfg: DictConfig) -> RunSummary:
     # Style 1: torchrun (or a pod operator, one process a worker) started every rank and each composed its own
     # config; rank 0's resolved one is the run's.
     # Each rank validates once, its own typed config (the same overrides everywhere) on its own device.
     env = init_run(cfg)
     try:
-        validate(cfg, env.world_size, env.device.type, capability(env.device), per_node=env.per_node)
+        args = validate(cfg, env.world_size, env.device.type, capability(env.device), per_node=env.per_node)
     except (ValueError, OmegaConfBaseException) as e:
         close_distributed(env)
         if env.is_rank0:
             fail(describe_error(e))
         raise SystemExit(2) from None
     own_dir = Path(cfg.run_dir)
-    cfg = OmegaConf.create(broadcast_object(OmegaConf.to_container(cfg, resolve=True), env))
+    container, args = broadcast_object((OmegaConf.to_container(cfg, resolve=True), args), env)
+    cfg = OmegaConf.create(container)
     if own_dir != Path(cfg.run_dir):
         # Another node of a static-rendezvous job (no shared run id) named its own dir before any rank could
         # talk, and Hydra made it; the run's dir is rank 0's, so this empty one goes (non-empty ones stay).
@@ -52,10 +54,10 @@ def main_torchrun(cfg: DictConfig) -> dict:
     # No launcher of ours sums up a torchrun job: the rank whose failure came first says it, in one line.
     from launcher.worker import run_worker
 
-    return run_worker(cfg, env, say_first_failure=True)
+    return run_worker(cfg, env, args, say_first_failure=True)
 
 
-def main(cfg: DictConfig) -> dict | None:
+def main(cfg: DictConfig) -> RunSummary | None:
     run_dir = stamp_run(cfg)
     where = current()  # trainer/environments.py: where this job runs, detected once
     if not where.creates_processes:  # torchrun (or an operator) started every rank
@@ -68,13 +70,15 @@ def main(cfg: DictConfig) -> dict | None:
         # The device the workers will use, not merely whether a GPU is present: trainer.device=cpu on a
         # GPU machine must be checked as a CPU run. The GPUs' compute capability comes from NVML: the
         # parent never creates a CUDA context.
-        validate(cfg, nproc * cfg.launcher.nnodes, available_device(), gpus.capability(), per_node=nproc)
+        args = validate(
+            cfg, nproc * cfg.launcher.nnodes, available_device(), gpus.capability(), per_node=nproc
+        )
     except (ValueError, OmegaConfBaseException) as e:
         reason = describe_error(e)
         if not multirun:
             fail(reason)
         record_failure(run_dir, reason)
-        return job_outcome(run_dir, {"status": "failed", "error": reason})
+        return job_outcome(run_dir, RunSummary(status=FAILED, error=reason))
     # -m sweeps: name the job's wandb run after the sweep; with sweep.resume=true reuse an earlier success
     fill_sweep_logger(cfg)
     if (reused := reuse_previous_success(cfg, run_dir, nproc * cfg.launcher.nnodes)) is not None:
@@ -86,14 +90,14 @@ def main(cfg: DictConfig) -> dict | None:
             from launcher.worker import run_worker  # the trainer: only where it trains
 
             env = init_run(cfg)
-            check_device_capabilities(cfg, model_args(cfg), env.device)
-            summary = run_worker(cfg, env)
-            if summary.get("status") == "preempted":
+            check_device_capabilities(cfg, args, env.device)
+            summary = run_worker(cfg, env, args)
+            if summary.status == PREEMPTED:
                 stopped(run_dir, summary, [])
         else:  # a sweep job always runs in its own processes, so one job's crash cannot take the sweep down
             with slurm.held_signals() as got:
-                summary = launch(cfg, nproc)
-            if got or (summary or {}).get("status") == "preempted":
+                summary = launch(cfg, nproc, args)
+            if got or (summary is not None and summary.status == PREEMPTED):
                 stopped(run_dir, summary, got)
     except Exception as e:
         # Not a WorkerFailed from a launch: the launcher itself failed (rendezvous, a signal), not rank 0.
@@ -106,23 +110,18 @@ def main(cfg: DictConfig) -> dict | None:
         record_failure(run_dir, reason)
         if not multirun:
             fail(reason, code=1)
-        summary = {"status": "failed", "error": reason}
+        summary = RunSummary(status=FAILED, error=reason)
     return job_outcome(run_dir, summary)
 
 
-def stopped(run_dir: Path, summary: dict | None, got: list[int]) -> None:
+def stopped(run_dir: Path, summary: RunSummary | None, got: list[int]) -> None:
     # A SLURM signal came while the workers ran. They saved a checkpoint at a step boundary and stopped (or, where
     # it came in the last step, finished): the run is recorded as stopped until a requeued job finishes it.
-    summary = summary or {}  # {}: rank 0 ran on another node
-    if summary.get("status") not in ("preempted", None):
-        return  # finished before the signal mattered
-    signum = got[0] if got else signal.Signals[summary["signal"]]
+    if summary is not None and summary.status != PREEMPTED:
+        return  # finished before the signal mattered (None: rank 0 ran on another node)
+    signum = got[0] if got else signal.Signals[summary.signal]
     name = signal.Signals(signum).name
-    where = (
-        f"at step {summary['step']}, checkpoint {summary['checkpoint']}"
-        if "step" in summary
-        else "on another node"
-    )
+    where = f"at step {summary.step}, checkpoint {summary.checkpoint}" if summary else "on another node"
     reason = (
         f"stopped by {name} {where} (SLURM preemption, requeue or time limit): a requeued job resumes from it"
     )
@@ -131,9 +130,10 @@ def stopped(run_dir: Path, summary: dict | None, got: list[int]) -> None:
     slurm.hand_over(signum)
 
 
-def job_outcome(run_dir: Path, summary: dict | None) -> dict | None:
+def job_outcome(run_dir: Path, summary: RunSummary | None) -> RunSummary | None:
     if summary is not None:
-        status = summary.get("status", "ok")
-        detail = summary.get("error") or f"final loss {summary.get('final_loss', float('nan')):.4f}"
-        print(f"shardlab: {status}: {run_dir}: {detail}", flush=True)
+        loss = summary.final_loss if summary.final_loss is not None else float("nan")
+        print(
+            f"shardlab: {summary.status}: {run_dir}: {summary.error or f'final loss {loss:.4f}'}", flush=True
+        )
     return summary

@@ -13,6 +13,7 @@ import yaml
 from launcher.errors import short_reason
 from launcher.report_chart import plot, status_text
 from trainer.config import SCHEMAS
+from trainer.summary import FAILED, RunSummary
 
 # Shown first when they vary, in this order; any other group or key that varies follows.
 LEAD_KEYS = ("strategy", "precision", "attention", "model")
@@ -90,41 +91,43 @@ def _memory_cells(r: dict, n: int) -> list[str]:
 
 
 def load_job(job_dir: Path) -> dict:
-    summary = _read(job_dir / "summary.json")
+    s = RunSummary.read(job_dir / "summary.json") or RunSummary(
+        status=FAILED, error="no summary.json: still running, or killed before writing it"
+    )
     config = _read(job_dir / "config.yaml") or _read(job_dir / ".hydra" / "config.yaml") or {}
     overrides = _read(job_dir / ".hydra" / "overrides.yaml") or []
     hydra = (_read(job_dir / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}
-    choices = dict((summary or {}).get("choices") or {})
+    choices = dict(s.choices or {})
     runtime_choices = (hydra.get("runtime") or {}).get("choices") or {}
     choices = choices or {g: str(runtime_choices[g]) for g in SCHEMAS if g in runtime_choices}
     trainer, metrics = config.get("trainer") or {}, config.get("metrics") or {}
-    if summary is None:
-        summary = {"status": "failed", "error": "no summary.json: still running, or killed before writing it"}
-    s = summary
-    ok = s.get("status") == "ok"
-    reused_from = s.get("reused_from")
-    if s.get("memory_kind") == "cuda":
-        mem = s.get("mem_reserved_peak_gb_max", s.get("mem_allocated_peak_gb_max"))
+    ok, reused_from = s.ok, s.reused_from
+    if s.memory_kind == "cuda":
+        mem = (
+            s.mem_reserved_peak_gb_max
+            if s.mem_reserved_peak_gb_max is not None
+            else s.mem_allocated_peak_gb_max
+        )
     else:
-        mem = s.get("peak_rss_gb_max")
+        mem = s.peak_rss_gb_max
     gbs, seq_len = trainer.get("global_batch_size"), trainer.get("seq_len")
-    row = {k: s.get(k) for k in PASS_THROUGH}
+    row = {k: getattr(s, k) for k in PASS_THROUGH}
     settings = {**choices, **_override_settings(overrides)}
-    if s.get("emulated") and "precision" in settings:  # fp8 off CUDA: fp8's numerics, not its speed
+    if s.emulated and "precision" in settings:  # fp8 off CUDA: fp8's numerics, not its speed
         settings["precision"] = f"{settings['precision']} (emulated)"
     return row | {
         "settings": settings,
-        "world_size": s.get("world_size") or _world_size(config),
+        "world_size": s.world_size or _world_size(config),
         "status": ("reused" if reused_from else "ok") if ok else "failed",
-        "reason": "" if ok else short_reason(s.get("error", ""), _last_logged_step(job_dir)),
+        "reason": "" if ok else short_reason(s.error or "", _last_logged_step(job_dir)),
         "peak_mem_gb": mem,
-        "tokens_per_step": s.get("tokens_per_step") or (gbs * seq_len if gbs and seq_len else None),
+        "tokens_per_step": s.tokens_per_step or (gbs * seq_len if gbs and seq_len else None),
         "global_batch_size": gbs,
         "seq_len": seq_len,
-        "steps": s.get("steps") or trainer.get("max_steps"),
-        "warmup_steps": s.get("warmup_steps", metrics.get("warmup_steps")),
+        "steps": s.steps or trainer.get("max_steps"),
+        "warmup_steps": s.warmup_steps if s.warmup_steps is not None else metrics.get("warmup_steps"),
         "reused_from": reused_from or "",
-        "run_dir": str(reused_from or s.get("run_dir") or job_dir),
+        "run_dir": str(reused_from or s.run_dir or job_dir),
     }
 
 

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.report import build_report
-from trainer.loggers import write_json_atomic
+from trainer.summary import RunSummary
 
 # Keys that say where and how a job runs or is logged, not what it computes: configs equal but for these
 # are the same job. The world size (launcher.nproc_per_node x nnodes) is compared on its own, from the
@@ -46,18 +46,18 @@ def _success(summary_path: Path) -> tuple | None:
         return _seen[summary_path][1]
     entry = None
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = RunSummary.read(summary_path)
         config = summary_path.with_name("config.yaml")
-        if summary.get("status") == "ok" and config.is_file():
+        if summary is not None and summary.ok and config.is_file():
             key = config_key(OmegaConf.to_container(OmegaConf.load(config), resolve=True))
-            entry = (key, summary.get("world_size"), bool(summary.get("reused_from")))
+            entry = (key, summary.world_size, bool(summary.reused_from))
     except Exception:  # a half-written or foreign file is simply not a success to reuse
         entry = None
     _seen[summary_path] = (mtime, entry)
     return entry
 
 
-def find_previous_success(cfg: DictConfig, world_size: int | None = None, roots=None) -> dict | None:
+def find_previous_success(cfg: DictConfig, world_size: int | None = None, roots=None) -> RunSummary | None:
     # The newest successful summary.json whose run had this job's config (and world size), searched
     # recursively under sweep.resume_dir and this sweep's own dir; its "run_dir" is where it was found.
     if roots is None:
@@ -72,12 +72,11 @@ def find_previous_success(cfg: DictConfig, world_size: int | None = None, roots=
     if not found:
         return None
     path = max(found)[2]
-    summary = json.loads(path.read_text())
-    summary["run_dir"] = summary.get("reused_from") or str(path.parent)
-    return summary
+    summary = RunSummary.read(path)
+    return summary.replace(run_dir=summary.reused_from or str(path.parent))
 
 
-def reuse_previous_success(cfg: DictConfig, run_dir: Path, world_size: int) -> dict | None:
+def reuse_previous_success(cfg: DictConfig, run_dir: Path, world_size: int) -> RunSummary | None:
     # sweep.resume=true in a -m sweep: a job whose config already succeeded is not run again. Its dir in
     # this sweep gets config.yaml and a summary.json that points at the earlier run (reused_from), so the
     # report rebuilt from disk covers every job.
@@ -86,14 +85,14 @@ def reuse_previous_success(cfg: DictConfig, run_dir: Path, world_size: int) -> d
     prev = find_previous_success(cfg, world_size)
     if prev is None:
         return None
-    origin = prev["run_dir"]
-    summary = {**prev, "reused_from": origin, "choices": dict(cfg.get("choices") or {})}
+    origin = prev.run_dir
+    summary = prev.replace(reused_from=origin, choices=dict(cfg.get("choices") or {}))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if Path(origin).resolve() != run_dir.resolve():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    write_json_atomic(run_dir / "summary.json", summary)
-    loss = summary.get("final_loss")
+    summary.write(run_dir)
+    loss = summary.final_loss
     detail = f"final loss {loss:.4f}" if isinstance(loss, float) else "done"
     print(f"shardlab: ok (reused): {run_dir}: same config already ran in {origin}, {detail}", flush=True)
     return summary
@@ -166,7 +165,7 @@ class SweepCallback(Callback):
             error = getattr(job_return, "_return_value", None)
             print(f"shardlab: failed: {config.hydra.runtime.output_dir}: {error!r}", flush=True)
             self._report(Path(config.hydra.sweep.dir))
-        elif not isinstance(job_return.return_value, dict) or job_return.return_value.get("status") != "ok":
+        elif not isinstance(job_return.return_value, RunSummary) or not job_return.return_value.ok:
             self.failed += 1
 
     def _report(self, sweep_dir: Path) -> list[dict] | None:

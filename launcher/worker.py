@@ -12,6 +12,7 @@ from trainer import preempt
 from trainer.dist import DistEnv, close_distributed, first_failure
 from trainer.environments import current
 from trainer.loop import train
+from trainer.summary import RunSummary
 
 # Longer than two polls of the elastic agent (launcher.monitor_interval, 0.5 s) and torchrun's (0.1 s).
 FAILURE_GRACE_S = 2.0
@@ -27,9 +28,10 @@ def _raise_terminated(signum, frame):
     raise Terminated(f"stopped by {signal.Signals(signum).name} (a launcher stops all ranks when one fails)")
 
 
-def run_worker(cfg: DictConfig, env: DistEnv, say_first_failure: bool = False) -> dict:
-    # A failure is recorded in summary.json (rank 0: the run's first failure, whichever rank had it) before it
-    # propagates; say_first_failure: the rank that had it also prints it in one line.
+def run_worker(cfg: DictConfig, env: DistEnv, args, say_first_failure: bool = False) -> RunSummary:
+    # args: the model's arguments, computed once where the config was checked. A failure is recorded in
+    # summary.json (rank 0: the run's first failure, whichever rank had it) before it propagates;
+    # say_first_failure: the rank that had it also prints it in one line.
     run_dir = Path(cfg.run_dir)
     # A SLURM job's SIGTERM or SIGUSR2 asks for a checkpoint at the next step (trainer/preempt.py). Under SLURM
     # a launcher's SIGTERM after another rank failed is caught the same way: the others then fail in the
@@ -40,7 +42,7 @@ def run_worker(cfg: DictConfig, env: DistEnv, say_first_failure: bool = False) -
         if env.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        summary = train(cfg, env, run_dir)
+        summary = train(cfg, env, run_dir, args)
     except BaseException as e:
         if env.world_size > 1:  # a launcher's SIGTERM must not cut the record short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

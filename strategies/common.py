@@ -12,7 +12,9 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     # The repeated transformer blocks, where the model's own plan says (models/plan.py: each family keeps one).
     plan = getattr(model, "parallel_plan", None)
     if plan is None:
-        raise ValueError(f"{type(model).__name__} has no parallel_plan saying where its transformer blocks are")
+        raise ValueError(
+            f"{type(model).__name__} has no parallel_plan saying where its transformer blocks are"
+        )
     return plan.block_list(model)
 
 

@@ -106,7 +106,10 @@ def measure_one(cfg, env: DistEnv) -> dict:
         lambda: train_step(model, optimizer, batches, precision, env, strategy, accum, cfg.optim.grad_clip),
         fsdp=strategy.shards_state,
     )
-    plan = plan_memory(args, spec_from_config(cfg, dims, env.device.type))
+    plan = plan_memory(
+        args,
+        spec_from_config(cfg.strategy, cfg.trainer, cfg.precision.name, cfg.optim, dims, env.device.type),
+    )
     return breakdown_record(measured, plan, step=3)
 
 

@@ -310,7 +310,9 @@ def test_each_family_says_how_it_splits(name):
             assert isinstance(block.get_submodule(path), torch.nn.Linear), path
         assert all(block.get_submodule(n) is not None for n in plan.norms) and len(plan.norms) == 2
     assert isinstance(model.get_submodule(plan.embedding), torch.nn.Embedding)
-    assert isinstance(model.get_submodule(plan.head), torch.nn.Linear) and model.get_submodule(plan.final_norm)
+    assert isinstance(model.get_submodule(plan.head), torch.nn.Linear) and model.get_submodule(
+        plan.final_norm
+    )
     if name in ("debug", "hf_llama_debug"):  # q, k, v, gate, up; o, down
         assert (len(plan.colwise), len(plan.rowwise), plan.unsplit) == (5, 2, None)
         q, o = (layers[0].get_submodule(plan.colwise[0]), layers[0].get_submodule(plan.rowwise[0]))

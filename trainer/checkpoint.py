@@ -80,14 +80,14 @@ def save(root: Path, step: int, model, optimizer, scheduler, keep_last: int, met
     return final
 
 
-def model_record(cfg) -> dict[str, str]:
+def model_record(model_cfg, attention_cfg, data_cfg) -> dict[str, str]:
     # What a checkpoint says of the model it holds, for commands/export.py to rebuild it with no config at
     # hand: the model's and the attention option's fields (JSON), and the run's tokenizer directory, if any.
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    attention = OmegaConf.to_container(cfg.attention, resolve=True)
+    model = OmegaConf.to_container(model_cfg, resolve=True)
+    attention = OmegaConf.to_container(attention_cfg, resolve=True)
     return {
         "model_config": json.dumps({"model": model, "attention": attention}),
-        "tokenizer_dir": tokenizer_dir(cfg.data),
+        "tokenizer_dir": tokenizer_dir(data_cfg),
     }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from trainer.summary import RunSummary
+
 _NA_MFU = "n/a (unknown peak; set metrics.peak_tflops)"
 
 
@@ -34,17 +36,17 @@ class ProgressBar:
         self._bar.close()
 
 
-def _range(summary: dict, key: str, fmt: str, unit: str = "") -> str | None:
-    hi, lo = summary.get(f"{key}_max"), summary.get(f"{key}_min")
+def _range(s: RunSummary, key: str, fmt: str, unit: str = "") -> str | None:
+    hi, lo = getattr(s, f"{key}_max"), getattr(s, f"{key}_min")
     if hi is None:
         return None
-    if lo is None or summary.get("world_size", 1) == 1:
+    if lo is None or (s.world_size or 1) == 1:
         return f"{hi:{fmt}}{unit}"
     return f"{lo:{fmt}}{unit} - {hi:{fmt}}{unit} across ranks"
 
 
-def _memory_lines(s: dict) -> list[tuple[str, str]]:
-    if s.get("memory_kind") == "cuda":
+def _memory_lines(s: RunSummary) -> list[tuple[str, str]]:
+    if s.memory_kind == "cuda":
         lines = [
             ("peak mem allocated (CUDA)", _range(s, "mem_allocated_peak_gb", ".2f", " GB")),
             ("peak mem reserved (CUDA)", _range(s, "mem_reserved_peak_gb", ".2f", " GB")),
@@ -55,58 +57,56 @@ def _memory_lines(s: dict) -> list[tuple[str, str]]:
     return [(k, v) for k, v in lines if v is not None]
 
 
-def _throughput_lines(s: dict) -> list[tuple[str, str]]:
-    med = s.get("tokens_per_s_median")
+def _throughput_lines(s: RunSummary) -> list[tuple[str, str]]:
+    med = s.tokens_per_s_median
     if med is None:
-        return [("tokens/s (global)", f"n/a ({s.get('throughput_note') or 'no steps after warm-up'})")]
-    spread = f"p10 {_num(s.get('tokens_per_s_p10'))} / p90 {_num(s.get('tokens_per_s_p90'))}"
-    if s.get("tokens_per_s_std") is not None:
-        spread += f", std {_num(s['tokens_per_s_std'])}"
-    tflops = s.get("tflops_per_device") or 0.0  # CPU runs reach well under 1 TFLOP/s
-    mfu = s.get("mfu")
-    if mfu is None:
+        return [("tokens/s (global)", f"n/a ({s.throughput_note or 'no steps after warm-up'})")]
+    spread = f"p10 {_num(s.tokens_per_s_p10)} / p90 {_num(s.tokens_per_s_p90)}"
+    if s.tokens_per_s_std is not None:
+        spread += f", std {_num(s.tokens_per_s_std)}"
+    tflops = s.tflops_per_device or 0.0  # CPU runs reach well under 1 TFLOP/s
+    if s.mfu is None:
         mfu_text = _NA_MFU
     else:
-        mfu_text = f"{100 * mfu:.1f}% of {s.get('mfu_peak_tflops'):g} TFLOP/s ({s.get('mfu_peak_source')})"
+        mfu_text = f"{100 * s.mfu:.1f}% of {s.mfu_peak_tflops:g} TFLOP/s ({s.mfu_peak_source})"
     lines = [
         ("tokens/s (global, median)", f"{_num(med)}  ({spread})"),
-        ("tokens/s per device", _num(s.get("tokens_per_s_per_device"))),
-        ("TFLOP/s per device", _num(s.get("tflops_per_device"), ".2f" if tflops >= 1 else ".3g")),
+        ("tokens/s per device", _num(s.tokens_per_s_per_device)),
+        ("TFLOP/s per device", _num(s.tflops_per_device, ".2f" if tflops >= 1 else ".3g")),
         ("MFU", mfu_text),
     ]
-    if s.get("mfu_low_precision") is not None:  # fp8 / int8: against their own tensor cores' peak too
-        low = f"{100 * s['mfu_low_precision']:.1f}% of {s['mfu_low_precision_peak_tflops']:g} TFLOP/s"
+    if s.mfu_low_precision is not None:  # fp8 / int8: against their own tensor cores' peak too
+        low = f"{100 * s.mfu_low_precision:.1f}% of {s.mfu_low_precision_peak_tflops:g} TFLOP/s"
         lines.append(("MFU vs the fp8/int8 peak", low))
     return lines
 
 
-def format_summary(summary: dict) -> str:
-    s = summary
-    world = s.get("world_size", 1)
-    device = s.get("device_name", "?") + (f" x {world}" if world > 1 else "")
+def format_summary(s: RunSummary) -> str:
+    world = s.world_size or 1
+    device = (s.device_name or "?") + (f" x {world}" if world > 1 else "")
     lines: list[tuple[str, str]] = [("device", device)]
-    if s.get("precision"):
-        lines.append(("precision", s["precision"]))
-    steps = f"{s.get('steps', 0)}"
-    if s.get("warmup_steps"):
-        steps += f" ({s['warmup_steps']} warm-up steps excluded, {s.get('warmup_time_s', 0.0):.2f} s)"
+    if s.precision:
+        lines.append(("precision", s.precision))
+    steps = f"{s.steps or 0}"
+    if s.warmup_steps:
+        steps += f" ({s.warmup_steps} warm-up steps excluded, {s.warmup_time_s or 0.0:.2f} s)"
     lines.append(("steps", steps))
     lines += _throughput_lines(s)
-    if s.get("step_time_s_median") is not None:
+    if s.step_time_s_median is not None:
         per_rank = _range(s, "step_time_s_median", ".4f", " s")
-        lines.append(("step time (median)", per_rank or f"{s['step_time_s_median']:.4f} s"))
+        lines.append(("step time (median)", per_rank or f"{s.step_time_s_median:.4f} s"))
     lines += _memory_lines(s)
-    if s.get("first_loss") is not None:
-        lines.append(("first loss", f"{s['first_loss']:.4f}"))
-    if s.get("final_loss") is not None:
-        lines.append(("final loss", f"{s['final_loss']:.4f}"))
-    if s.get("val_loss") is not None:
-        best = f"; best {s['best_val_loss']:.4f} at step {s['best_val_step']}" if s["evals"] > 1 else ""
+    if s.first_loss is not None:
+        lines.append(("first loss", f"{s.first_loss:.4f}"))
+    if s.final_loss is not None:
+        lines.append(("final loss", f"{s.final_loss:.4f}"))
+    if s.val_loss is not None:
+        best = f"; best {s.best_val_loss:.4f} at step {s.best_val_step}" if s.evals > 1 else ""
         lines.append(
-            ("validation loss", f"{s['val_loss']:.4f} (ppl {s['val_ppl']:.2f}) at step {s['val_step']}{best}")
+            ("validation loss", f"{s.val_loss:.4f} (ppl {s.val_ppl:.2f}) at step {s.val_step}{best}")
         )
         lines.append(
-            ("evaluation time", f"{s['eval_time_s']:.2f} s over {s['evals']} evaluation(s), not in tokens/s")
+            ("evaluation time", f"{s.eval_time_s:.2f} s over {s.evals} evaluation(s), not in tokens/s")
         )
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)

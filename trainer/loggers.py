@@ -149,12 +149,13 @@ class Loggers:
         if self._backend is not None:
             self._backend.log(row, step)
 
-    def summary(self, summary: dict) -> None:
+    def summary(self, summary) -> None:
+        # summary: the run's RunSummary (trainer/summary.py), written as summary.json and given to the backend.
         if not self.enabled:
             return
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        summary.write(self.run_dir)
         if self._backend is not None:
-            self._backend.summary(summary)
+            self._backend.summary(summary.to_json())
 
     def close(self) -> None:
         if not self.enabled or self._jsonl is None:

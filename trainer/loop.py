@@ -11,20 +11,21 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from models import build_model
+from models import build_model, flops_per_token, param_count
 from strategies import ParallelDims
 from strategies.common import clip_grad_norm
 from trainer import checkpoint, preempt
-from trainer.checks import model_args
 from trainer.config import batch_layout
 from trainer.console import ProgressBar, format_summary
 from trainer.data import build_data, micro_batches
 from trainer.dist import DistEnv, mean_across_ranks
 from trainer.evaluate import check_held_out, eval_steps, evaluate
 from trainer.loggers import build_loggers
+from trainer.memory import plan_for_run, spec_from_config
 from trainer.metrics import Metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.precision import Precision, build_precision
+from trainer.summary import PREEMPTED, RunSummary
 
 
 def build_parallel_model(args, strategy_cfg, dims: ParallelDims, device, seed: int, precision: Precision):
@@ -76,9 +77,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
-    torch.manual_seed(cfg.trainer.seed)
-    t, args = cfg.trainer, model_args(cfg)
+def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
+    # args: the model's arguments (trainer.checks.model_args), computed once where the run was checked.
+    t = cfg.trainer
+    torch.manual_seed(t.seed)
     strategy = strategies.get_strategy(cfg.strategy.name)
     dims = strategy.dims(cfg.strategy, env.world_size, env.per_node, env.rank)
     micro, accum = batch_layout(t, dims)
@@ -92,10 +94,14 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
         cfg.checkpoint, ckpt_root, model, optimizer, scheduler, t.max_steps, precision.state_tensors()
     )
     precision.load_state_tensors(saved)  # fp16-mixed: the loss scale it had reached
-    metrics = Metrics.for_run(
-        cfg, env, dims, args, precision, layout=(micro, accum), data=data, model=model,
-        resumed_from=resumed_from, run_dir=run_dir,
+    run = RunSummary(
+        run_dir=str(run_dir), choices=dict(cfg.get("choices") or {}), micro_batch_size=micro, grad_accum_steps=accum,
+        tokens_per_step=t.global_batch_size * t.seq_len, n_params=param_count(args),
+        n_params_non_embedding=param_count(args, exclude_embedding=True), data=data.description,
+        resumed_from=str(resumed_from) if resumed_from else None,
+        strategy_applied=strategy.describe(model, cfg.strategy, dims),
     )  # fmt: skip
+    metrics = build_metrics(cfg, env, dims, args, precision, run)
     metrics.watch_state(model, optimizer)
     loggers = build_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.rank, start)
     bar = ProgressBar(t.max_steps, enabled=env.is_rank0 and t.progress_bar, initial=start)
@@ -106,7 +112,7 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
         check_held_out(data.val_windows, t.seq_len, e.batches, t.global_batch_size)
 
     def ckpt_meta() -> dict:  # what a checkpoint keeps besides model, optimizer, step and rng
-        return {**checkpoint.model_record(cfg), **precision.state_tensors()}
+        return {**checkpoint.model_record(cfg.model, cfg.attention, cfg.data), **precision.state_tensors()}
 
     try:
         metrics.start()
@@ -139,7 +145,7 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
                 saved = saved or checkpoint.save(
                     ckpt_root, step, model, optimizer, scheduler, cfg.checkpoint.keep_last, ckpt_meta()
                 )
-                return {"status": "preempted", "signal": sig, "step": step, "checkpoint": str(saved)}
+                return RunSummary(status=PREEMPTED, signal=sig, step=step, checkpoint=str(saved))
         bar.close()
         summary = metrics.summary()
         loggers.summary(summary)
@@ -149,6 +155,28 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
     if env.is_rank0:
         print(format_summary(summary), flush=True)
     return summary
+
+
+def build_metrics(
+    cfg: DictConfig, env: DistEnv, dims, args, precision: Precision, run: RunSummary
+) -> Metrics:
+    # The run's metrics: FLOPs per token from the model's arguments, the memory planner's prediction for this
+    # layout, and the record of what the run is, which its summary completes.
+    t = cfg.trainer
+    metrics = Metrics(
+        device=env.device,
+        flops_per_token=flops_per_token(args, t.seq_len),
+        precision=cfg.precision.name,
+        warmup_steps=cfg.metrics.warmup_steps,
+        log_every=t.log_every,
+        peak_tflops=cfg.metrics.peak_tflops,
+        world_size=dims.world_size,
+        rank=env.rank,
+        tokens_per_step=t.global_batch_size * t.seq_len,
+    )
+    spec = spec_from_config(cfg.strategy, t, cfg.precision.name, cfg.optim, dims, env.device.type)
+    metrics.describe_run(run, precision, plan_for_run(args, spec))
+    return metrics
 
 
 def measured_step(enabled: bool, start: int, max_steps: int) -> int | None:

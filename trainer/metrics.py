@@ -18,14 +18,13 @@ import psutil
 import torch
 import torch.distributed as dist
 
-import strategies
-from models import flops_per_token, param_count
 from strategies.common import instance_of
 from trainer.environments import current
 from trainer.evaluate import perplexity
-from trainer.memory import memory_summary, plan_for_run
+from trainer.memory import memory_summary
 from trainer.peaks import device_key, lookup_peak_tflops
 from trainer.precision import peak_class
+from trainer.summary import RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -147,47 +146,17 @@ class Metrics:
         self._state_bytes: dict | None = None  # this rank's, at its first optimizer step
         self._plan = None  # the memory planner's MemoryPlan for this run (None: not a model it plans)
         self._memory: dict | None = None  # metrics.memory_breakdown: the measured step and the prediction
-        self._run: dict = {}  # what the run was (for_run): reported as it is in summary()
+        self._run: RunSummary | None = None  # what the run was (describe_run), completed by summary()
         self._precision = None
         self._evals: list[tuple[int, float]] = []  # (step, validation loss)
         self._eval_time_s = 0.0
         self._eval_row: dict = {}  # the last evaluation, for the next logged row
 
-    @classmethod
-    def for_run(
-        cls, cfg, env, dims, args, precision, *, layout, data, model, resumed_from, run_dir
-    ) -> Metrics:
-        # The run's metrics: its FLOPs per token and parameter counts from the model's arguments, its memory
-        # plan, and what summary.json says of how it ran (layout: micro-batch, accumulation steps).
-        t = cfg.trainer
-        m = cls(
-            device=env.device,
-            flops_per_token=flops_per_token(args, t.seq_len),
-            precision=cfg.precision.name,
-            warmup_steps=cfg.metrics.warmup_steps,
-            log_every=t.log_every,
-            peak_tflops=cfg.metrics.peak_tflops,
-            world_size=env.world_size,
-            rank=env.rank,
-            tokens_per_step=t.global_batch_size * t.seq_len,
-        )
-        m._plan = plan_for_run(cfg, args, dims, env.device.type)
-        m._precision = precision
-        m._run = {
-            "choices": dict(cfg.get("choices") or {}),
-            "micro_batch_size": layout[0],
-            "grad_accum_steps": layout[1],
-            "tokens_per_step": m.tokens_per_step,
-            "n_params": param_count(args, exclude_embedding=False),
-            "n_params_non_embedding": param_count(args, exclude_embedding=True),
-            "data": data.description,
-            "resumed_from": str(resumed_from) if resumed_from else None,
-            "strategy_applied": strategies.get_strategy(cfg.strategy.name).describe(
-                model, cfg.strategy, dims
-            ),
-            "run_dir": str(run_dir),
-        }
-        return m
+    def describe_run(self, run: RunSummary, precision, plan) -> None:
+        # A training run: what it is (run: the loop's record of its layout, data and model), the precision as
+        # applied, and the memory planner's MemoryPlan for it (None: a model the planner does not cover). The
+        # summary is then that record with what was measured filled in.
+        self._run, self._precision, self._plan = run, precision, plan
 
     def watch_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         # State bytes per rank, measured once, right after the first optimizer step that really stepped (an
@@ -353,7 +322,7 @@ class Metrics:
         self._last_time = time.perf_counter()
         return row
 
-    def summary(self) -> dict:
+    def summary(self) -> RunSummary:
         times, tokens = self._step_times, self._step_tokens
         rates = [n / t for n, t in zip(tokens, times, strict=True)]
         median_tps = statistics.median(rates) if rates else None
@@ -400,9 +369,9 @@ class Metrics:
                 f"no step was measured: all {self._warmup_done} steps were warm-up (metrics.warmup_steps="
                 f"{self.warmup_steps}); raise trainer.max_steps above it for throughput figures"
             )
-        if self._precision is not None:  # a training run's own facts (for_run)
-            out |= {"status": "ok", **self._run, **self._run_facts()}
-        return out
+        if self._run is None:
+            return RunSummary(**out)
+        return self._run.replace(**out, **self._run_facts())
 
     def _run_facts(self) -> dict:
         p = self._precision

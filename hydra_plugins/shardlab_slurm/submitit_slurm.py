@@ -11,7 +11,6 @@
 #     with SLURM's state as its reason, and the others are still waited for.
 # Inside each job launcher/slurm.py takes the rendezvous from the allocation and turns preemption into a
 # checkpoint and a requeue (hydra.launcher.max_num_timeout: how many timeouts may requeue it).
-import json
 import re
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from omegaconf import OmegaConf, open_dict
 
 from launcher.errors import fail, record_failure
 from launcher.slurm import per_node, slurm_gpus
+from trainer.summary import FAILED, RunSummary
 
 
 @dataclass
@@ -147,22 +147,23 @@ class SlurmLauncher(PluginSlurmLauncher):
             # submitit would not requeue it again); a summary of a run that finished is left as it is.
             ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
             own = _read_summary(run_dir)
-            if own.get("status") == "ok":  # the run finished; only submitit's record of it was lost
+            if own.ok:  # the run finished; only submitit's record of it was lost
                 ret.return_value = own
                 return ret
-            if own.get("error"):  # e.g. scancel's SIGTERM made the workers checkpoint first
-                reason = f"{reason}; the job had recorded: {own['error']}"
+            if own.error:  # e.g. scancel's SIGTERM made the workers checkpoint first
+                reason = f"{reason}; the job had recorded: {own.error}"
             record_failure(run_dir, reason, slurm_job_id=job.job_id)
             print(f"shardlab: failed: {run_dir}: {reason}", flush=True)
-            ret.return_value = {"status": "failed", "error": reason}
+            ret.return_value = RunSummary(status=FAILED, error=reason)
             return ret
 
 
-def _read_summary(run_dir: Path) -> dict:
+def _read_summary(run_dir: Path) -> RunSummary:
+    # What the job recorded, or a failure with nothing to say where it recorded nothing readable.
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        return RunSummary.read(run_dir) or RunSummary(status=FAILED)
     except (OSError, ValueError):
-        return {}
+        return RunSummary(status=FAILED)
 
 
 def _singletons():

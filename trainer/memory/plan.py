@@ -30,7 +30,7 @@ from trainer.memory.activations import (
     root_shapes,
     widths,
 )
-from trainer.memory.spec import PlanSpec, precision_bytes, spec_from_config
+from trainer.memory.spec import PlanSpec, precision_bytes
 from trainer.optim import implementation, state_bytes
 
 
@@ -261,12 +261,10 @@ def plan_memory(args, spec: PlanSpec) -> MemoryPlan:
     )
 
 
-def plan_for_run(cfg, args, dims, device_type: str) -> MemoryPlan | None:
+def plan_for_run(args, spec: PlanSpec) -> MemoryPlan | None:
     # The planner's per-rank prediction for a run, or None for models it does not cover (model=hf).
     # Arithmetic only: cheap enough for every run.
-    if family(args) is None:
-        return None
-    return plan_memory(args, spec_from_config(cfg, dims, device_type))
+    return None if family(args) is None else plan_memory(args, spec)
 
 
 def memory_summary(plan: MemoryPlan | None, record: dict | None) -> dict:

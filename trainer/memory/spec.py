@@ -85,13 +85,12 @@ class PlanSpec:
         return self.sharded and self.cpu_offload and self.device != "cpu"
 
 
-def spec_from_config(cfg, dims: ParallelDims, device: str) -> PlanSpec:
-    # The run's Hydra config and its layout -> PlanSpec.
-    s, t = cfg.strategy, cfg.trainer
+def spec_from_config(s, t, precision: str, optim_cfg, dims: ParallelDims, device: str) -> PlanSpec:
+    # A run's strategy and trainer sub-configs, precision, optim sub-config and layout -> PlanSpec.
     micro, accum = batch_layout(t, dims)
     return PlanSpec(
-        precision=cfg.precision.name,
-        optim=cfg.optim.name,
+        precision=precision,
+        optim=optim_cfg.name,
         strategy=s.name,
         dims=dims,
         micro_batch=micro,
@@ -100,6 +99,6 @@ def spec_from_config(cfg, dims: ParallelDims, device: str) -> PlanSpec:
         **get_strategy(s.name).plan_options(s),
         activation_checkpointing=s.activation_checkpointing,
         ac_every=s.ac_every,
-        optim_impl=cfg.optim.get("implementation", "auto"),
+        optim_impl=optim_cfg.get("implementation", "auto"),
         device=device,
     )
