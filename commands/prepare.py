@@ -19,6 +19,7 @@ import numpy as np
 
 from launcher.errors import fail
 from trainer.paths import staged
+from trainer.tokenizer import load_tokenizer
 
 BYTE_EOS = 0  # byte-level documents are separated by a NUL byte, which text does not hold
 KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # any other suffix: plain text
@@ -66,18 +67,11 @@ def load_documents(files: list[Path], kind: str, text_field: str, cache: Path):
     return ds, field
 
 
-def load_tokenizer(path: str | None):
+def tokenizer_of(path: str | None):
     # -> (the tokenizer or None for bytes, its vocabulary, its EOS id)
     if path is None:
         return None, 256, BYTE_EOS
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"--tokenizer {path} is not a tokenizer directory ({type(e).__name__}: {first}): give the "
-                         "directory of a saved Hugging Face tokenizer (tokenizer.json), or leave --tokenizer out for bytes") from None  # fmt: skip
+    tok = load_tokenizer(path, "--tokenizer", "leave --tokenizer out")
     if tok.eos_token_id is None:
         raise ValueError(f"--tokenizer {path} has no EOS token to separate documents with: give one that has")
     return tok, len(tok), tok.eos_token_id
@@ -91,7 +85,7 @@ def _encoder(tokenizer_path: str | None, field: str):
         if tokenizer_path is None:
             return {"ids": [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in batch[field]]}
         if "tok" not in state:
-            state["tok"] = load_tokenizer(tokenizer_path)[0]
+            state["tok"] = tokenizer_of(tokenizer_path)[0]
         return {"ids": state["tok"](batch[field], add_special_tokens=False)["input_ids"]}
 
     return encode
@@ -146,7 +140,7 @@ def prepare(source: str, out: str, tokenizer: str | None = None, val_fraction: f
             f"{target} already exists and is not empty: choose another out dir, or pass --overwrite"
         )
     files, kind = source_files(src, glob)
-    tok, vocab, eos = load_tokenizer(tokenizer)
+    tok, vocab, eos = tokenizer_of(tokenizer)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     with staged(target) as tmp:
         ds, field = load_documents(files, kind, text_field, tmp / ".cache")

@@ -5,10 +5,11 @@ from collections.abc import Mapping
 import torch.nn as nn
 
 from . import flops, gpt2, hf, llama
+from .attention import one_of
 from .flops import num_params
 from .gpt2 import GPT2, GPT2Args
 from .hf import HFArgs, HFCausalLM
-from .llama import ModelArgs, ParamShapes, Transformer
+from .llama import ModelArgs, ParamShapes, Transformer, check_heads
 
 FAMILIES = {"llama": (ModelArgs, Transformer), "gpt2": (GPT2Args, GPT2), "hf": (HFArgs, HFCausalLM)}
 SHAPES = {ModelArgs: llama.param_shapes, GPT2Args: gpt2.param_shapes, HFArgs: hf.param_shapes}
@@ -28,8 +29,7 @@ def build_model_args(
     # A preset, its fields overridden (None = keep the preset's), and the attention option's kernel and K/V
     # head count (attention: impl, n_kv_heads, kv_head_divisor, as conf/attention/*.yaml). Shapes that cannot
     # work fail here with the config keys to change, before any module is built.
-    if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model.name {name!r}: valid options are {', '.join(MODEL_PRESETS)}")
+    one_of("model.name", name, MODEL_PRESETS)
     family, preset = MODEL_PRESETS[name]
     args_cls = FAMILIES[family][0]
     given = {k: v for k, v in (overrides or {}).items() if k != "name" and v is not None and v != {}}
@@ -49,25 +49,12 @@ def build_model_args(
     }
     fields = {**defaults, **preset, **given}
     dim, n_heads = fields["dim"], fields["n_heads"]
-    if dim % n_heads:
-        raise ValueError(
-            f"model.dim ({dim}) is not divisible by model.n_heads ({n_heads}): "
-            f"choose model.n_heads that divides {dim}"
-        )
+    check_heads(dim, n_heads)  # before the K/V heads, whose checks divide by n_heads
     user_kv = given.get("n_kv_heads")
     n_kv, source = _kv_heads(
         attention, name, n_heads, "n_kv_heads" in fields, fields.get("n_kv_heads"), user_kv
     )
-    if n_kv is not None and n_heads % n_kv:
-        raise ValueError(
-            f"model.n_heads ({n_heads}) is not divisible by the K/V head count ({n_kv}, from {source}): "
-            f"choose a K/V head count that divides {n_heads}"
-        )
-    if family == "llama" and (dim // n_heads) % 2:
-        raise ValueError(
-            f"model.dim / model.n_heads = {dim} / {n_heads} = {dim // n_heads} is odd, but rotary "
-            "embeddings need an even head dimension: choose model.n_heads so that the quotient is even"
-        )
+    check_heads(dim, n_heads, n_kv, source, rotary=family == "llama")
     if n_kv is not None:
         given["n_kv_heads"] = n_kv
     return args_cls(**{**preset, **given})
@@ -104,16 +91,7 @@ def _hf_args(name: str, preset: dict, given: dict, attention) -> HFArgs:
     args = HFArgs(**{**preset, **given})
     user_kv = given.get("n_kv_heads", given.get("hf_config", {}).get("num_key_value_heads"))
     n_kv, source = _kv_heads(attention, name, args.n_heads, args.has_kv_heads, args.n_kv_heads, user_kv)
-    if n_kv is not None and args.n_heads % n_kv:
-        raise ValueError(
-            f"the model's {args.n_heads} attention heads are not divisible by the K/V head count ({n_kv}, "
-            f"from {source}): choose a K/V head count that divides {args.n_heads}"
-        )
-    if args.dim % args.n_heads:
-        raise ValueError(
-            f"model.dim ({args.dim}) is not divisible by model.n_heads ({args.n_heads}): "
-            f"choose model.n_heads that divides {args.dim}"
-        )
+    check_heads(args.dim, args.n_heads, n_kv, source)
     if n_kv != args.n_kv_heads:
         args = HFArgs(**{**preset, **given, "n_kv_heads": n_kv})
     return args

@@ -51,9 +51,15 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True)
 ATTENTION = {"standard": standard, "flash": flash, "sdpa": sdpa}
 
 
+def one_of(key: str, value, valid) -> None:
+    # models/ imports nothing of ours, so its registries say an unknown name here, in the words of
+    # strategies.base.one_of (which trainer/ and everything above use).
+    if value not in valid:
+        raise ValueError(f"unknown {key} {value!r}: valid options are {', '.join(valid)}")
+
+
 def get_attention(name: str):
-    if name not in ATTENTION:
-        raise ValueError(f"unknown attention {name!r}; valid: {', '.join(ATTENTION)}")
+    one_of("attention", name, ATTENTION)
     return ATTENTION[name]
 
 

@@ -10,8 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import ATTENTION, get_attention
-from .llama import ParamShapes, SeededInit, canonical_name, is_residual_projection, seeded_generator
+from .attention import ATTENTION, get_attention, one_of
+from .llama import (
+    ParamShapes,
+    SeededInit,
+    canonical_name,
+    check_heads,
+    is_residual_projection,
+    seeded_generator,
+)
 from .plan import ParallelPlan
 
 
@@ -26,10 +33,8 @@ class GPT2Args:
     attention: str = "sdpa"
 
     def __post_init__(self):
-        if self.attention not in ATTENTION:
-            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION)}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        one_of("attention", self.attention, ATTENTION)
+        check_heads(self.dim, self.n_heads)
 
     @property
     def head_dim(self) -> int:
@@ -125,8 +130,7 @@ def to_hf(state: dict) -> dict:
 
 
 def build_args(preset: str, **overrides) -> GPT2Args:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown gpt2 preset {preset!r}; valid: {', '.join(PRESETS)}")
+    one_of("gpt2 preset", preset, PRESETS)
     return GPT2Args(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
 
 

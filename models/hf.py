@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .attention import ATTENTION
+from .attention import ATTENTION, one_of
 from .flops import num_params
 from .llama import canonical_name, seeded_generator
 from .plan import ParallelPlan
@@ -102,8 +102,7 @@ class HFArgs:
     tie_embeddings: bool | None = None
 
     def __post_init__(self):
-        if self.attention not in ATTENTION:
-            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION)}")
+        one_of("attention", self.attention, ATTENTION)
         self.config = build_config(self)  # a transformers PretrainedConfig
         for ours, theirs in HF_NAMES.items():
             setattr(self, ours, getattr(self.config, theirs, None))

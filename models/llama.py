@@ -10,8 +10,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import ATTENTION, get_attention
+from .attention import ATTENTION, get_attention, one_of
 from .plan import ParallelPlan
+
+
+def check_heads(
+    dim: int, n_heads: int, n_kv: int | None = None, kv_source: str = "model.n_kv_heads", rotary: bool = False
+) -> None:
+    # The head shapes every family needs, in the config's words: dim splits into n_heads heads, the heads into
+    # groups of each K/V head, and rotary embeddings need an even head dimension.
+    if dim % n_heads:
+        raise ValueError(
+            f"model.dim ({dim}) is not divisible by model.n_heads ({n_heads}): choose model.n_heads that divides {dim}"
+        )
+    if n_kv is not None and n_heads % n_kv:
+        raise ValueError(
+            f"model.n_heads ({n_heads}) is not divisible by the K/V head count ({n_kv}, from {kv_source}): "
+            f"choose a K/V head count that divides {n_heads}"
+        )
+    if rotary and (dim // n_heads) % 2:
+        raise ValueError(
+            f"model.dim / model.n_heads = {dim} / {n_heads} = {dim // n_heads} is odd, but rotary "
+            "embeddings need an even head dimension: choose model.n_heads so that the quotient is even"
+        )
 
 
 @dataclass
@@ -30,14 +51,8 @@ class ModelArgs:
     attention: str = "sdpa"  # a key of models.attention.ATTENTION
 
     def __post_init__(self):
-        if self.attention not in ATTENTION:
-            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION)}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} (dim / n_heads) must be even for rotary embeddings")
+        one_of("attention", self.attention, ATTENTION)
+        check_heads(self.dim, self.n_heads, self.kv_heads, rotary=True)
 
     @property
     def head_dim(self) -> int:
@@ -170,8 +185,7 @@ def to_hf(state: dict) -> dict:
 
 
 def build_args(preset: str, **overrides) -> ModelArgs:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown llama preset {preset!r}; valid: {', '.join(PRESETS)}")
+    one_of("llama preset", preset, PRESETS)
     kwargs = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return ModelArgs(**kwargs)
 

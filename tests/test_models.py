@@ -214,11 +214,11 @@ def test_tied_head_counts_once_as_non_embedding():
 def test_unknown_names_list_valid_ones():
     with pytest.raises(ValueError, match="valid options are .*debug.*llama3_8b.*gpt2_124m"):
         build_model_args("llama_7b", {})
-    with pytest.raises(ValueError, match="valid: .*llama_1b"):
+    with pytest.raises(ValueError, match="unknown llama preset 'nope': valid options are .*llama_1b"):
         build_args("nope")
-    with pytest.raises(ValueError, match="valid: standard, flash, sdpa"):
+    with pytest.raises(ValueError, match="unknown attention 'flash2': valid options are standard, flash, sdpa"):
         build_model_args("debug", {"attention": "flash2"})
-    with pytest.raises(ValueError, match="valid: standard, flash, sdpa"):
+    with pytest.raises(ValueError, match="valid options are standard, flash, sdpa"):
         get_attention("xformers")
     with pytest.raises(ValueError, match="no field.*n_layer"):
         build_model_args("gpt2_debug", {"n_layer": 2})

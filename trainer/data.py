@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.config import one_of
+from trainer.tokenizer import load_tokenizer
+
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step, row) over the generator's seed space
 _VAL_STREAM = 2**31 - 1  # synthetic held-out batches: seeds no training step uses
 SOURCES = ("synthetic", "text", "tokens")
@@ -118,17 +121,6 @@ def _text(data_cfg, seq_len: int, seed: int) -> Windows:
     return Windows(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :], vocab, seq_len, seed, what)
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    if not Path(path).expanduser().is_dir():
-        raise ValueError(
-            f"data.tokenizer {path!r} is not a local directory: give the path of a saved HF tokenizer "
-            "(nothing is downloaded at run time), or data.tokenizer=null for byte-level tokens"
-        )
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
 def check_text_source(data_cfg, seq_len: int) -> None:
     # Cheap enough for validation: stops at the first files that hold one window's worth of bytes.
     if not data_cfg.path:
@@ -224,14 +216,14 @@ def build_data(data_cfg, seq_len: int, seed: int, vocab_size: int):
         return _text(data_cfg, seq_len, seed)
     if data_cfg.name == "tokens":
         return _tokens(data_cfg, seq_len, seed)
-    raise ValueError(f"unknown data {data_cfg.name!r}: valid options are {', '.join(SOURCES)}")
+    one_of("data", data_cfg.name, SOURCES)
+    raise AssertionError(f"no source for data {data_cfg.name!r}")
 
 
 def data_facts(data_cfg, seq_len: int = 1) -> tuple[int | None, int | None]:
     # -> (the vocabulary the data needs, the held-out windows of seq_len + 1 tokens it has), as far as known
     # before any worker starts (None: unknown until the data is read, or unbounded).
-    if data_cfg.name not in SOURCES:
-        raise ValueError(f"unknown data {data_cfg.name!r}: valid options are {', '.join(SOURCES)}")
+    one_of("data", data_cfg.name, SOURCES)
     if data_cfg.name == "text":
         check_text_source(data_cfg, seq_len)
         if data_cfg.tokenizer is not None:

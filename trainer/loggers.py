@@ -15,6 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.config import one_of
+
 
 def _jsonable(value):
     if isinstance(value, (str, bool, int, float)) or value is None:
@@ -172,8 +174,7 @@ def build_loggers(logger_cfg, run_dir: Path, run_config: dict, rank: int, start_
     )
     cfg = dict(cfg or {})
     name = cfg.get("name") or "none"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown logger {name!r}; valid: {', '.join(BACKENDS)}")
+    one_of("logger", name, BACKENDS)
     run_dir = Path(run_dir)
     if rank != 0:
         return Loggers(run_dir, enabled=False)

@@ -32,7 +32,8 @@ def state_bytes(optim: str, weight_bytes: int, local: int) -> float:
     if optim == "adamw8bit":
         quantised = local >= 4096 and local % 256 == 0
         return 2 * ((1 + 4 / 256) * local + 4 * 256) if quantised else 2.0 * weight_bytes * local
-    raise ValueError(f"unknown optim {optim!r}: valid options are {', '.join(OPTIMIZERS)}")
+    one_of("optim", optim, OPTIMIZERS)
+    raise AssertionError(f"no state rule for optim {optim!r}")
 
 
 def check_config(cfg) -> None:
@@ -47,8 +48,7 @@ def check_config(cfg) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"unknown optim {cfg.name!r}: valid options are {', '.join(OPTIMIZERS)}")
+    one_of("optim", cfg.name, OPTIMIZERS)
     params = [p for p in model.parameters() if p.requires_grad]
     # Weight decay on matrices only; norms' gains (1-D) are left alone, as in nanoGPT and Llama.
     groups = [
@@ -63,10 +63,7 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
 
         return AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     impl = implementation(cfg.implementation, device.type)
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown optim.implementation {impl!r}: valid options are auto, {', '.join(IMPLEMENTATIONS)}"
-        )
+    one_of("optim.implementation", impl, ("auto", *IMPLEMENTATIONS))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **IMPLEMENTATIONS[impl])
 
 

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from strategies.base import (
+    one_of,  # config.one_of itself; trainer.config would bring Hydra to the GPU benchmarks
+)
+
 logger = logging.getLogger(__name__)
 
 _F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
@@ -37,8 +41,7 @@ _CLASS = {_F32: "fp32", _BF16: "bf16", _F16: "fp16"}
 
 
 def precision_fields(name: str) -> dict:
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}: valid options are {', '.join(PRECISIONS)}")
+    one_of("precision", name, PRECISIONS)
     return PRECISIONS[name]
 
 
