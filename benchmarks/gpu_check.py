@@ -44,8 +44,8 @@ class Runner:
             flush=True,
         )
         summary_file, rows_file = run_dir / "summary.json", run_dir / "metrics.jsonl"
-        summary = RunSummary.read(summary_file) or RunSummary(status="failed")
-        if proc.returncode != 0 and summary.status != "failed":
+        summary = RunSummary.read(summary_file)
+        if summary is None or (proc.returncode != 0 and summary.status != "failed"):
             lines = (proc.stderr or proc.stdout).strip().splitlines()
             summary = RunSummary(status="failed", error=lines[-1] if lines else f"exit {proc.returncode}")
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []

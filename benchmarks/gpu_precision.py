@@ -50,8 +50,8 @@ def run_one(name: str, overrides: tuple[str, ...], opts, tmp: Path) -> RunSummar
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=opts.timeout)
     summary_file = run_dir / "summary.json"
-    summary = RunSummary.read(summary_file) or RunSummary(status="failed")
-    if proc.returncode != 0 and summary.status != "failed":
+    summary = RunSummary.read(summary_file)
+    if summary is None or (proc.returncode != 0 and summary.status != "failed"):
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         summary = RunSummary(status="failed", error=lines[-1] if lines else f"exit {proc.returncode}")
     return summary

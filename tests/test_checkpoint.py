@@ -29,6 +29,7 @@ from trainer.checks import model_args, validate
 from trainer.data import build_data, micro_batches
 from trainer.dist import close_distributed, init_distributed
 from trainer.loop import train
+from trainer.summary import RunSummary
 
 pytestmark = pytest.mark.slow
 
@@ -69,12 +70,12 @@ def _config(corpus: Path, *overrides: str, base: tuple[str, ...] = BASE) -> dict
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _train_single(out: Path, name: str, container: dict) -> dict:
+def _train_single(out: Path, name: str, container: dict) -> RunSummary:
     cfg = OmegaConf.create(container)
     cfg.run_dir = str(out / name)
     (out / name).mkdir()
     env = init_distributed("cpu", need_group=False)
-    summary = train(cfg, env, out / name)
+    summary = train(cfg, env, out / name, model_args(cfg))
     close_distributed(env)
     return summary
 
@@ -142,8 +143,8 @@ def test_exact_resume(runs, strategy):
     # fp32 on CPU: bit-for-bit, not approximately
     assert resumed == {s: loss for s, loss in straight.items() if s > HALF}
     summary = summaries[f"{strategy}-resumed"]
-    assert summary["resumed_from"] == str(_at(out, f"{strategy}-saved", HALF))
-    assert summary["final_loss"] == straight[STEPS]
+    assert summary.resumed_from == str(_at(out, f"{strategy}-saved", HALF))
+    assert summary.final_loss == straight[STEPS]
     assert [p.name for p in sorted((out / f"{strategy}-saved" / "checkpoints").iterdir())][
         -1
     ] == "step_00000010"
@@ -162,8 +163,8 @@ def test_resharding(runs, name, reference):
     # loss is what continuing under the saving strategy gives (up to the reduction order).
     out, summaries = runs
     here, there = _losses(out, name), _losses(out, reference)
-    assert summaries[name]["resumed_from"] == summaries[reference]["resumed_from"]
-    assert summaries[name]["world_size"] == (1 if name.startswith("single") else 2)
+    assert summaries[name].resumed_from == summaries[reference].resumed_from
+    assert summaries[name].world_size == (1 if name.startswith("single") else 2)
     assert here[HALF + 1] == pytest.approx(there[HALF + 1], rel=1e-6, abs=0)
     for step in range(HALF + 1, STEPS + 1):
         assert here[step] == pytest.approx(there[step], rel=1e-5, abs=0), (step, here, there)
@@ -179,14 +180,14 @@ def test_fp16_loss_scale_is_checkpointed(tmp_path, text_corpus):
     straight = _train_single(tmp_path, "saved", _config(text_corpus, *SAVE, base=fp16))  # and uninterrupted
     resume = f"checkpoint.resume={_at(tmp_path, 'saved', HALF)}"
     resumed = _train_single(tmp_path, "resumed", _config(text_corpus, resume, base=fp16))
-    scale = straight["precision_applied"]["loss_scale"]
+    scale = straight.precision_applied["loss_scale"]
     at_save = checkpoint_io.read_train_state(
         _at(tmp_path, "saved", HALF), {"loss_scale": torch.zeros((), dtype=torch.float64)}
     )
     assert at_save["loss_scale"] < 65536  # the scale had moved before the save
     straight_losses, resumed_losses = _losses(tmp_path, "saved"), _losses(tmp_path, "resumed")
     assert resumed_losses == {s: loss for s, loss in straight_losses.items() if s > HALF}
-    assert resumed["precision_applied"]["loss_scale"] == scale
+    assert resumed.precision_applied["loss_scale"] == scale
 
 
 def test_keep_last_prunes_and_leaves_no_temporaries(runs):
@@ -217,7 +218,7 @@ def test_hugging_face_export_loads_with_the_same_logits_and_trains_again(runs, t
         torch.testing.assert_close(hf.eval()(input_ids=x).logits, ours, atol=1e-5, rtol=1e-5)
     again = _config(text_corpus, "model=hf", f"model.name_or_path={target}", "trainer.max_steps=1")
     summary = _train_single(tmp_path, "again", again)
-    assert summary["first_loss"] == pytest.approx(
+    assert summary.first_loss == pytest.approx(
         F.cross_entropy(ours.flatten(0, 1), y.flatten()).item(), rel=1e-5
     )
     with pytest.raises(ValueError, match="already exists and is not empty.*--overwrite"):
@@ -346,7 +347,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert f"shardlab: resumed from {root / 'step_00000001'} at step 1" in out
     summary = read_summary(run_dir)
-    assert summary["status"] == "ok" and summary["resumed_from"] == str(root / "step_00000001")
+    assert summary.status == "ok" and summary.resumed_from == str(root / "step_00000001")
     assert _digest(root / "step_00000001") == before
 
 
@@ -387,10 +388,10 @@ def test_killed_worker_restarts_and_resumes_to_the_same_loss(runs, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     assert "killed by SIGKILL" in stderr or "SIGKILL" in stderr
     summary = read_summary(run_dir)
-    assert summary["status"] == "ok"
-    assert summary["resumed_from"] is not None  # the second attempt resumed, not started over
+    assert summary.status == "ok"
+    assert summary.resumed_from is not None  # the second attempt resumed, not started over
     reference = summaries["restart-reference"]
-    assert summary["final_loss"] == reference["final_loss"]
+    assert summary.final_loss == reference.final_loss
     # The restarted attempt dropped the rows the killed one had logged past its checkpoint: each step once.
     steps = [r["step"] for r in read_rows(run_dir)]
     assert steps == list(range(1, 13))
@@ -412,13 +413,13 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
     checkpoint_io.verify(root / "step_00000001")
     assert checkpoint_io.read_train_state(root / "step_00000001")["step"] == 1
     summary = read_summary(tmp_path / "stop")
-    assert summary["status"] == "failed" and "at step 2" in summary["error"]
+    assert summary.status == "failed" and "at step 2" in summary.error
 
     out, err = skip.communicate(timeout=TIMEOUT)
     assert skip.returncode == 0, err[-3000:]
     summary = read_summary(tmp_path / "skip")
-    assert summary["status"] == "ok" and summary["nonfinite_skipped_steps"] == 2  # steps 2 and 3
-    assert math.isnan(summary["final_loss"])
+    assert summary.status == "ok" and summary.nonfinite_skipped_steps == 2  # steps 2 and 3
+    assert math.isnan(summary.final_loss)
     # A skipped step changes nothing: the weights after steps 2 and 3 are step 1's.
     root = tmp_path / "skip" / "checkpoints"
     first, last = (consolidated_model_state(root / f"step_0000000{s}") for s in (1, 3))

@@ -67,13 +67,13 @@ def test_every_option(group, option, tmp_path, request):
 
     run_dir = tmp_path / "run"
     summary = train_in_process(cfg, run_dir)
-    assert summary["status"] == "ok"
-    assert summary["steps"] == cfg.trainer.max_steps == 3
-    assert summary["choices"] == cfg.choices
+    assert summary.status == "ok"
+    assert summary.steps == cfg.trainer.max_steps == 3
+    assert summary.choices == cfg.choices
     rows = read_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
-    assert rows[-1]["loss"] == summary["final_loss"]
+    assert rows[-1]["loss"] == summary.final_loss
     assert "${" not in (run_dir / "config.yaml").read_text()
     if cfg.logger.name == "tensorboard":
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

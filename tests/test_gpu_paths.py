@@ -14,7 +14,7 @@ import torch.distributed as dist
 from launcher.worker import run_worker
 from tests.helpers.run import REPO, compose_config, read_summary
 from trainer import gpus
-from trainer.checks import validate
+from trainer.checks import model_args, validate
 from trainer.dist import DistEnv, backend_for, close_distributed, init_run
 from trainer.peaks import lookup_peak_tflops
 
@@ -45,11 +45,11 @@ def test_the_rank_whose_failure_came_first_writes_the_summary(tmp_path, one_thre
     cfg = compose_config("data=text", f"data.path={tmp_path / 'not-on-this-node'}")
     cfg.run_dir = str(tmp_path / "run")
     with pytest.raises(ValueError, match="data.path"):
-        run_worker(cfg, DistEnv(rank=1, local_rank=1, world_size=2, device=torch.device("cpu")))
+        run_worker(
+            cfg, DistEnv(rank=1, local_rank=1, world_size=2, device=torch.device("cpu")), model_args(cfg)
+        )
     summary = read_summary(tmp_path / "run")
-    assert summary["status"] == "failed" and summary["error"].startswith(
-        "rank 1 failed: ValueError: data.path"
-    )
+    assert summary.status == "failed" and summary.error.startswith("rank 1 failed: ValueError: data.path")
 
 
 # ---------------------------------------------------------------- the parent never touches CUDA

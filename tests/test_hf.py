@@ -19,7 +19,6 @@ from tests.helpers import dist as dist_helpers
 from tests.helpers.hf import as_hf_llama
 from tests.helpers.run import build_for, compose_config, read_rows, train_in_process
 from trainer.checks import validate
-from trainer.loop import train
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,7 +81,7 @@ def test_hf_llama_trains_along_the_native_trajectory(checkpoint, tmp_path, one_t
     )
     ours, theirs = (read_rows(tmp_path / d) for d in ("native", "hf"))
     assert [r["loss"] for r in theirs] == pytest.approx([r["loss"] for r in ours], rel=1e-4)
-    assert hf["n_params"] == native["n_params"] and hf["flops_per_token"] == native["flops_per_token"]
+    assert hf.n_params == native.n_params and hf.flops_per_token == native.flops_per_token
 
 
 # ---------------------------------------------------------------- presets, init, counts
@@ -257,7 +256,7 @@ def group(tmp_path_factory, text_corpus, checkpoint):
             )
         )
     out = tmp_path_factory.mktemp("hf-group")
-    kinds = {"train": train, "inspect": _inspect}
+    kinds = {"train": dist_helpers._train, "inspect": _inspect}
     return dist_helpers.launch(dist_helpers.run_jobs, jobs, str(out), kinds), out
 
 
@@ -282,7 +281,7 @@ def test_hf_presets_train_under_fsdp_like_single(group, single, run):
     losses = [r["loss"] for r in read_rows(out / run)]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.5
-    assert results[0][run]["world_size"] == 2
+    assert results[0][run].world_size == 2
     if "bf16" not in run and "ac_" not in run:  # fp32, same batches: the single-process trajectory
         reference = [r["loss"] for r in read_rows(single / run.split("-")[0])]
         assert losses == pytest.approx(reference, rel=1e-5)

@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers.cli import cli_env, finish, start, workers
 from tests.helpers.run import REPO, compose_config, read_rows, train_in_process
+from trainer.summary import RunSummary
 
 pytestmark = pytest.mark.slow
 
@@ -45,20 +46,20 @@ def summaries(root: Path) -> list[Path]:
     return sorted(root.rglob("summary.json"))
 
 
-def load(path: Path) -> dict:
-    return json.loads(path.read_text())
+def load(path: Path) -> RunSummary | None:
+    return RunSummary.read(path)
 
 
-def assert_ok(run_dir: Path, world_size: int = 2, strategy: str | None = None) -> dict:
+def assert_ok(run_dir: Path, world_size: int = 2, strategy: str | None = None) -> RunSummary:
     summary = load(run_dir / "summary.json")
-    assert summary["status"] == "ok", summary
-    assert summary["world_size"] == world_size
-    assert summary["steps"] == 3
+    assert summary.status == "ok", summary
+    assert summary.world_size == world_size
+    assert summary.steps == 3
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     rows = read_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by rank 0 only
     if strategy is not None:
-        assert summary["strategy_applied"]["name"] == strategy
+        assert summary.strategy_applied["name"] == strategy
     return summary
 
 
@@ -149,7 +150,7 @@ def test_nodes_started_with_different_configs_fail_naming_the_difference(tmp_pat
         named.add(found.group(1))
     assert named == {"0", "1"}
     summary = load(tmp_path / "outputs" / "multinode" / "job-mismatch" / "summary.json")
-    assert summary["status"] == "failed" and "model.n_layers" in summary["error"]
+    assert summary.status == "failed" and "model.n_layers" in summary.error
 
 
 def test_style1_rank_that_raises_mid_run_is_named_with_its_cause(tmp_path):
@@ -170,7 +171,11 @@ def test_style1_rank_that_raises_mid_run_is_named_with_its_cause(tmp_path):
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root_cause), root_cause
     assert "RuntimeError: worker failure injected at step 4" in root_cause, root_cause
     assert [r["step"] for r in read_rows(run_dir)] == [1, 2, 3]
-    assert load(run_dir / "summary.json") == {"status": "failed", "error": cause, "run_dir": str(run_dir)}
+    assert json.loads((run_dir / "summary.json").read_text()) == {  # the whole file
+        "status": "failed",
+        "error": cause,
+        "run_dir": str(run_dir),
+    }
 
 
 def test_style1_ranks_share_one_run_dir_and_max_restarts_resumes(tmp_path):
@@ -198,11 +203,11 @@ def test_style1_ranks_share_one_run_dir_and_max_restarts_resumes(tmp_path):
     config = (run_dir / "config.yaml").read_text()
     assert f"run_dir: {run_dir}" in config and "strategy: ddp" in config
     summary = load(run_dir / "summary.json")
-    assert summary["status"] == "ok" and summary["world_size"] == 2 and summary["run_dir"] == str(run_dir)
-    assert summary["resumed_from"] is not None  # the second attempt resumed, not started over
+    assert summary.status == "ok" and summary.world_size == 2 and summary.run_dir == str(run_dir)
+    assert summary.resumed_from is not None  # the second attempt resumed, not started over
     rows = read_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 13))  # the killed attempt's extra rows were dropped
-    assert summary["final_loss"] == rows[-1]["loss"]
+    assert summary.final_loss == rows[-1]["loss"]
 
 
 def test_style2_two_runs_at_once_and_a_killed_worker(tmp_path):
@@ -223,8 +228,8 @@ def test_style2_two_runs_at_once_and_a_killed_worker(tmp_path):
     assert short_code == 0, short_err[-3000:]
     found = summaries(tmp_path / "outputs")
     assert len(found) == 2 and found[0].parent != found[1].parent, found
-    by_status = {load(p)["status"]: p.parent for p in found}
+    by_status = {load(p).status: p.parent for p in found}
     assert_ok(by_status["ok"], strategy="ddp")
     assert f"shardlab: run directory {by_status['ok']}" in short_out
     assert f"shardlab: run directory {by_status['failed']}" in out
-    assert load(by_status["failed"] / "summary.json")["error"].startswith("rank 1 failed")
+    assert load(by_status["failed"] / "summary.json").error.startswith("rank 1 failed")

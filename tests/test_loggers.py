@@ -8,12 +8,13 @@ from omegaconf import OmegaConf
 from tests.helpers.wandb import read_wandb_run
 from trainer import loggers as loggers_mod
 from trainer.loggers import build_loggers
+from trainer.summary import RunSummary
 
 ROWS = [
     {"step": 1, "loss": 4.0, "tokens_per_s": None, "mfu": None, "lr": 1e-3, "note": "warm-up"},
     {"step": 2, "loss": 3.5, "tokens_per_s": 1234.5, "mfu": None, "lr": torch.tensor(2e-3), "note": None},
 ]
-SUMMARY = {"steps": 2, "tokens_per_s_median": 1234.5, "mfu": None, "device_name": "cpu", "final_loss": 3.5}
+SUMMARY = RunSummary(steps=2, tokens_per_s_median=1234.5, mfu=None, device_name="cpu", final_loss=3.5)
 
 
 # wandb must never reach the network or write outside tmp_path: conftest's fixture, for every test here.
@@ -36,7 +37,7 @@ def test_jsonl_rows_and_atomic_summary(tmp_path, monkeypatch):
     assert [r["loss"] for r in rows] == [4.0, 3.5]
     assert rows[0]["tokens_per_s"] is None and rows[0]["note"] == "warm-up"
     assert rows[1]["lr"] == pytest.approx(2e-3)  # a 0-d tensor became a number
-    assert json.loads((run_dir / "summary.json").read_text()) == SUMMARY
+    assert json.loads((run_dir / "summary.json").read_text()) == SUMMARY.to_json()  # the whole file
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "summary.json"]
 
     # A failure while replacing leaves the previous summary whole and no temp file behind.
@@ -47,9 +48,9 @@ def test_jsonl_rows_and_atomic_summary(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loggers_mod.os, "replace", fail)
     with pytest.raises(OSError):
-        lg.summary({**SUMMARY, "steps": 99})
+        lg.summary(SUMMARY.replace(steps=99))
     lg.close()
-    assert json.loads((run_dir / "summary.json").read_text()) == SUMMARY
+    assert json.loads((run_dir / "summary.json").read_text()) == SUMMARY.to_json()  # the whole file
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "summary.json"]
 
 
@@ -94,7 +95,7 @@ def test_wandb_offline_run_holds_rows_and_summary(tmp_path, monkeypatch):
     assert history[2]["lr"] == pytest.approx(2e-3)
     assert summary["tokens_per_s_median"] == 1234.5 and summary["device_name"] == "cpu"
     assert summary["mfu"] is None
-    assert json.loads((run_dir / "summary.json").read_text()) == SUMMARY
+    assert json.loads((run_dir / "summary.json").read_text()) == SUMMARY.to_json()  # the whole file
 
 
 def test_tensorboard_event_files_hold_scalars(tmp_path):

@@ -175,8 +175,8 @@ def test_a_run_measures_its_third_step_next_to_the_plan(tmp_path, one_thread):
     summary = train_in_process(
         compose_config("metrics.memory_breakdown=true", "trainer.max_steps=4"), tmp_path
     )
-    record = summary["memory_breakdown"]
+    record = summary.memory_breakdown
     assert record["step"] == 3 and record["measured"]["tracker"] == "MemTracker"
-    assert record["predicted"]["peak_bytes"] == summary["memory_predicted_peak_gb"] * 1e9
-    assert summary["memory_measured_peak_gb"] == record["measured"]["peak_bytes"] / 1e9
-    assert summary["memory_peak_ratio"] == record["ratio"]["peak"]
+    assert record["predicted"]["peak_bytes"] == summary.memory_predicted_peak_gb * 1e9
+    assert summary.memory_measured_peak_gb == record["measured"]["peak_bytes"] / 1e9
+    assert summary.memory_peak_ratio == record["ratio"]["peak"]

@@ -11,6 +11,7 @@ from trainer.console import ProgressBar, format_summary
 from trainer.dist import close_distributed, init_distributed
 from trainer.metrics import Metrics, measure_state_bytes
 from trainer.peaks import lookup_peak_tflops
+from trainer.summary import RunSummary
 
 CPU = torch.device("cpu")
 
@@ -40,23 +41,23 @@ def test_warmup_steps_are_excluded_from_throughput():
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert rows[0]["tokens_per_s"] is None and rows[0]["mfu"] is None  # interval was all warm-up
     assert rows[0]["step_time_s"] >= 0.25
-    assert s["steps"] == 6 and s["warmup_steps"] == 2
-    assert s["warmup_time_s"] >= 0.5
+    assert s.steps == 6 and s.warmup_steps == 2
+    assert s.warmup_time_s >= 0.5
     # sleep() bounds each post-warm-up step from below, so 1000 tokens / 0.02 s is an upper bound;
     # had a 0.25 s warm-up step leaked into the median it would sit near 4,000.
     for key in ("tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90"):
-        assert 12_000 < s[key] <= 50_000, key
-    assert s["tokens_per_s_p10"] <= s["tokens_per_s_median"] <= s["tokens_per_s_p90"]
-    assert s["tokens_per_s_std"] >= 0
+        assert 12_000 < getattr(s, key) <= 50_000, key
+    assert s.tokens_per_s_p10 <= s.tokens_per_s_median <= s.tokens_per_s_p90
+    assert s.tokens_per_s_std >= 0
     assert rows[1]["tokens_per_s"] > 12_000
-    assert s["first_loss"] == 10.0 and s["final_loss"] == pytest.approx(10.0 / 6)
+    assert s.first_loss == 10.0 and s.final_loss == pytest.approx(10.0 / 6)
 
 
 def test_mfu_none_on_cpu_without_peak_and_arithmetic_with_peak():
     plain = make_metrics()
     row = run_steps(plain, [0.01, 0.01])[-1]
-    assert row["mfu"] is None and plain.summary()["mfu"] is None
-    assert plain.summary()["mfu_peak_source"] is None
+    assert row["mfu"] is None and plain.summary().mfu is None
+    assert plain.summary().mfu_peak_source is None
 
     m = make_metrics(peak_tflops=2.0, world_size=4)
     row = run_steps(m, [0.01, 0.01])[-1]
@@ -65,8 +66,8 @@ def test_mfu_none_on_cpu_without_peak_and_arithmetic_with_peak():
     assert row["tflops_per_device"] == pytest.approx(tflops)
     assert row["mfu"] == pytest.approx(tflops / 2.0)
     s = m.summary()
-    assert s["mfu"] == pytest.approx(6e6 * s["tokens_per_s_median"] / 4 / 1e12 / 2.0)
-    assert s["mfu_peak_tflops"] == 2.0 and s["mfu_peak_source"] == "user"
+    assert s.mfu == pytest.approx(6e6 * s.tokens_per_s_median / 4 / 1e12 / 2.0)
+    assert s.mfu_peak_tflops == 2.0 and s.mfu_peak_source == "user"
 
 
 @pytest.mark.parametrize(
@@ -113,7 +114,7 @@ def test_cpu_rows_report_process_peak_rss_and_extras():
     assert row["data_wait_s"] == 0.1
     assert m.log(2) is None  # nothing happened since the last row
     s = m.summary()
-    assert s["memory_kind"] == "cpu_peak_rss" and s["peak_rss_gb_max"] == s["peak_rss_gb_min"] > 0
+    assert s.memory_kind == "cpu_peak_rss" and s.peak_rss_gb_max == s.peak_rss_gb_min > 0
 
 
 def test_update_before_start_is_an_error():
@@ -175,7 +176,7 @@ def _distributed_worker(out_dir: str) -> None:
         opt.step()
         state = measure_state_bytes(model, opt)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump({"rows": rows, "summary": summary, "state": state}, f)
+            json.dump({"rows": rows, "summary": summary.to_json(), "state": state}, f)
     finally:
         close_distributed(env)
 
@@ -192,12 +193,12 @@ def test_two_rank_gloo_max_min(tmp_path):
         assert r0["step_time_s"] < 0.06 and r1["step_time_s"] >= 0.08
         assert r0["peak_rss_gb_max"] >= r0["peak_rss_gb_min"] > 0
 
-    s0, s1 = results[0]["summary"], results[1]["summary"]
-    assert s0["steps"] == 5 and s0["warmup_steps"] == 1
-    assert s0["step_time_s_median_max"] == s1["step_time_s_median_max"] >= 0.08
-    assert s0["step_time_s_median_min"] == s1["step_time_s_median_min"] < 0.06
-    assert s0["peak_rss_gb_max"] == s1["peak_rss_gb_max"] >= s0["peak_rss_gb_min"] > 0
-    assert s0["tokens_per_s_per_device"] == pytest.approx(s0["tokens_per_s_median"] / 2)
+    s0, s1 = (RunSummary.from_json(r["summary"]) for r in results)
+    assert s0.steps == 5 and s0.warmup_steps == 1
+    assert s0.step_time_s_median_max == s1.step_time_s_median_max >= 0.08
+    assert s0.step_time_s_median_min == s1.step_time_s_median_min < 0.06
+    assert s0.peak_rss_gb_max == s1.peak_rss_gb_max >= s0.peak_rss_gb_min > 0
+    assert s0.tokens_per_s_per_device == pytest.approx(s0.tokens_per_s_median / 2)
 
     # FSDP2 shards: each rank holds half the parameters, gradients and Adam moments.
     full = (16 * 8 + 8) * 4
@@ -221,7 +222,7 @@ def test_validation_is_logged_and_its_time_kept_out_of_training_throughput():
     row = m.log(2, final=True)
     assert row["step_time_s"] < 0.2  # step 2 took ~0.02 s, not the 0.3 s of evaluation before it
     s = m.summary()
-    assert (s["val_loss"], s["val_step"], s["best_val_loss"], s["best_val_step"]) == (2.7, 2, 2.5, 1)
-    assert s["evals"] == 2 and s["eval_time_s"] == pytest.approx(0.3)
-    assert s["val_ppl"] == pytest.approx(math.exp(2.7))
+    assert (s.val_loss, s.val_step, s.best_val_loss, s.best_val_step) == (2.7, 2, 2.5, 1)
+    assert s.evals == 2 and s.eval_time_s == pytest.approx(0.3)
+    assert s.val_ppl == pytest.approx(math.exp(2.7))
     assert "validation loss" in format_summary(s) and "not in tokens/s" in format_summary(s)

@@ -216,7 +216,9 @@ def test_unknown_names_list_valid_ones():
         build_model_args("llama_7b", {})
     with pytest.raises(ValueError, match="unknown llama preset 'nope': valid options are .*llama_1b"):
         build_args("nope")
-    with pytest.raises(ValueError, match="unknown attention 'flash2': valid options are standard, flash, sdpa"):
+    with pytest.raises(
+        ValueError, match="unknown attention 'flash2': valid options are standard, flash, sdpa"
+    ):
         build_model_args("debug", {"attention": "flash2"})
     with pytest.raises(ValueError, match="valid options are standard, flash, sdpa"):
         get_attention("xformers")

@@ -19,9 +19,10 @@ from tests.helpers.run import build_for, compose_config, read_rows, train_in_pro
 from trainer.checks import check_capability, validate
 from trainer.data import build_data, micro_batches
 from trainer.dist import init_distributed
-from trainer.loop import train, train_step
+from trainer.loop import train_step
 from trainer.optim import build_optimizer
 from trainer.precision import PRECISIONS, build_precision
+from trainer.summary import RunSummary
 
 # Real text, a high constant learning rate: four steps take the loss well down from ln(256).
 LEARN = ("trainer.global_batch_size=4", "trainer.max_steps=4", "optim.lr=1e-2", "optim.warmup_steps=0")
@@ -37,11 +38,11 @@ def _assert_learns(losses: list[float]) -> None:
     assert losses[-1] < losses[0] - 0.5, losses
 
 
-def _assert_reported(summary: dict, name: str) -> None:
-    applied = summary["precision_applied"]
-    assert summary["precision"] == applied["name"] == name
-    assert summary["emulated"] is (name in FP8)  # CPU: torchao emulates the fp8 matmuls
-    assert (summary["skipped_steps"] is not None) == (name == "fp16-mixed")
+def _assert_reported(summary: RunSummary, name: str) -> None:
+    applied = summary.precision_applied
+    assert summary.precision == applied["name"] == name
+    assert summary.emulated is (name in FP8)  # CPU: torchao emulates the fp8 matmuls
+    assert (summary.skipped_steps is not None) == (name == "fp16-mixed")
 
 
 # ---------------------------------------------------------------- one process
@@ -51,7 +52,7 @@ def test_every_precision_trains_in_one_process(name, tmp_path, one_thread, text_
     _assert_learns([r["loss"] for r in read_rows(tmp_path)])
     _assert_reported(summary, name)
     param_bytes = 2 if name == "bf16-true" else 4
-    assert summary["state_bytes_per_rank"]["params_bytes"] == param_bytes * summary["n_params"]
+    assert summary.state_bytes_per_rank["params_bytes"] == param_bytes * summary.n_params
 
 
 def test_tf32_is_fp32_on_cpu(tmp_path, one_thread):
@@ -59,7 +60,7 @@ def test_tf32_is_fp32_on_cpu(tmp_path, one_thread):
     assert [r["loss"] for r in read_rows(tmp_path / "tf32")] == [
         r["loss"] for r in read_rows(tmp_path / "fp32")
     ]
-    assert runs["tf32"]["precision_applied"]["tf32"] is False  # nothing to apply off CUDA
+    assert runs["tf32"].precision_applied["tf32"] is False  # nothing to apply off CUDA
 
 
 @pytest.mark.parametrize(
@@ -148,8 +149,8 @@ def test_adamw8bit_holds_under_a_third_of_adamw_state(tmp_path, one_thread, text
     states, n_params = {}, set()
     for optim in ("adamw", "adamw8bit"):
         summary = train_in_process(compose_config(*_text(text_corpus), f"optim={optim}"), tmp_path / optim)
-        states[optim] = summary["state_bytes_per_rank"]["optim_state_bytes"]
-        n_params.add(summary["n_params"])
+        states[optim] = summary.state_bytes_per_rank["optim_state_bytes"]
+        n_params.add(summary.n_params)
         _assert_learns([r["loss"] for r in read_rows(tmp_path / optim)])
     assert states["adamw"] == pytest.approx(8 * n_params.pop(), rel=1e-3)  # two fp32 moments (+ step counts)
     assert states["adamw8bit"] <= 0.3 * states["adamw"], states
@@ -252,7 +253,7 @@ def group(tmp_path_factory, text_corpus):
     jobs.append(("inf", "inf", _cfg(text_corpus, "strategy=fsdp", "precision=fp16-mixed")))
     jobs.append(("clean", "clean", _cfg(text_corpus, "strategy=fsdp", "precision=fp16-mixed")))
     out = tmp_path_factory.mktemp("precision-group")
-    kinds = {"train": train, "dtypes": _dtypes, "inf": _inf_on_rank0, "clean": _clean}
+    kinds = {"train": dist_helpers._train, "dtypes": _dtypes, "inf": _inf_on_rank0, "clean": _clean}
     return dist_helpers.launch(dist_helpers.run_jobs, jobs, str(out), kinds), out
 
 
@@ -267,16 +268,16 @@ def test_every_precision_trains_under_fsdp(group, name):
     summary = results[0][f"fsdp-{name}"]
     _assert_learns([r["loss"] for r in read_rows(out / f"fsdp-{name}")])
     _assert_reported(summary, name)
-    assert summary["world_size"] == 2
+    assert summary.world_size == 2
     if name == "fp16-mixed":
-        assert summary["precision_applied"]["loss_scaler"] == "ShardedGradScaler"
+        assert summary.precision_applied["loss_scaler"] == "ShardedGradScaler"
 
 
 @pytest.mark.slow
 def test_fp16_mixed_under_ddp_uses_the_plain_scaler(group):
     results, out = group
     _assert_learns([r["loss"] for r in read_rows(out / "ddp-fp16-mixed")])
-    assert results[0]["ddp-fp16-mixed"]["precision_applied"]["loss_scaler"] == "GradScaler"
+    assert results[0]["ddp-fp16-mixed"].precision_applied["loss_scaler"] == "GradScaler"
 
 
 @pytest.mark.slow

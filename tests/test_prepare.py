@@ -99,8 +99,8 @@ def test_data_tokens_reads_windows_through_memmap(byte_dir, tmp_path, one_thread
     val = np.fromfile(byte_dir / "val.bin", dtype=np.uint16)
     assert np.array_equal(data.val_rows(0, range(2), 2).numpy().ravel(), val[: 2 * 65])
     summary = train_in_process(cfg, tmp_path / "run")
-    assert summary["status"] == "ok" and "uint16" in summary["data"] and summary["val_loss"] > 0
-    assert read_rows(tmp_path / "run")[-1]["val_loss"] == summary["val_loss"]
+    assert summary.status == "ok" and "uint16" in summary.data and summary.val_loss > 0
+    assert read_rows(tmp_path / "run")[-1]["val_loss"] == summary.val_loss
 
 
 def test_data_tokens_bad_input(byte_dir, tmp_path, tokenizer_dir, text_corpus):

@@ -18,6 +18,7 @@ import pytest
 
 from tests.helpers.cli import cli_env, finish, start, workers
 from tests.helpers.run import REPO, TINY
+from trainer.summary import RunSummary
 
 HAVE_SLURM = shutil.which("sinfo") is not None and (
     subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
@@ -49,8 +50,8 @@ def rows(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+def summary(run_dir: Path) -> RunSummary | None:
+    return RunSummary.read(run_dir)
 
 
 def wait_for(what, timeout: float = 120, every: float = 0.2, explain=lambda: ""):
@@ -146,8 +147,8 @@ def test_sweep_of_two_jobs_each_a_world_of_two_tasks(tmp_path):
     assert "SLURM job" in (sweep_dir / "report.md").read_text()
     for job in ("0", "1"):
         s = summary(sweep_dir / job)
-        assert s["world_size"] == 2 and s["status"] == "ok"
-        assert s["slurm_job_id"] in ids
+        assert s.world_size == 2 and s.status == "ok"
+        assert s.slurm_job_id in ids
 
     def sacct() -> str:  # accounting lags the controller by a moment: retried (sacct states, one per job)
         return subprocess.run(
@@ -216,8 +217,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path):
     reference = tmp_path / "reference"
     rc, out, err = finish(start([sys.executable, "train.py", *TINY, *run, f"hydra.run.dir={reference}"]))
     assert rc == 0, err[-3000:]
-    assert interrupted["status"] == "ok" and interrupted["slurm_job_id"] == job
-    assert interrupted["final_loss"] == summary(reference)["final_loss"]
+    assert interrupted.status == "ok" and interrupted.slurm_job_id == job
+    assert interrupted.final_loss == summary(reference).final_loss
 
 
 @needs_slurm
@@ -234,7 +235,7 @@ def test_printed_sbatch_script_runs_as_printed(tmp_path):
     ).stdout.strip()
     wait_for(lambda: not job_state(job), timeout=180, every=0.5)
     s = summary(tmp_path / "runs" / job)
-    assert s["status"] == "ok" and s["world_size"] == 2 and s["slurm_job_id"] == job
+    assert s.status == "ok" and s.world_size == 2 and s.slurm_job_id == job
 
 
 def refused(tmp_path, *overrides: str, env: dict | None = None) -> str:

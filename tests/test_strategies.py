@@ -1,6 +1,8 @@
 # Strategies under a real 2-process gloo group: every strategy reproduces the single-process loss
 # trajectory, FSDP really shards (and so holds about half the state per rank), a bad HSDP mesh fails before
 # any worker starts. All distributed runs share ONE process group (tests/dist_helpers.py) to stay quick.
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -11,6 +13,7 @@ from launcher.elastic import launch_config
 from launcher.errors import describe_failure
 from tests.helpers import dist as dist_helpers
 from tests.helpers.run import compose_config, read_rows, read_summary
+from trainer.checks import model_args
 from trainer.dist import close_distributed, init_distributed
 from trainer.loop import train
 
@@ -105,9 +108,9 @@ def single(tmp_path_factory, text_corpus):
             env = init_distributed("cpu", need_group=False)
             (out / name).mkdir()
             cfg.run_dir = str(out / name)
-            summary = train(cfg, env, out / name)
+            summary = train(cfg, env, out / name, model_args(cfg))
             close_distributed(env)
-            assert summary["world_size"] == 1
+            assert summary.world_size == 1
             rows[name] = read_rows(out / name)
     finally:
         torch.set_num_threads(threads)
@@ -134,11 +137,11 @@ def test_single_reference_learns_and_accumulates(single):
 @pytest.mark.parametrize("name", [*PARITY_RUNS, *OFFLOAD_RUN, *DDP_OPTIONS_RUN])
 def test_parity_with_single(group, single, name):
     results, out = group
-    assert results[0][name]["world_size"] == 2
+    assert results[0][name].world_size == 2
     rows = read_rows(out / name)
     for key in ("loss", "grad_norm"):
         _assert_same(_trajectory(rows, key), _trajectory(single["noaccum"], key), f"{name} {key}")
-    applied = results[0][name]["strategy_applied"]
+    applied = results[0][name].strategy_applied
     assert applied["name"] == name.split("-")[0].split("_")[0]  # fsdp_grad_op and fsdp_offload are fsdp
     if name.startswith("fsdp_grad_op"):
         assert applied["reshard_after_forward"] is False
@@ -154,16 +157,16 @@ def test_validation_loss_is_the_same_under_every_strategy(group, single, name):
     # the loss of one process over the whole held-out set, whatever the strategy, compiled or checkpointed.
     results, out = group
     reference = read_summary(single["dir"] / "noaccum")
-    assert reference["evals"] == 1 and reference["val_step"] == STEPS and reference["val_loss"] > 0
-    assert results[0][name]["val_loss"] == pytest.approx(reference["val_loss"], rel=RTOL), name
-    assert read_summary(out / name)["val_loss"] == results[0][name]["val_loss"]
+    assert reference.evals == 1 and reference.val_step == STEPS and reference.val_loss > 0
+    assert results[0][name].val_loss == pytest.approx(reference.val_loss, rel=RTOL), name
+    assert read_summary(out / name).val_loss == results[0][name].val_loss
 
 
 @pytest.mark.parametrize("name", AC_RUNS)
 def test_activation_checkpointing_changes_nothing(group, name):
     results, out = group
     strategy, _ = name.split("-")
-    assert results[0][name]["strategy_applied"]["activation_checkpointing"] == name.split("ac_")[1]
+    assert results[0][name].strategy_applied["activation_checkpointing"] == name.split("ac_")[1]
     for key in ("loss", "grad_norm"):
         _assert_same(
             _trajectory(read_rows(out / name), key),
@@ -175,7 +178,7 @@ def test_activation_checkpointing_changes_nothing(group, name):
 @pytest.mark.parametrize("name", COMPILE_RUNS)
 def test_compiled_blocks_train_like_eager(group, single, name):
     results, out = group
-    applied = results[0][name]["strategy_applied"]
+    applied = results[0][name].strategy_applied
     assert applied["compile"] is True
     if "ac_full" in name:
         assert applied["activation_checkpointing"] == "full"
@@ -201,18 +204,18 @@ def test_fsdp_holds_half_the_state_of_ddp(group):
     results, out = group
     ratios = []
     for rank in (0, 1):
-        ddp = results[rank]["ddp-noaccum"]["state_bytes_per_rank"]
-        fsdp = results[rank]["fsdp-noaccum"]["state_bytes_per_rank"]
+        ddp = results[rank]["ddp-noaccum"].state_bytes_per_rank
+        fsdp = results[rank]["fsdp-noaccum"].state_bytes_per_rank
         for key in ("params_bytes", "grads_bytes", "optim_state_bytes", "total"):
             assert fsdp[key] > 0 and ddp[key] > 0, (key, ddp, fsdp)
         ratios.append(fsdp["total"] / ddp["total"])
         assert ratios[-1] == pytest.approx(0.5, rel=0.1), (rank, ddp, fsdp)
     # What the user reads: summary.json, written by rank 0, carries rank 0's measurement.
     on_disk = read_summary(out / "fsdp-noaccum")
-    assert on_disk["state_bytes_per_rank"] == results[0]["fsdp-noaccum"]["state_bytes_per_rank"]
+    assert on_disk.state_bytes_per_rank == results[0]["fsdp-noaccum"].state_bytes_per_rank
     assert (
-        read_summary(out / "ddp-noaccum")["state_bytes_per_rank"]["total"]
-        > on_disk["state_bytes_per_rank"]["total"]
+        read_summary(out / "ddp-noaccum").state_bytes_per_rank["total"]
+        > on_disk.state_bytes_per_rank["total"]
     )
 
 
@@ -263,8 +266,8 @@ def test_rank_that_raises_mid_run_is_named(tmp_path):
     message = describe_failure(info.value)
     assert message == "rank 1 failed (exit code 1): RuntimeError: worker failure injected at step 4", message
     assert [r["step"] for r in read_rows(run_dir)] == [1, 2, 3]
-    summary = read_summary(run_dir)  # rank 0 failed too, after rank 1, and records the first failure
-    assert summary == {
+    # rank 0 failed too, after rank 1, and records the first failure: the whole file
+    assert json.loads((run_dir / "summary.json").read_text()) == {
         "status": "failed",
         "error": message.replace(" (exit code 1)", ""),
         "run_dir": str(run_dir),

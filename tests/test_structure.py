@@ -126,3 +126,22 @@ def test_help_imports_no_torch():
 def test_the_cycle_finder_sees_a_cycle():
     # Its own check, so that an empty answer above means something: a cycle through three modules.
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_only_the_strategies_know_their_names():
+    # The seam for layouts: the loop, the planner, tune and the launcher ask a strategy object (strategies/base.py)
+    # what it does; none of them compares a strategy's name. A new strategy is then its file, its conf/strategy
+    # YAML, a line in strategies/__init__.py's registry and its tests.
+    from strategies import STRATEGIES
+
+    found = []
+    for name, path in modules().items():
+        if name.startswith("strategies"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                for side in (node.left, *node.comparators):
+                    items = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                    named = {i.value for i in items if isinstance(i, ast.Constant)} & set(STRATEGIES)
+                    found += [f"{name}:{node.lineno} compares {sorted(named)}"] if named else []
+    assert found == []

@@ -1,7 +1,6 @@
 # -m sweeps through the real CLI (launch style 3): every job a real 2-process run on CPU in its own dir, one
 # report (md, csv, png) per sweep checked against each job's summary.json, failures as rows, resume,
 # wandb/TensorBoard per job. Each sweep runs from its own working directory, so a stray run dir would show.
-import json
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from tests.helpers.cli import workers as helpers_workers
 from tests.helpers.reports import assert_png, csv_rows, md_rows
 from tests.helpers.run import REPO, compose_config
 from tests.helpers.wandb import read_wandb_run
+from trainer.summary import RunSummary
 
 # The `make sweep` preset, cut to a few seconds a job: 2 processes, model=debug, 512 tokens a step.
 SMALL = (
@@ -50,8 +50,8 @@ def run_sweep(sweep_dir: Path, *overrides: str, timeout: float = 240) -> tuple[i
     return proc.returncode, out
 
 
-def summary_of(run_dir: str) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+def summary_of(run_dir: str) -> RunSummary | None:
+    return RunSummary.read(Path(run_dir))
 
 
 def started(out: str) -> int:
@@ -80,9 +80,9 @@ def test_grid_report_rows_match_each_job_summary(grid):
     for r in rows:
         s = summary_of(r["run_dir"])
         assert Path(r["run_dir"]).parent == sweep_dir
-        assert r["status"] == "ok" and s["status"] == "ok"
-        assert r["strategy"] == s["choices"]["strategy"] and (s["choices"]["precision"]) == "fp32"
-        assert int(r["world_size"]) == s["world_size"] == 2
+        assert r["status"] == "ok" and s.status == "ok"
+        assert r["strategy"] == s.choices["strategy"] and (s.choices["precision"]) == "fp32"
+        assert int(r["world_size"]) == s.world_size == 2
         for col, key in [
             ("tokens_per_s_median", "tokens_per_s_median"),
             ("tokens_per_s_p10", "tokens_per_s_p10"),
@@ -93,9 +93,9 @@ def test_grid_report_rows_match_each_job_summary(grid):
             ("final_loss", "final_loss"),
             ("val_loss", "val_loss"),  # synthetic data: its held-out seed stream, evaluated at the end
         ]:
-            assert float(r[col]) == s[key], col
-        assert r["mfu"] == "" and s["mfu"] is None  # CPU: no peak, so no MFU rather than a wrong one
-        assert int(r["tokens_per_step"]) == s["tokens_per_step"] == 8 * 64
+            assert float(r[col]) == getattr(s, key), col
+        assert r["mfu"] == "" and s.mfu is None  # CPU: no peak, so no MFU rather than a wrong one
+        assert int(r["tokens_per_step"]) == s.tokens_per_step == 8 * 64
     medians = [float(r["tokens_per_s_median"]) for r in rows]
     assert medians == sorted(medians, reverse=True)  # best on top
 
@@ -127,15 +127,12 @@ def test_grid_logs_one_wandb_run_per_job(grid):
         assert {f"strategy={r['strategy']}", "precision=fp32", "model=debug"} <= tags
         assert (
             run["config"]["model"]["name"] == "debug"
-            and run["config"]["strategy"]["name"] == s["choices"]["strategy"]
+            and run["config"]["strategy"]["name"] == s.choices["strategy"]
         )
-        assert run["history"][6]["loss"] == s["final_loss"]
-        assert (
-            run["history"][6]["val_loss"] == s["val_loss"]
-            and run["summary"]["best_val_loss"] == s["val_loss"]
-        )
-        assert run["summary"]["tokens_per_s_median"] == s["tokens_per_s_median"]
-        assert run["summary"]["final_loss"] == s["final_loss"] and run["summary"]["status"] == "ok"
+        assert run["history"][6]["loss"] == s.final_loss
+        assert run["history"][6]["val_loss"] == s.val_loss and run["summary"]["best_val_loss"] == s.val_loss
+        assert run["summary"]["tokens_per_s_median"] == s.tokens_per_s_median
+        assert run["summary"]["final_loss"] == s.final_loss and run["summary"]["status"] == "ok"
 
 
 @pytest.mark.slow
@@ -156,7 +153,7 @@ def test_resume_reruns_nothing_that_succeeded(grid, tmp_path):
         assert rows[strategy]["status"] == "reused" and rows[strategy]["run_dir"] == grid_jobs[strategy]
         assert (
             float(rows[strategy]["tokens_per_s_median"])
-            == summary_of(grid_jobs[strategy])["tokens_per_s_median"]
+            == summary_of(grid_jobs[strategy]).tokens_per_s_median
         )
     assert rows["hsdp"]["status"] == "ok" and Path(rows["hsdp"]["run_dir"]).parent == second
     assert sum("| ok (reused) |" in line for line in md_rows(second)) == 2
@@ -169,7 +166,7 @@ def test_resume_reruns_nothing_that_succeeded(grid, tmp_path):
         )
         found = find_previous_success(cfg, 2, roots=[second])
         origin = grid_jobs.get(strategy) or rows["hsdp"]["run_dir"]
-        assert found is not None and found["run_dir"] == origin, (strategy, found)
+        assert found is not None and found.run_dir == origin, (strategy, found)
 
 
 def kill_a_worker_of(proc: subprocess.Popen, job_started: threading.Event) -> None:
@@ -216,7 +213,7 @@ def test_failures_are_rows_and_the_sweep_exits_nonzero(tmp_path):
         assert "model.n_heads (3)" in rows[job]["reason"] and "\n" not in rows[job]["reason"]
         assert rows[job]["tokens_per_s_median"] == ""
     assert rows["2"]["status"] == "failed" and "SIGKILL" in rows["2"]["reason"], rows["2"]
-    assert summary_of(sweep_dir / "2")["status"] == "failed"
+    assert summary_of(sweep_dir / "2").status == "failed"
     table = md_rows(sweep_dir)
     assert len(table) == 4 and sum("| failed: " in line for line in table) == 3
     assert "model.n_heads (3)" in table[1] and "SIGKILL" in "".join(table)
@@ -228,10 +225,8 @@ def test_failures_are_rows_and_the_sweep_exits_nonzero(tmp_path):
     acc = EventAccumulator(str(sweep_dir / "0" / "tensorboard"))
     acc.Reload()
     s = summary_of(sweep_dir / "0")
-    assert acc.Scalars("loss")[-1].step == 6 and acc.Scalars("loss")[-1].value == pytest.approx(
-        s["final_loss"]
-    )
-    assert acc.Scalars("summary/tokens_per_s_median")[0].value == pytest.approx(s["tokens_per_s_median"])
+    assert acc.Scalars("loss")[-1].step == 6 and acc.Scalars("loss")[-1].value == pytest.approx(s.final_loss)
+    assert acc.Scalars("summary/tokens_per_s_median")[0].value == pytest.approx(s.tokens_per_s_median)
     assert acc.Scalars("val_loss")[-1].step == 6 and acc.Scalars("val_loss")[-1].value == pytest.approx(
-        s["val_loss"]
+        s.val_loss
     )

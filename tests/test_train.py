@@ -60,17 +60,17 @@ def test_cli_run_end_to_end(tmp_path):
         assert row["tokens_per_s"] > 0 and row["peak_rss_gb"] > 0
 
     s = read_summary(run_dir)
-    assert s["status"] == "ok" and s["steps"] == 60 and s["world_size"] == 1
-    assert s["tokens_per_s_median"] > 0
-    assert s["tokens_per_s_per_device"] == s["tokens_per_s_median"]
-    assert s["memory_kind"] == "cpu_peak_rss" and s["peak_rss_gb_max"] > 0
-    assert s["final_loss"] == rows[-1]["loss"]
-    assert set(s["choices"]) == set(SCHEMAS)
-    assert s["choices"]["model"] == "debug" and s["choices"]["data"] == "text"
-    assert s["mfu"] is None  # CPU: no peak to divide by, so no number rather than a wrong one
+    assert s.status == "ok" and s.steps == 60 and s.world_size == 1
+    assert s.tokens_per_s_median > 0
+    assert s.tokens_per_s_per_device == s.tokens_per_s_median
+    assert s.memory_kind == "cpu_peak_rss" and s.peak_rss_gb_max > 0
+    assert s.final_loss == rows[-1]["loss"]
+    assert set(s.choices) == set(SCHEMAS)
+    assert s.choices["model"] == "debug" and s.choices["data"] == "text"
+    assert s.mfu is None  # CPU: no peak to divide by, so no number rather than a wrong one
     # Bytes of Python source are far from uniform: the loss must fall well below ln(256) = 5.55.
-    assert s["first_loss"] > 5.0
-    assert s["final_loss"] < s["first_loss"] - 1.5
+    assert s.first_loss > 5.0
+    assert s.final_loss < s.first_loss - 1.5
 
     for label in ("tokens/s (global, median)", "tokens/s per device", "peak RSS", "final loss"):
         assert label in out
@@ -88,8 +88,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_thread, text_
     )
     accum = train_in_process(compose_config(*common, "trainer.micro_batch_size=2"), tmp_path / "accum")
     whole = train_in_process(compose_config(*common, "trainer.micro_batch_size=8"), tmp_path / "whole")
-    assert (accum["micro_batch_size"], accum["grad_accum_steps"]) == (2, 4)
-    assert (whole["micro_batch_size"], whole["grad_accum_steps"]) == (8, 1)
+    assert (accum.micro_batch_size, accum.grad_accum_steps) == (2, 4)
+    assert (whole.micro_batch_size, whole.grad_accum_steps) == (8, 1)
     a, w = read_rows(tmp_path / "accum"), read_rows(tmp_path / "whole")
     assert len(a) == len(w) == 5
     for ra, rw in zip(a, w, strict=True):
@@ -159,10 +159,9 @@ def test_a_run_no_longer_than_its_warm_up_runs_and_says_so(tmp_path, one_thread)
     # `python train.py trainer.max_steps=3` with the default 3 warm-up steps: it trains, and the summary says
     # why it has no throughput instead of the run being refused.
     summary = train_in_process(compose_config("trainer.max_steps=2", "metrics.warmup_steps=3"), tmp_path)
-    assert summary["status"] == "ok" and summary["steps"] == 2 and summary["warmup_steps"] == 2
-    assert summary["tokens_per_s_median"] is None and summary["mfu"] is None
+    assert summary.status == "ok" and summary.steps == 2 and summary.warmup_steps == 2
+    assert summary.tokens_per_s_median is None and summary.mfu is None
     assert (
-        "no step was measured: all 2 steps were warm-up (metrics.warmup_steps=3)"
-        in summary["throughput_note"]
+        "no step was measured: all 2 steps were warm-up (metrics.warmup_steps=3)" in summary.throughput_note
     )
     assert [r["step"] for r in read_rows(tmp_path)] == [1, 2]

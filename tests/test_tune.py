@@ -130,11 +130,11 @@ def test_a_rerun_reuses_its_trials_and_then_train_trains_exactly_the_winner(tune
     assert " trials run, " in md and "reused from an earlier tune" in md
     winner = next(r for r in rows(root) if r["rank"] == "1")
     summary = read_summary(root / "train")
-    assert summary["status"] == "ok" and summary["steps"] == 3  # the user's trainer.max_steps
-    choices = summary["choices"]
+    assert summary.status == "ok" and summary.steps == 3  # the user's trainer.max_steps
+    choices = summary.choices
     assert (choices["precision"], choices["attention"]) == (winner["precision"], winner["attention"])
-    assert summary["micro_batch_size"] == int(winner["micro_batch"])
-    assert summary["strategy_applied"]["activation_checkpointing"] == winner["activation_checkpointing"]
+    assert summary.micro_batch_size == int(winner["micro_batch"])
+    assert summary.strategy_applied["activation_checkpointing"] == winner["activation_checkpointing"]
 
 
 def test_the_budget_stops_the_search(tmp_path):

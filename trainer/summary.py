@@ -106,8 +106,9 @@ class RunSummary:
 
     @classmethod
     def from_json(cls, data: dict) -> "RunSummary":
+        # A file without a status is not a run's record of its own end: it reads as failed, never as a success.
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{"status": FAILED, **{k: v for k, v in data.items() if k in names}})
 
     @classmethod
     def read(cls, path: Path) -> "RunSummary | None":

@@ -15,4 +15,6 @@ def load_tokenizer(path: str, option: str = "data.tokenizer", for_bytes: str = "
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{option} {path} is not a tokenizer directory ({type(e).__name__}: {first}): {fix}") from None
+        raise ValueError(
+            f"{option} {path} is not a tokenizer directory ({type(e).__name__}: {first}): {fix}"
+        ) from None

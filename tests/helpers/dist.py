@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from launcher.prefork import warm_workers
 from trainer.dist import close_distributed, init_distributed
+from trainer.summary import RunSummary
 
 
 def launch(fn, *args, nproc: int = 2) -> dict:
@@ -54,10 +55,11 @@ def run_jobs(jobs: list[tuple[str, str, dict]], out: str, kinds: dict | None = N
     return results
 
 
-def _train(cfg, env, run_dir: Path) -> dict:
+def _train(cfg, env, run_dir: Path) -> RunSummary:
+    from trainer.checks import model_args
     from trainer.loop import train
 
-    return train(cfg, env, run_dir)
+    return train(cfg, env, run_dir, model_args(cfg))
 
 
 def _inspect(cfg, env, run_dir: Path) -> dict:
@@ -105,13 +107,14 @@ def raise_at_step(rank: int, step: int) -> None:
     trainer.loop.train_step = train_step  # train() looks the name up at every step
 
 
-def fail_mid_run(rank: int, step: int, container: dict, out: str) -> dict:
+def fail_mid_run(rank: int, step: int, container: dict, out: str) -> RunSummary:
     # The run launcher/elastic.worker_entry makes, with raise_at_step.
     from launcher.worker import run_worker
+    from trainer.checks import model_args
 
     torch.set_num_threads(1)
     raise_at_step(rank, step)
     env = init_distributed("cpu", need_group=True)
     cfg = OmegaConf.create(container)
     cfg.run_dir = out
-    return run_worker(cfg, env)
+    return run_worker(cfg, env, model_args(cfg))

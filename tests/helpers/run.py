@@ -6,6 +6,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from launcher.compose import compose_config as compose
+from trainer.summary import RunSummary
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -42,19 +43,20 @@ def build_for(cfg: DictConfig, env, args=None, precision=None):
     )
 
 
-def train_in_process(cfg: DictConfig, run_dir: Path) -> dict:
+def train_in_process(cfg: DictConfig, run_dir: Path) -> RunSummary:
     # World size 1 in this process, as `python train.py` runs it: config.yaml, then train(), then summary.
     from launcher.worker import run_worker
+    from trainer.checks import model_args
     from trainer.dist import init_run
 
     cfg.run_dir = str(run_dir)
     env = init_run(cfg)
-    return run_worker(cfg, env)
+    return run_worker(cfg, env, model_args(cfg))
 
 
 def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def read_summary(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+def read_summary(run_dir: Path) -> RunSummary | None:
+    return RunSummary.read(run_dir)
