@@ -10,6 +10,7 @@ from .flops import num_params
 from .gpt2 import GPT2, GPT2Args
 from .hf import HFArgs, HFCausalLM
 from .llama import ModelArgs, ParamShapes, Transformer, check_heads
+from .plan import ParallelPlan
 
 FAMILIES = {"llama": (ModelArgs, Transformer), "gpt2": (GPT2Args, GPT2), "hf": (HFArgs, HFCausalLM)}
 SHAPES = {ModelArgs: llama.param_shapes, GPT2Args: gpt2.param_shapes, HFArgs: hf.param_shapes}
@@ -119,6 +120,17 @@ def family(args) -> str | None:
     for name, (args_cls, _) in FAMILIES.items():
         if type(args) is args_cls:
             return name
+    raise TypeError(f"no model family has arguments of type {type(args).__name__}: add it to models.FAMILIES")
+
+
+def parallel_plan(args) -> ParallelPlan:
+    # How the model these arguments build can be split (models/plan.py), without building it: a native
+    # family's plan is its class's; a Hugging Face model's is read off its module on the meta device.
+    if isinstance(args, HFArgs):
+        return hf.parallel_plan(args)
+    for args_cls, model_cls in FAMILIES.values():
+        if type(args) is args_cls:
+            return model_cls.parallel_plan
     raise TypeError(f"no model family has arguments of type {type(args).__name__}: add it to models.FAMILIES")
 
 

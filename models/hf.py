@@ -230,6 +230,7 @@ def checkpoint_files(name_or_path: str | None) -> dict[str, Path] | None:
 
 
 _SHAPES: dict[str, tuple] = {}
+_PLANS: dict[str, ParallelPlan] = {}  # config -> its module's parallel plan
 
 
 def param_shapes(args: HFArgs):
@@ -252,6 +253,15 @@ def param_shapes(args: HFArgs):
         _SHAPES[key] = (root, block, lookups)
     root, block, lookups = _SHAPES[key]
     return ParamShapes(root, block, lookups)
+
+
+def parallel_plan(args: HFArgs) -> ParallelPlan:
+    # The plan of the module these arguments build, read off it on the meta device (nothing allocated).
+    key = args.config.to_json_string()
+    if key not in _PLANS:
+        with torch.device("meta"):
+            _PLANS[key] = HFCausalLM(args).parallel_plan
+    return _PLANS[key]
 
 
 def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
@@ -340,20 +350,23 @@ class HFCausalLM(nn.Module):
         names = {id(m): n for n, m in self.named_modules()}
         tp = getattr(self.args.config, "base_model_tp_plan", None) or {}
         inner = {k.split(".*.", 1)[1]: v for k, v in tp.items() if ".*." in k}
+        other = sorted({v for v in tp.values() if v not in ("colwise", "rowwise")})
         base = getattr(self.hf, self.hf.base_model_prefix, self.hf)
         final = next((m for m in base.children() if "Norm" in type(m).__name__), None)
         return ParallelPlan(
             blocks=names[id(layers)],
-            colwise=tuple(k for k, v in inner.items() if v.startswith("colwise")),
-            rowwise=tuple(k for k, v in inner.items() if v.startswith("rowwise")),
+            colwise=tuple(k for k, v in inner.items() if v == "colwise"),
+            rowwise=tuple(k for k, v in inner.items() if v == "rowwise"),
             norms=tuple(n for n, m in layers[0].named_modules() if "Norm" in type(m).__name__),
             embedding=names[id(self.hf.get_input_embeddings())],
             final_norm=names[id(final)] if final is not None else None,
             head=names.get(id(self.hf.get_output_embeddings())),
             unsplit=None
-            if tp
+            if tp and not other
             else f"transformers has no tensor-parallel plan for {self.args.config.model_type} "
-            "(config.base_model_tp_plan): use a Llama-like model (llama, mistral, qwen2) for tensor parallelism",
+            "(config.base_model_tp_plan) of column- and row-parallel projections only"
+            + (f" (it also uses {', '.join(other)})" if other else "")
+            + ": use a Llama-like model (llama, mistral, qwen2) for tensor parallelism",
         )
 
     def enable_activation_checkpointing(self, every: int) -> None:

@@ -311,6 +311,7 @@ PLAN = ParallelPlan(
     embedding="tok_embeddings",
     final_norm="norm",
     head="output",
+    sp_inputs=(("attention", 3), ("feed_forward", 1)),  # attention(x, cos, sin), feed_forward(x)
 )
 
 

@@ -18,6 +18,9 @@ class ParallelPlan:
     embedding: str | None = None
     final_norm: str | None = None
     head: str | None = None
+    # in a block: the modules that read the whole sequence, and how many positional inputs each takes (the
+    # first is the residual stream): sequence parallelism gathers it on the way in
+    sp_inputs: tuple[tuple[str, int], ...] = ()
     unsplit: str | None = None  # why tensor parallelism cannot split this model, in one line (None: it can)
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:

@@ -8,8 +8,11 @@ from strategies.fsdp import FSDP
 from strategies.hsdp import HSDP
 from strategies.parallel_dims import ParallelDims
 from strategies.single import Single
+from strategies.tp import FSDPTP, HSDPTP, TP
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Single(), DDP(), FSDP(), HSDP())}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s for s in (Single(), DDP(), FSDP(), HSDP(), TP(), FSDPTP(), HSDPTP())
+}
 
 
 def get_strategy(name: str) -> Strategy:
@@ -22,10 +25,11 @@ def schemas() -> dict[str, type]:
     return {f"strategy_{name}": s.schema for name, s in STRATEGIES.items() if s.schema is not StrategyConfig}
 
 
-def check_config(cfg, dims: ParallelDims, micro: int, accum: int) -> None:
-    # The strategy sub-config against the layout it will run in, before any worker starts.
+def check_config(cfg, dims: ParallelDims, micro: int, accum: int, args=None, plan=None) -> None:
+    # The strategy sub-config against the layout it will run in (and the model: its arguments and parallel plan,
+    # where known), before any worker starts.
     checkpointed(cfg.activation_checkpointing, cfg.ac_every, 0)  # the mode's name
-    get_strategy(cfg.name).check(cfg, dims, micro, accum)
+    get_strategy(cfg.name).check(cfg, dims, micro, accum, args, plan)
 
 
 __all__ = [

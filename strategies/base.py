@@ -67,15 +67,18 @@ class Strategy:
         False  # casts parameters for compute itself (FSDP's MixedPrecisionPolicy): no autocast
     )
     needs_group: bool = True  # a process group even in a world of one
+    splits_tensors: bool = (
+        False  # tensor parallel: checked against the model's parallel plan (models/plan.py)
+    )
 
     # ---------------------------------------------------------------- the layout, before any worker starts
     def dims(self, cfg: Any, world_size: int, per_node: int | None = None, rank: int = 0) -> ParallelDims:
         # cfg: the strategy's sub-config (or a mapping of its options); per_node: ranks per node (None: all).
         raise NotImplementedError
 
-    def check(self, cfg: Any, dims: ParallelDims, micro: int, accum: int) -> None:
+    def check(self, cfg: Any, dims: ParallelDims, micro: int, accum: int, args=None, plan=None) -> None:
         # What the strategy cannot run, in one ValueError naming the fix (micro-batches of `micro` sequences per
-        # rank, `accum` of them a step).
+        # rank, `accum` of them a step; args and plan: the model's arguments and parallel plan, where known).
         return None
 
     def plan_options(self, cfg: Any) -> dict:
@@ -98,6 +101,14 @@ class Strategy:
     def materialize(self, model: nn.Module, device: torch.device, seed: int, cfg: Any) -> None:
         # on_meta strategies: real storage for the local shards, filled as a single process initialises.
         raise NotImplementedError
+
+    def before_wrap(self, model: nn.Module, dims: ParallelDims, cfg: Any, device) -> None:
+        # What a layout does to the bare model before activation checkpointing, compile and the wrapper (TP).
+        return None
+
+    def loss_parallel(self, model: nn.Module):
+        # Around the loss and its backward: tensor parallelism's cross-entropy over vocabulary-sharded logits.
+        return contextlib.nullcontext()
 
     def grad_sync(self, model: nn.Module, enabled: bool):
         # Gradient accumulation: reduce across ranks only on the last micro-batch of a step.

@@ -23,7 +23,7 @@ class DDP(Strategy):
     def dims(self, cfg, world_size, per_node=None, rank=0) -> ParallelDims:
         return ParallelDims(dp_replicate=world_size, rank=rank)  # the default process group: no mesh
 
-    def check(self, cfg, dims, micro, accum) -> None:
+    def check(self, cfg, dims, micro, accum, args=None, plan=None) -> None:
         if cfg.get("static_graph") and accum > 1:
             # torch 2.13's DDP reducer fails an INTERNAL ASSERT on the first no_sync backward under a static
             # graph, and past that stops all-reducing (pytorch/pytorch#143580, the open fix #187732).

@@ -25,6 +25,7 @@ class FSDP(Strategy):
     on_meta = True
     shards_state = True  # over dp_shard: every rank of the world, here
     casts_params = True  # MixedPrecisionPolicy gathers parameters in the compute dtype
+    dp_dims = ("shard",)  # the mesh dimensions FSDP shards over
 
     def dims(self, cfg, world_size, per_node=None, rank=0) -> ParallelDims:
         return ParallelDims(dp_shard=world_size, rank=rank, mesh_dims=("shard",))
@@ -50,7 +51,8 @@ class FSDP(Strategy):
 
         from strategies.common import apply_ac, apply_compile, blocks
 
-        mesh = dims.mesh(device.type)
+        self.before_wrap(model, dims, cfg, device)
+        mesh = dims.submesh(device.type, self.dp_dims)
         apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
         if cfg.compile:
             apply_compile(model)

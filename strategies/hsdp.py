@@ -21,6 +21,7 @@ class HSDPConfig(FSDPConfig):
 class HSDP(FSDP):
     name = "hsdp"
     schema = HSDPConfig
+    dp_dims = ("replicate", "shard")
 
     def dims(self, cfg, world_size, per_node=None, rank=0) -> ParallelDims:
         shard = option(cfg, "shard_size", 0) or per_node or world_size

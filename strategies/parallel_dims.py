@@ -8,6 +8,7 @@
 # the eval rows, and how many tokens a step has; the world rank and size decide processes and collectives.
 # Nothing else infers the layout from the world size. Standard library at import: the parent that validates
 # a config before any worker starts asks it too; DeviceMesh (and DTensor) load only where a mesh is built.
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -25,6 +26,9 @@ class ParallelDims:
     # all-reduces over the default process group). A dimension of size 1 is kept when named: HSDP over 2
     # replicas of 1 shard is still a 2-D mesh.
     mesh_dims: tuple[str, ...] = ()
+    ranks_per_node: int | None = (
+        None  # where the ranks sit (None: all on one node): TP should stay within one
+    )
     _meshes: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -60,11 +64,16 @@ class ParallelDims:
         return c["replicate"] * self.dp_shard + c["shard"]
 
     def with_rank(self, rank: int) -> "ParallelDims":
-        return ParallelDims(self.dp_replicate, self.dp_shard, self.tp, self.pp, rank, self.mesh_dims)
+        return dataclasses.replace(self, rank=rank, _meshes={})
 
     def describe(self) -> dict[str, int]:
         # The mesh as summary.json reports it: its named dimensions and their sizes.
         return {dim: self.degree(dim) for dim in self.mesh_dims}
+
+    def submesh(self, device_type: str, names: tuple[str, ...]):
+        # The mesh's dimensions `names` (all of them: the mesh itself).
+        mesh = self.mesh(device_type)
+        return mesh if tuple(names) == self.mesh_dims else mesh[tuple(names) if len(names) > 1 else names[0]]
 
     def mesh(self, device_type: str):
         # The named device mesh, built once per device type (every rank must build it: a collective); None

@@ -13,7 +13,7 @@ class Single(Strategy):
         # Every rank a replica of its own (check refuses more than one: nothing would average their gradients).
         return ParallelDims(dp_replicate=world_size, rank=rank)
 
-    def check(self, cfg, dims, micro, accum) -> None:
+    def check(self, cfg, dims, micro, accum, args=None, plan=None) -> None:
         if dims.world_size > 1:
             raise ValueError(
                 f"strategy=single trains one process, but the world size is {dims.world_size}: "

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from models import build_model, build_model_args
+from models import build_model, build_model_args, parallel_plan
 from models.attention import check_attention_supported
 from trainer import checkpoint, optim
 from trainer.config import batch_layout, check_schema, one_of
@@ -57,11 +57,17 @@ def validate(cfg: DictConfig, world_size: int, available: str, capability=None, 
     one_of("trainer.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
     dims = run_dims(cfg.strategy, world_size, per_node)
     micro, accum = batch_layout(t, dims)
-    strategies.check_config(cfg.strategy, dims, micro, accum)
+    plan = parallel_plan(args) if strategies.get_strategy(cfg.strategy.name).splits_tensors else None
+    strategies.check_config(cfg.strategy, dims, micro, accum, args, plan)
     optim.check_config(cfg.optim)
     one_of("logger.name", cfg.logger.name, BACKENDS)
     precision = build_precision(cfg.precision.name, torch.device(device_type))
     check_capability(precision, capability)
+    if plan is not None and precision.linear == "int8":
+        raise ValueError(
+            f"precision=int8 with strategy={cfg.strategy.name}: torch 2.13's DTensor has no sharding rule for "
+            "torchao's int8 matmul (aten._int_mm): use precision=bf16-mixed with tensor parallelism"
+        )
     fp8 = precision.linear is not None and precision.linear.startswith("float8")
     if fp8 and device_type == "cuda" and (micro * t.seq_len) % 16:
         # torch._scaled_mm needs every inner dimension divisible by 16; the weight gradient's is the

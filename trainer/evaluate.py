@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from strategies.common import as_tensor
 from trainer.dist import DistEnv
 from trainer.precision import Precision
 
@@ -35,7 +36,15 @@ def check_held_out(val_windows: int | None, seq_len: int, batches: int, global_b
 
 @torch.no_grad()
 def evaluate(
-    model, data, precision: Precision, env: DistEnv, dims, batches: int, global_batch: int, micro: int
+    model,
+    data,
+    precision: Precision,
+    env: DistEnv,
+    dims,
+    strategy,
+    batches: int,
+    global_batch: int,
+    micro: int,
 ) -> float:
     # -> the held-out loss, token-weighted over every batch and rank. dims: the run's ParallelDims; each
     # data-parallel rank evaluates its rows (tensor-parallel peers add the same sums to both totals).
@@ -47,9 +56,11 @@ def evaluate(
         for batch in range(batches):
             for chunk in data.val_rows(batch, rows, global_batch).split(micro):
                 x, y = chunk[:, :-1].to(env.device), chunk[:, 1:].to(env.device)
-                with precision.context():
+                with precision.context(), strategy.loss_parallel(model):
                     logits = model(x)  # (micro, T, vocab)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                    loss = as_tensor(
+                        F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                    )
                 totals += torch.stack(
                     [loss.double(), torch.tensor(y.numel(), dtype=torch.float64, device=env.device)]
                 )

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 import strategies
 from models import build_model, flops_per_token, param_count
 from strategies import ParallelDims
-from strategies.common import clip_grad_norm
+from strategies.common import as_tensor, clip_grad_norm
 from trainer import checkpoint, preempt
 from trainer.config import batch_layout
 from trainer.console import ProgressBar, format_summary
@@ -56,12 +56,12 @@ def train_step(
     for i, (x, y) in enumerate(batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         # Gradients are reduced across ranks only on the last micro-batch of the step.
-        with strategy.grad_sync(model, enabled=i == accum - 1):
+        with strategy.grad_sync(model, enabled=i == accum - 1), strategy.loss_parallel(model):
             with precision.context():
-                logits = model(x)  # (micro, T, vocab)
+                logits = model(x)  # (micro, T, vocab); under TP a DTensor sharded over the vocabulary
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             precision.backward(loss / accum)  # fp16-mixed: scaled
-        loss_sum += loss.detach()
+        loss_sum += as_tensor(loss.detach())
     loss_mean = mean_across_ranks(loss_sum / accum, env)  # every rank sees the same value, so all skip alike
     if not torch.isfinite(loss_mean):
         optimizer.zero_grad(set_to_none=True)
@@ -133,7 +133,9 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
             metrics.update(step, loss=loss, grad_norm=float(grad_norm), lr=lr)
             if step in evals:
                 began = time.perf_counter()
-                val = evaluate(model, data, precision, env, dims, e.batches, t.global_batch_size, micro)
+                val = evaluate(
+                    model, data, precision, env, dims, strategy, e.batches, t.global_batch_size, micro
+                )
                 metrics.record_eval(step, val, time.perf_counter() - began)
             if (row := metrics.log(step, final=step == t.max_steps)) is not None:
                 loggers.log(row, step)

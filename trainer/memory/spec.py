@@ -44,6 +44,9 @@ class PlanSpec:
     grad_accum: int = 1
     reshard_after_forward: bool = True  # fsdp/hsdp: false = shard-grad-op (ZeRO-2)
     cpu_offload: bool = False
+    sequence_parallel: bool = (
+        False  # tensor parallel: norms and the residual stream sharded over the sequence
+    )
     activation_checkpointing: str = "none"  # none | full | selective
     ac_every: int = 2
     optim_impl: str = "auto"  # auto | fused | foreach | for_loop
