@@ -11,6 +11,7 @@ import tomllib
 import torch
 import torch.distributed as dist
 
+from launcher import worker
 from launcher.worker import run_worker
 from tests.helpers.run import REPO, compose_config, read_summary
 from trainer import gpus
@@ -39,11 +40,12 @@ def test_the_collective_timeout_is_a_setting():
         validate(compose_config("launcher.timeout_s=0"), 1, "cpu")
 
 
-def test_the_rank_whose_failure_came_first_writes_the_summary(tmp_path, one_thread):
+def test_the_rank_whose_failure_came_first_writes_the_summary(tmp_path, one_thread, monkeypatch):
     # Under nccl rank 0 may sit in a CUDA sync where no signal handler runs: the rank that had the run's first
     # failure records it itself. Here rank 1 of a run whose other ranks never get to say anything.
     cfg = compose_config("data=text", f"data.path={tmp_path / 'not-on-this-node'}")
     cfg.run_dir = str(tmp_path / "run")
+    monkeypatch.setattr(worker, "FAILURE_GRACE_S", 0.0)  # no other rank here for it to wait for
     with pytest.raises(ValueError, match="data.path"):
         run_worker(
             cfg, DistEnv(rank=1, local_rank=1, world_size=2, device=torch.device("cpu")), model_args(cfg)
