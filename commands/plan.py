@@ -13,6 +13,7 @@ import strategies
 from launcher.compose import compose_config
 from launcher.elastic import resolve_nproc
 from launcher.errors import describe_error, fail
+from models import parallel_plan
 from trainer import gpus
 from trainer.checks import model_args, run_dims
 from trainer.config import batch_layout, check_schema
@@ -41,8 +42,9 @@ def setup_of(cfg: DictConfig) -> Setup:
     check_schema(cfg)
     nproc = resolve_nproc(str(cfg.launcher.nproc_per_node))
     dims = run_dims(cfg.strategy, nproc * cfg.launcher.nnodes, nproc)
-    strategies.check_config(cfg.strategy, dims, *batch_layout(cfg.trainer, dims))
     args = model_args(cfg)
+    plan = parallel_plan(args) if strategies.get_strategy(cfg.strategy.name).splits_tensors else None
+    strategies.check_config(cfg.strategy, dims, *batch_layout(cfg.trainer, dims), args, plan)
     if cfg.trainer.seq_len > args.max_seq_len:
         raise ValueError(
             f"trainer.seq_len ({cfg.trainer.seq_len}) exceeds model.max_seq_len ({args.max_seq_len})"
@@ -63,7 +65,8 @@ def _row(text: str, value: float) -> str:
 
 def describe(cfg: DictConfig, plan: MemoryPlan) -> str:
     s, p = plan.spec, precision_bytes(plan.spec.precision)
-    shard = f", sharded 1/{s.shard}" if s.shard > 1 else ""
+    split = s.shard * s.dims.tp  # FSDP's shard group x the tensor-parallel degree
+    shard = f", sharded 1/{split}" if split > 1 else ""
     where = s.layout.plan_layout(s)
     weights = {4: "fp32", 2: "bf16"}[p.weights]
     block, blocks = max(plan.layer_bytes), len(plan.layer_bytes)

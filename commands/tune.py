@@ -37,7 +37,9 @@ from commands.tune_report import write_report
 from launcher.compose import compose_config
 from launcher.elastic import WorkerFailed, launch, resolve_nproc
 from launcher.errors import describe_error, fail, short_reason
+from models import parallel_plan
 from strategies import STRATEGIES
+from strategies.tp import indivisible
 from trainer import gpus
 from trainer.checks import model_args, run_dims, validate
 from trainer.config import check_schema
@@ -65,6 +67,7 @@ class Candidate:
     micro_batches: list[int] = field(default_factory=list)  # those the planner lets fit, ascending
     predicted_gb: dict[int, float] = field(default_factory=dict)  # micro-batch -> predicted peak per rank
     trials: list[dict] = field(default_factory=list)  # {"micro", "steps", "summary": a RunSummary, ...}
+    mesh: dict[str, int] = field(default_factory=dict)  # the layout's named dimensions (none: data parallel only)
 
     @property
     def best(self) -> dict | None:
@@ -72,10 +75,16 @@ class Candidate:
         return max(ok, key=lambda t: (t["steps"], t["summary"].tokens_per_s_median)) if ok else None
 
 
-def default_axes(device: str, world: int, nnodes: int) -> dict:
-    # Each strategy names the conf/strategy options worth trying at this size (single alone on one device).
+def default_axes(device: str, world: int, nnodes: int, tp_degrees: list[int]) -> dict:
+    # Each strategy names the conf/strategy options worth trying at this size (single alone on one device); those
+    # that split tensors only where some tensor-parallel degree can split the model.
     return {
-        "strategies": [p for s in STRATEGIES.values() for p in s.tune_presets(world, nnodes)],
+        "strategies": [
+            p
+            for s in STRATEGIES.values()
+            if tp_degrees or not s.splits_tensors
+            for p in s.tune_presets(world, nnodes)
+        ],
         "precisions": ["bf16-mixed", "fp8"] if device == "cuda" else ["fp32", "bf16-mixed"],
         "attentions": ["sdpa", "flash"],
         "activation_checkpointing": ["none", "selective", "full"],
@@ -83,9 +92,20 @@ def default_axes(device: str, world: int, nnodes: int) -> dict:
     }
 
 
-def axes_of(cfg, device: str, world: int) -> dict:
+def tp_degrees(cfg, nproc: int) -> list[int]:
+    # tune.tp, or the divisors above 1 of a node's ranks that split the model (strategies/tp.py's checks).
+    if cfg.tune.tp is not None:
+        if not cfg.tune.tp or any(d < 1 for d in cfg.tune.tp):
+            raise ValueError(f"tune.tp must list tensor-parallel degrees of at least 1, got {list(cfg.tune.tp)}")
+        return list(cfg.tune.tp)
+    args = model_args(cfg)
+    plan = parallel_plan(args)
+    return [d for d in range(2, nproc + 1) if nproc % d == 0 and indivisible(args, plan, d) is None]
+
+
+def axes_of(cfg, device: str, world: int, tp: list[int]) -> dict:
     # The space as the user restricted it: an empty axis or an unknown value is refused, naming the axis.
-    axes = default_axes(device, world, cfg.launcher.nnodes)
+    axes = default_axes(device, world, cfg.launcher.nnodes, tp)
     for axis, (key, group) in AXES.items():
         given = cfg.tune.get(axis)
         if given is None:
@@ -130,7 +150,8 @@ def micro_options(cfg, dp_size: int) -> list[int]:
 def plan_candidates(base: list[str], cfg, nproc: int, device: str, limit: float | None) -> list[Candidate]:
     # Stage 1: the checks, then the planner, for every candidate. No trial.
     world = nproc * cfg.launcher.nnodes
-    axes = axes_of(cfg, device, world)
+    degrees = tp_degrees(cfg, nproc)
+    axes = axes_of(cfg, device, world, degrees)
     dev = device_type(cfg.trainer.device)
     capability = gpus.capability()
     out = []
@@ -139,30 +160,46 @@ def plan_candidates(base: list[str], cfg, nproc: int, device: str, limit: float 
             f"{key}={str(v).lower() if isinstance(v, bool) else v}"
             for (key, _), v in zip(AXES.values(), values, strict=True)
         )
-        cand = Candidate(over)
-        out.append(cand)
-        try:
-            c = compose_config([*base, *over])
-            validate(c, world, dev, capability, per_node=nproc)
-        except (ValueError, HydraException, OmegaConfBaseException) as e:
-            cand.status, cand.reason = "pruned", describe_error(e)
-            continue
-        micros = micro_options(cfg, run_dims(c.strategy, world, nproc).dp_size)
-        for m in micros:
-            try:
-                peak = setup_of(compose_config([*base, *over, f"trainer.micro_batch_size={m}"])).plan().peak
-            except ValueError:  # a model the planner does not cover (model=hf): the trials decide
-                peak = None
-            if peak is not None:
-                cand.predicted_gb[m] = peak / GB
-            if peak is None or limit is None or peak <= limit:
-                cand.micro_batches.append(m)
-        if not cand.micro_batches:
-            least = min(cand.predicted_gb.values())
-            cand.status = "pruned"
-            cand.reason = f"predicted peak {least:.2f} GB per rank at micro-batch {micros[0]} > {limit / GB:.2f} GB (memory less headroom)"
+        for tp in degrees if splits_tensors(values[0]) else [None]:
+            cand = Candidate(over + ((f"strategy.tp={tp}",) if tp else ()))
+            out.append(cand)
+            plan_candidate(cand, base, cfg, world, nproc, dev, capability, limit)
     prune_dominated(out)
     return out
+
+
+def splits_tensors(preset: str) -> bool:
+    # Whether a conf/strategy option's strategy is a tensor-parallel one (it then takes strategy.tp).
+    name = OmegaConf.load(REPO / "conf" / "strategy" / f"{preset}.yaml").get("name", preset)
+    return STRATEGIES[name].splits_tensors
+
+
+def plan_candidate(cand: Candidate, base, cfg, world: int, nproc: int, dev: str, capability, limit) -> None:
+    # One candidate through the pre-launch checks and the planner: pruned with the reason, or the micro-batches
+    # that fit.
+    over = cand.overrides
+    try:
+        c = compose_config([*base, *over])
+        validate(c, world, dev, capability, per_node=nproc)
+    except (ValueError, HydraException, OmegaConfBaseException) as e:
+        cand.status, cand.reason = "pruned", describe_error(e)
+        return
+    dims = run_dims(c.strategy, world, nproc)
+    cand.mesh = dims.describe()
+    micros = micro_options(cfg, dims.dp_size)
+    for m in micros:
+        try:
+            peak = setup_of(compose_config([*base, *over, f"trainer.micro_batch_size={m}"])).plan().peak
+        except ValueError:  # a model the planner does not cover (model=hf): the trials decide
+            peak = None
+        if peak is not None:
+            cand.predicted_gb[m] = peak / GB
+        if peak is None or limit is None or peak <= limit:
+            cand.micro_batches.append(m)
+    if not cand.micro_batches:
+        least = min(cand.predicted_gb.values())
+        cand.status = "pruned"
+        cand.reason = f"predicted peak {least:.2f} GB per rank at micro-batch {micros[0]} > {limit / GB:.2f} GB (memory less headroom)"
 
 
 AC_ORDER = ("none", "selective", "full")  # each recomputes more than the one before, to save memory

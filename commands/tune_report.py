@@ -8,7 +8,16 @@ from pathlib import Path
 from launcher.report_chart import plot
 from trainer.summary import RunSummary
 
-AXIS_NAMES = ("strategy", "precision", "attention", "activation_checkpointing", "compile")
+# A candidate's override key -> its report column (strategy.tp only on the strategies that split tensors).
+COLUMNS = {
+    "strategy": "strategy",
+    "precision": "precision",
+    "attention": "attention",
+    "strategy.activation_checkpointing": "activation_checkpointing",
+    "strategy.compile": "compile",
+    "strategy.tp": "tp",
+}
+AXIS_NAMES = tuple(COLUMNS.values())
 
 
 def rows_of(cands, alive) -> list[dict]:
@@ -24,7 +33,9 @@ def rows_of(cands, alive) -> list[dict]:
             else (c.micro_batches[-1] if c.micro_batches else min(c.predicted_gb, default=None))
         )
         rows.append({
-            "settings": {**dict(zip(AXIS_NAMES, (o.split("=", 1)[1] for o in c.overrides), strict=True)), "micro_batch": micro},
+            "settings": {**{n: "-" for n in AXIS_NAMES}, **{COLUMNS[k]: v for k, v in (o.split("=", 1) for o in c.overrides)},
+                         "micro_batch": micro},
+            "mesh": ",".join(f"{k}={v}" for k, v in c.mesh.items()) or "-",
             "status": "ok" if c.status == "measured" else c.status,
             "reason": c.reason,
             "tokens_per_s_median": s.tokens_per_s_median,
@@ -71,13 +82,13 @@ def verdict(rows: list[dict]) -> list[str]:
 
 
 def _name(r: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+    return ", ".join(f"{k}={v}" for k, v in r["settings"].items() if v != "-")
 
 
 def write_report(root: Path, cands, alive, command: str, preset, seconds: float, trials, cfg) -> str:
     rows = rows_of(cands, alive)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "pruned", "pending")}
-    head = ["#", *AXIS_NAMES, "micro-batch", "status", "tokens/s median (p10-p90)", "MFU", "predicted peak GB/rank",
+    head = ["#", *AXIS_NAMES, "mesh", "micro-batch", "status", "tokens/s median (p10-p90)", "MFU", "predicted peak GB/rank",
             "measured peak GB", "trials", "reason"]  # fmt: skip
     lines = [
         f"# Tune report: {root}",
@@ -104,7 +115,7 @@ def write_report(root: Path, cands, alive, command: str, preset, seconds: float,
         tps = _num(r["tokens_per_s_median"], ",.0f")
         if r["tokens_per_s_p10"] is not None:
             tps += f" ({r['tokens_per_s_p10']:,.0f}-{r['tokens_per_s_p90']:,.0f})"
-        cells = [str(r["rank"]), *(str(r["settings"][k]) for k in AXIS_NAMES), str(r["settings"]["micro_batch"] or "-"),
+        cells = [str(r["rank"]), *(str(r["settings"][k]) for k in AXIS_NAMES), r["mesh"], str(r["settings"]["micro_batch"] or "-"),
                  r["status"], tps, _num(r["mfu"], ".1%"), _num(r["predicted_gb"], ".3f"), _num(r["peak_mem_gb"], ".3f"),
                  str(r["trials"]), r["reason"].replace("|", "\\|")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -126,9 +137,9 @@ def write_report(root: Path, cands, alive, command: str, preset, seconds: float,
     with open(root / "report.csv", "w", newline="") as f:
         w = csv.writer(f)
         keys = ["tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "mfu", "predicted_gb", "peak_mem_gb", "trials", "steps", "reason", "run_dir"]  # fmt: skip
-        w.writerow(["rank", *AXIS_NAMES, "micro_batch", "status", *keys])
+        w.writerow(["rank", *AXIS_NAMES, "mesh", "micro_batch", "status", *keys])
         for r in rows:
-            w.writerow([r["rank"], *(r["settings"][k] for k in AXIS_NAMES), r["settings"]["micro_batch"], r["status"],
+            w.writerow([r["rank"], *(r["settings"][k] for k in AXIS_NAMES), r["mesh"], r["settings"]["micro_batch"], r["status"],
                         *("" if r[k] is None else r[k] for k in keys)])  # fmt: skip
     memory = "peak memory, GB (max over ranks)"
     plot(rows, list(AXIS_NAMES[:3]), root / "report.png", str(root), memory, False)

@@ -118,6 +118,7 @@ def load_job(job_dir: Path) -> dict:
     return row | {
         "settings": settings,
         "world_size": s.world_size or _world_size(config),
+        "tp": ((s.strategy_applied or {}).get("mesh") or {}).get("tp", 1),  # the tensor-parallel degree
         "status": ("reused" if reused_from else "ok") if ok else "failed",
         "reason": "" if ok else short_reason(s.error or "", _last_logged_step(job_dir)),
         "peak_mem_gb": mem,
@@ -250,7 +251,9 @@ def _headline(rows: list[dict], cols: list[str]) -> list[str]:
 
 def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
     best = best_values(rows)
-    head = [("#", 1), *((c, 0) for c in cols), ("world", 1), ("status", 0), ("tokens/s median (p10-p90)", 1)]
+    mesh = any(r["tp"] > 1 for r in rows)  # a layout with tensor parallelism: say how the world splits
+    head = [("#", 1), *((c, 0) for c in cols), ("world", 1), *[("dp x tp", 1)] * mesh, ("status", 0)]
+    head += [("tokens/s median (p10-p90)", 1)]
     head += [
         ("tokens/s/device", 1),
         ("TFLOP/s/device", 1),
@@ -271,6 +274,7 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
         if r["tokens_per_s_p10"] is not None:
             tps += f" ({r['tokens_per_s_p10']:,.0f}-{r['tokens_per_s_p90']:,.0f})"
         cells = [str(r["rank"]), *(str(r["settings"].get(k, "-")) for k in cols), str(r["world_size"] or "?")]
+        cells += [f"{r['world_size'] // r['tp']} x {r['tp']}" if r["world_size"] else "?"] * mesh
         # BEST's columns in order, with the memory columns before the two losses
         cells += [status_text(r), tps, *(_cell(r, c, best) for c in list(BEST)[1:-2])]
         cells += _memory_cells(r, memory_columns(rows)) + [
@@ -334,7 +338,7 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
 
 
 CSV_COLUMNS = (
-    "world_size", "status", "reason", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
+    "world_size", "tp", "status", "reason", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
     "tokens_per_s_std", "tokens_per_s_per_device", "tflops_per_device", "mfu", "peak_mem_gb", "memory_kind",
     "final_loss", "val_loss", "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "tokens_per_step", "steps", "warmup_steps", "reused_from", "slurm_job_id", "run_dir",
 )  # fmt: skip

@@ -91,6 +91,18 @@ PRESETS: dict[str, dict] = {
         max_seq_len=8192,
         tie_embeddings=True,
     ),
+    # Llama-3-70B, ~70.6 B parameters (FFN 28672): past one node's memory under FSDP alone.
+    "llama3_70b": dict(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=128256,
+        ffn_dim_multiplier=1.3,
+        multiple_of=4096,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
     # Llama-3-8B, ~8.03 B parameters (FFN 14336).
     "llama3_8b": dict(
         dim=4096,

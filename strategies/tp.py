@@ -86,12 +86,11 @@ def check_layout(cfg, dims: ParallelDims, wrapped: bool) -> None:
         )
 
 
-def check_splittable(cfg, dims: ParallelDims, args, plan) -> None:
-    # What tensor parallelism needs of the model, before any worker starts: a plan, and every split dimension
-    # divisible by the degree.
-    tp = dims.tp
+def indivisible(args, plan, tp: int) -> str | None:
+    # Why tensor parallelism of degree tp cannot split this model (its plan, and every split dimension divisible by
+    # tp), in one line; None where it can.
     if plan.unsplit:
-        raise ValueError(f"strategy={cfg.name} cannot split this model: {plan.unsplit}")
+        return plan.unsplit
     shapes = {
         "model.n_heads (query heads)": args.n_heads,
         "the K/V head count": args.kv_heads,
@@ -101,10 +100,19 @@ def check_splittable(cfg, dims: ParallelDims, args, plan) -> None:
     }
     for what, n in shapes.items():
         if n % tp:
-            raise ValueError(
+            return (
                 f"strategy.tp={tp} does not divide {what} ({n}): each tensor-parallel rank holds 1/tp of it; choose "
                 f"a strategy.tp that divides {n}"
             )
+    return None
+
+
+def check_splittable(cfg, dims: ParallelDims, args, plan) -> None:
+    # What tensor parallelism needs of the model, before any worker starts.
+    if plan.unsplit:
+        raise ValueError(f"strategy={cfg.name} cannot split this model: {plan.unsplit}")
+    if (why := indivisible(args, plan, dims.tp)) is not None:
+        raise ValueError(why)
     if cfg.get("sequence_parallel") and getattr(args, "config", None) is not None:
         # transformers' decoder numbers the positions of the sequence it is given: a sequence-sharded input
         # would get positions 0 .. T/tp on every rank.

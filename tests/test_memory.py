@@ -71,6 +71,22 @@ EXTRA = {
     "hf_llama_debug/single/fp32": ("model=hf_llama_debug", "strategy=single"),
     "hf_llama_debug/fsdp/bf16-mixed": ("model=hf_llama_debug", "strategy=fsdp", "precision=bf16-mixed"),
 }
+# Tensor parallelism over the 2 ranks (one group): sequence parallel or not, GQA's K/V heads split, checkpointed
+# blocks, standard attention's scores, bf16, and the 20 M model whose peak is at the optimizer step. FSDP x TP:
+# tests/test_tp.py, on 4 ranks.
+TP = {
+    "debug/tp/fp32": ("model=debug", "strategy=tp"),
+    "debug/tp_nosp/fp32": ("model=debug", "strategy=tp", "strategy.sequence_parallel=false"),
+    "debug/tp/gqa/bf16-mixed": (
+        "model=debug",
+        "strategy=tp",
+        "attention.n_kv_heads=2",
+        "precision=bf16-mixed",
+    ),
+    "debug/tp/ac_full/fp32": ("model=debug", "strategy=tp", "strategy.activation_checkpointing=full"),
+    "debug/tp/standard/fp32": ("model=debug", "strategy=tp", "attention=standard"),
+    "llama_20m/tp/fp32": ("model=llama_20m", "strategy=tp", "attention=flash"),
+}
 
 
 def measure_one(cfg, env: DistEnv) -> dict:
@@ -131,7 +147,7 @@ def _config(overrides: tuple[str, ...]) -> dict:
     model = overrides[0].split("=")[1]
     micro = SHAPES.get(model, 4)
     accum = 2 if "accum" in overrides else 1
-    world = 1 if "strategy=single" in overrides else 2
+    world = 1 if "strategy=single" in overrides or "strategy=tp" in overrides else 2  # the data-parallel size
     cfg = compose_config(
         *(o for o in overrides if o != "accum"),
         "data=synthetic",
@@ -144,11 +160,11 @@ def _config(overrides: tuple[str, ...]) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    jobs = [(name, _config(o)) for name, o in {**MATRIX, **EXTRA}.items()]
+    jobs = [(name, _config(o)) for name, o in {**MATRIX, **EXTRA, **TP}.items()]
     return dist_helpers.launch(measure_jobs, jobs)
 
 
-@pytest.mark.parametrize("name", [*MATRIX, *EXTRA])
+@pytest.mark.parametrize("name", [*MATRIX, *EXTRA, *TP])
 def test_planner_total_within_15_percent_and_model_state_within_5(results, name):
     for rank in [r for r in (0, 1) if name in results[r]]:  # a single-process job ran on one rank
         record = results[rank][name]

@@ -187,6 +187,9 @@ class TuneConfig:
     attentions: list[str] | None = None  # default: sdpa, flash
     activation_checkpointing: list[str] | None = None  # default: none, selective, full
     compile: list[bool] | None = None  # default: [false]
+    # tensor-parallel degrees for the strategies that split tensors (tp, fsdp_tp, ...); default: the divisors
+    # (above 1) of the ranks of a node that the model's heads, K/V heads, dim, MLP and vocabulary allow
+    tp: list[int] | None = None
     micro_batch_sizes: list[int] | None = None  # default: the powers of two that divide the per-rank batch
     headroom: float = ranged(
         0.1, "[0, 1)"

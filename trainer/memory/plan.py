@@ -14,9 +14,10 @@
 # against MemTracker. The peak is the largest of a few moments of the step (peak_events), not the sum of
 # everything: at the start of backward all activations exist and no gradient yet; at the optimizer step it
 # is the other way round.
+import math
 from dataclasses import dataclass, field
 
-from models import family
+from models import family, parallel_plan, param_shapes
 from strategies import checkpointed
 from trainer.memory.activations import (
     all_shapes,
@@ -26,6 +27,7 @@ from trainer.memory.activations import (
     head_terms,
     is_llama,
     layer_terms,
+    local_shapes,
     matmul_elements,
     root_shapes,
     widths,
@@ -65,17 +67,29 @@ class MemoryPlan:
 
 
 def model_state(args, spec: PlanSpec) -> dict[str, float]:
-    # Bytes per rank of weights, gradients and optimizer state, and this rank's element count.
+    # Bytes per rank of weights, gradients and optimizer state, and this rank's element count: each parameter's
+    # tensor-parallel shard (activations.local_shapes), sharded again by FSDP over its group.
     p = precision_bytes(spec.precision)
-    shapes = all_shapes(args)
+    shapes = all_shapes(args, spec)
     local = sum(elements(s, spec.shard) for s in shapes)
     opt = sum(state_bytes(spec.optim, p.weights, elements(s, spec.shard)) for s in shapes)
     return {
         "params": p.weights * local,
-        "grads": p.grads * local,
+        "grads": p.grads * (local + _whole_embedding_grad(args, spec)),
         "optimizer": opt,
         "numel": local,
     }
+
+
+def _whole_embedding_grad(args, spec: PlanSpec) -> int:
+    # Elements beyond its shard that the embedding's gradient holds under tensor parallelism without FSDP: the
+    # backward of DTensor's row-parallel embedding gives a replicated (whole) gradient of the sharded weight
+    # (measured, torch 2.13; FSDP reduce-scatters it into the shard).
+    if spec.dims.tp == 1 or spec.sharded:
+        return 0
+    full, local = param_shapes(args).root, local_shapes(args, spec)[0]
+    name = f"{parallel_plan(args).embedding}.weight"
+    return elements(full[name]) - elements(local[name])
 
 
 def _optimizer_scratch(args, spec: PlanSpec) -> float:
@@ -87,17 +101,17 @@ def _optimizer_scratch(args, spec: PlanSpec) -> float:
         return 0.0
     state, local = (
         precision_bytes(spec.precision).weights,
-        [elements(s, spec.shard) for s in all_shapes(args)],
+        [elements(s, spec.shard) for s in all_shapes(args, spec)],
     )
     if impl == "foreach":
-        return state * sum(n for n, s in zip(local, all_shapes(args), strict=True) if len(s) >= 2)
+        return state * sum(n for n, s in zip(local, all_shapes(args, spec), strict=True) if len(s) >= 2)
     return 2 * state * max(local)
 
 
 def _gathered(args, spec: PlanSpec) -> tuple[float, float, int]:
     # FSDP: -> (root, one block) bytes of gathered (unsharded) parameters, in the dtype they are gathered
     # in (the compute dtype under MixedPrecisionPolicy, else the weights'), and a block's element count.
-    root, block = root_shapes(args), block_shapes(args)
+    root, block = root_shapes(args, spec), block_shapes(args, spec)
     numel = sum(map(elements, block))
     if not spec.sharded:
         return 0.0, 0.0, numel
@@ -134,7 +148,7 @@ def peak_events(args, spec: PlanSpec, state: dict, layer_bytes: list[float], hea
 
 
 def _forward_events(args, spec, base, held, layer_bytes, head) -> dict:
-    e, v = spec.micro_batch * spec.seq_len, args.vocab_size
+    e, v = spec.micro_batch * spec.seq_len, args.vocab_size / spec.dims.tp  # the vocabulary: this rank's shard
     _, c, cast = widths(spec)
     acts, logits = sum(layer_bytes) + sum(head.values()), head["logits (held by the loop)"]
     # FSDP: the root stays gathered from forward to the end of backward; shard-grad-op keeps every block.
@@ -150,7 +164,7 @@ def _forward_events(args, spec, base, held, layer_bytes, head) -> dict:
             "activations": acts,
             "gathered params": gathered,
             "logits fp32 copy": 4 * e * v if c < 4 else 0.0,
-            "autocast cache": c * matmul_elements(block_shapes(args)) * n_ckpt if cast else 0.0,
+            "autocast cache": c * matmul_elements(block_shapes(args, spec)) * n_ckpt if cast else 0.0,
             "previous logits": logits if spec.grad_accum > 1 else 0.0,
         },
         # The start of backward: the gradients of the log-softmax and of its input, fp32, E x V each.
@@ -168,10 +182,14 @@ def _backward_events(args, spec, base, held, layer_bytes, logits) -> dict:
     # Gradients appear as backward goes: the output head's first (under FSDP unsharded, in the gathered
     # dtype, until the root's post-backward), then each block's (sharded once reduce-scattered).
     p, off = precision_bytes(spec.precision), spec.offloaded
-    root, block = root_shapes(args), block_shapes(args)
+    root, block = root_shapes(args, spec), block_shapes(args, spec)
     root_g, _, _ = _gathered(args, spec)
-    head_numel = args.vocab_size * args.dim + args.dim  # output weight (the embedding, if tied), final norm
-    head_grad = 0.0 if off else (root_g / sum(map(elements, root)) if spec.sharded else p.grads) * head_numel
+    # output weight (the embedding, if tied; its tensor-parallel shard), final norm
+    head_numel = math.ceil(args.vocab_size / spec.dims.tp) * args.dim + args.dim
+    # Under CPU offload the sharded gradients leave the device after each unit's reduce-scatter, but FSDP2 makes
+    # each unit's unsharded gradient on the device first: the root's (the output head, the embedding if tied)
+    # from the start of backward until the root's post-backward at its end.
+    head_grad = (root_g / sum(map(elements, root)) if spec.sharded else p.grads) * head_numel
     block_grad = 0.0 if off else p.grads * sum(elements(s, spec.shard) for s in block)
     events = {}
     for i in reversed(range(args.n_layers)):

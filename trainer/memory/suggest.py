@@ -7,8 +7,9 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from models import ModelArgs
+from models import ModelArgs, parallel_plan
 from strategies import get_strategy
+from strategies.tp import indivisible
 from trainer.memory.plan import MemoryPlan, plan_memory
 from trainer.memory.spec import PlanSpec
 
@@ -45,12 +46,12 @@ class Setup:
         return plan_memory(self.args, self.spec)
 
 
-def _layout(s: Setup, strategy: str, nproc: int, nnodes: int, micro: int | None) -> dict | None:
+def _layout(s: Setup, strategy: str, nproc: int, nnodes: int, micro: int | None, **options) -> dict | None:
     # -> the spec's layout and batch fields for `strategy` over nproc x nnodes ranks at this micro-batch, or None
     # where the strategy cannot lay out that world (HSDP's shard_size does not divide it) or the batch does not
-    # divide.
+    # divide. options: the strategy's own (tp).
     try:
-        dims = get_strategy(strategy).dims({"shard_size": s.shard_size}, nproc * nnodes, nproc)
+        dims = get_strategy(strategy).dims({"shard_size": s.shard_size, **options}, nproc * nnodes, nproc)
     except ValueError:
         return None
     gbs = s.global_batch
@@ -65,7 +66,9 @@ def _layout(s: Setup, strategy: str, nproc: int, nnodes: int, micro: int | None)
 
 # Candidates, cheapest first, by what they cost a run that fits either way: bf16 and flash attention make steps
 # faster, not slower; FSDP adds all-gathers that overlap with compute; 8-bit optimizer states cost some
-# optimizer time and a little accuracy; activation checkpointing recomputes the forward (selective: every
+# optimizer time and a little accuracy; tensor parallelism within a node adds each block's all-reduces (or
+# all-gathers and reduce-scatters), which overlap less than FSDP's gathers, but divides activations as well as
+# state and costs less than recomputing them; activation checkpointing recomputes the forward (selective: every
 # other block); a smaller micro-batch keeps the global batch through gradient accumulation at lower
 # arithmetic intensity; GQA changes the model; more ranks cost hardware; CPU offload moves every optimizer
 # step over PCIe. Each: Setup -> the changed Setups to try in order (the first that fits is taken), or none.
@@ -96,6 +99,23 @@ def _full_shard(s: Setup) -> list[Setup]:
         if layout
         else []
     )
+
+
+def _tensor_parallel(s: Setup) -> list[Setup]:
+    # FSDP x TP over the same ranks, TP within a node (degrees that divide its ranks and split the model), at the
+    # same micro-batch: each rank holds 1/tp of the state and of the activations, and gradient accumulation keeps
+    # the global batch over the smaller data-parallel size.
+    spec, out = s.spec, []
+    if spec.dims.tp > 1 or s.nproc < 2:
+        return []
+    plan = parallel_plan(s.args)
+    for tp in (d for d in range(2, s.nproc + 1) if s.nproc % d == 0):
+        layout = _layout(s, "fsdp_tp", s.nproc, s.nnodes, spec.micro_batch, tp=tp)
+        if layout is None or indivisible(s.args, plan, tp) is not None:
+            continue
+        overrides = ["strategy=fsdp_tp", f"strategy.tp={tp}", f"trainer.micro_batch_size={spec.micro_batch}"]
+        out.append(s.change(overrides, **layout, reshard_after_forward=True, cpu_offload=False, sequence_parallel=True))
+    return out
 
 
 def _adamw8bit(s: Setup) -> list[Setup]:
@@ -163,6 +183,7 @@ CANDIDATES: list[tuple[str, Callable[[Setup], list[Setup]]]] = [
     ("flash attention", _flash),
     ("FSDP full shard", _full_shard),
     ("8-bit optimizer states", _adamw8bit),
+    ("FSDP x tensor parallelism", _tensor_parallel),
     ("selective activation checkpointing", _ac("selective")),
     ("full activation checkpointing", _ac("full")),
     ("a smaller micro-batch", _smaller_micro_batch),
