@@ -15,13 +15,14 @@ import torch
 
 from commands import export
 from launcher.errors import describe_error
-from tests.helpers.cli import cli_env, finish, start_cli
+from tests.helpers.cli import cli_args, cli_env, finish, start
 from tests.helpers.run import REPO, compose_config, train_in_process
 from trainer.checks import validate
 
 pytestmark = pytest.mark.slow
 
-# row: (overrides, run dir or None for <tmp>/run, what the message must name). {tmp}: the row's own tmp dir,
+# row: (overrides, run dir or None for <tmp>/run, what the message must name[, environment variables to add]).
+# {tmp}: the row's own tmp dir,
 # {ckpt}: a directory of checkpoints made by the fixture, {file}: a regular file.
 CLI_ROWS = {
     # Composition errors, which Hydra would report over several lines (launcher/errors.py condenses them).
@@ -46,7 +47,17 @@ CLI_ROWS = {
     ),
     # One of validate()'s checks through the CLI: every row of CHECK_ROWS is reported this way.
     "kv_heads": (["attention.n_kv_heads=3"], None, ["model.n_heads (4)", "K/V head count (3"]),
-}
+    # An option of another strategy: Hydra's composition error, condensed.
+    "tp_on_ddp": (["strategy=ddp", "strategy.tp=2"], None, ["strategy.tp is not a key of strategy", "bucket_cap_mb"]),
+    # A pod whose operator's variables contradict the config (trainer/environments.py), before any worker starts.
+    "pod_nproc": (
+        ["launcher.nproc_per_node=4"],
+        None,
+        ["launcher.nproc_per_node=4, but the pod's PET_NPROC_PER_NODE=2"],
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "WORLD_SIZE": "4", "RANK": "0", "PET_NNODES": "2",
+         "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": "2"},
+    ),
+}  # fmt: skip
 
 CHECK_ROWS = {
     "added_key": (["+trainer.max_step=3"], 1, ["trainer.max_step is not a key of trainer", "max_steps"]),
@@ -120,7 +131,24 @@ CHECK_ROWS = {
         ["launcher.max_restarts=1", "checkpoint.every_n_steps=0", "checkpoint=periodic"],
     ),
     "on_nonfinite": (["trainer.on_nonfinite=ignore"], 1, ["trainer.on_nonfinite", "'ignore'", "error, skip"]),
-}
+    # Tensor parallelism: a degree the world, a node or the model cannot take, or a combination it cannot run.
+    "tp_world": (["strategy=tp", "strategy.tp=4"], 2, ["strategy.tp=4 does not divide the world size 2"]),
+    "tp_heads": (["strategy=fsdp_tp", "strategy.tp=3", "trainer.global_batch_size=2"], 6,
+                 ["strategy.tp=3 does not divide model.n_heads (query heads) (4)"]),
+    "tp_kv_heads": (["strategy=tp", "attention=mqa"], 2, ["strategy.tp=2 does not divide the K/V head count (1)"]),
+    "tp_groups": (["strategy=tp", "strategy.tp=2", "trainer.global_batch_size=4"], 4,
+                  ["strategy=tp is one tensor-parallel group", "use strategy=fsdp_tp"]),
+    "tp_no_plan": (["strategy=tp", "model=gpt2_debug"], 2, ["cannot split this model", "GPT-2 fuses q, k and v"]),
+    "tp_hf_sp": (["strategy=tp", "model=hf_llama_debug"], 2, ["strategy.sequence_parallel=true with model=hf"]),
+    "tp_int8": (["strategy=tp", "precision=int8"], 2, ["precision=int8 with strategy=tp", "aten._int_mm"]),
+    "tp_compile": (["strategy=tp", "strategy.compile=true"], 2, ["strategy=tp with strategy.compile=true fails"]),
+    "tp_compile_ac": (
+        ["strategy=fsdp_tp", "strategy.compile=true", "strategy.activation_checkpointing=full",
+         "trainer.global_batch_size=4"],
+        4,
+        ["strategy.compile=true and strategy.activation_checkpointing=full fails"],
+    ),
+}  # fmt: skip
 PARALLEL = 8  # CLI processes at once: each fails before training
 
 
@@ -156,11 +184,13 @@ def failures(tmp_path_factory, ckpt, afile):
     # {row: (tmp, exit code, stdout, stderr, checkpoint digest before, after)}
     before = _digest(ckpt)
     results, running = {}, []
-    for row, (overrides, run_dir, _) in CLI_ROWS.items():
+    for row, (overrides, run_dir, _, *env) in CLI_ROWS.items():
         tmp = tmp_path_factory.mktemp(row)
         fill = {"tmp": tmp, "ckpt": ckpt, "file": afile}
-        args = [o.format(**fill) for o in overrides]
-        running.append((row, tmp, start_cli(tmp, *args, run_dir=run_dir.format(**fill) if run_dir else None)))
+        args = cli_args(
+            tmp, *(o.format(**fill) for o in overrides), run_dir=run_dir.format(**fill) if run_dir else None
+        )
+        running.append((row, tmp, start(args, env={**cli_env(), **(env[0] if env else {})})))
         if len(running) == PARALLEL:
             row, tmp, proc = running.pop(0)
             results[row] = (tmp, *finish(proc))

@@ -230,3 +230,60 @@ def test_hugging_face_models_are_planned_where_they_are_built_like_llama(capsys)
     with pytest.raises(SystemExit):
         plan_cli.main(["model=hf_gpt2_debug"])
     assert "not gpt2: plan a native model of the same shapes instead" in capsys.readouterr().err
+
+
+def test_tensor_parallelism_divides_state_and_activations_as_korthikanti_counts():
+    # Per rank under TP of degree t (Korthikanti et al. 2022): what lives on the heads and the MLP's hidden units
+    # is 1/t; the norms and the residual stream stay whole without sequence parallelism, and are 1/t with it,
+    # but for the gathered inputs of the Linears that follow a norm.
+    args, t = build_model_args("llama3_8b"), 4
+    base = dict(precision="bf16-mixed", micro_batch=1, seq_len=4096)
+    one = layer_terms(args, PlanSpec(**base))
+    tp = layer_terms(args, PlanSpec.of("tp", t, tp=t, sequence_parallel=False, **base))
+    sp = layer_terms(args, PlanSpec.of("tp", t, tp=t, sequence_parallel=True, **base))
+    for term in ("q, k, v", "attention output + logsumexp", "attention output reshaped for wo",
+                 "SwiGLU: w1, silu, w3, product"):  # fmt: skip
+        assert tp[term] == sp[term] == pytest.approx(one[term] / t), term
+    norms = "RMSNorms: fp32 input, rsqrt, normalised, Linear inputs"
+    e, d = 4096, args.dim
+    linear_inputs = 5 * 2 * e * d  # autocast's bf16 casts of the norms' outputs, for wq, wk, wv, w1, w3
+    assert tp[norms] == one[norms]
+    assert sp[norms] == pytest.approx((one[norms] - linear_inputs) / t + linear_inputs)
+    # Model state: TP alone splits every matrix by t (norms whole); FSDP x TP over 8 ranks holds what FSDP does.
+    whole = plan_memory(args, PlanSpec(**base))
+    split = plan_memory(args, PlanSpec.of("tp", t, tp=t, **base))
+    assert split.params == pytest.approx(whole.params / t, rel=1e-3)
+    assert split.optimizer == pytest.approx(whole.optimizer / t, rel=1e-3)
+    fsdp = plan_memory(args, PlanSpec.of("fsdp", 8, **base))
+    fsdp_tp = plan_memory(args, PlanSpec.of("fsdp_tp", 8, tp=t, sequence_parallel=True, **base))
+    assert fsdp_tp.params == pytest.approx(fsdp.params, rel=1e-3)
+    # The vocabulary-parallel loss: the logits and their fp32 log-softmax are 1/t.
+    assert split.head_terms["log-softmax (fp32)"] == pytest.approx(whole.head_terms["log-softmax (fp32)"] / t)
+
+
+def test_suggest_proposes_tensor_parallelism_where_fsdp_alone_leaves_no_room(capsys):
+    # llama3_8b at 8192 tokens, 2 sequences per GPU on 8 x 80 GB: FSDP holds the model state (16 GB per rank) but
+    # not the activations; FSDP x TP within the node, at the same micro-batch, is the cheapest change that fits.
+    plan_cli.main(["model=llama3_8b", "strategy=fsdp", "precision=bf16-mixed", "attention=flash", "trainer.seq_len=8192",
+                   "trainer.global_batch_size=16", "launcher.nproc_per_node=8", "plan.device_memory_gb=80"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "does not fit" in out
+    first = out.split("cheapest changes that fit, predicted peak per rank:\n")[1].splitlines()[0]
+    assert "FSDP x tensor parallelism" in first and "strategy=fsdp_tp strategy.tp=4" in first, out
+    # and the plan of that suggestion fits
+    plan_cli.main(["model=llama3_8b", "strategy=fsdp_tp", "strategy.tp=4", "trainer.micro_batch_size=2",
+                   "precision=bf16-mixed", "attention=flash", "trainer.seq_len=8192", "trainer.global_batch_size=16",
+                   "launcher.nproc_per_node=8", "plan.device_memory_gb=80"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "fits:" in out and "tensor parallel over 4" in out and "sharded 1/8" in out, out
+
+
+def test_under_cpu_offload_the_roots_unsharded_gradient_is_on_the_device():
+    # FSDP2 makes the root's unsharded gradient (the tied embedding of llama_1b: 128256 x 2048, bf16) on the
+    # device before it reduce-scatters and offloads it; the blocks' sharded gradients leave at once.
+    args = build_model_args("llama_1b")
+    offload = plan_memory(args, PlanSpec.of("fsdp", 8, precision="bf16-mixed", cpu_offload=True))
+    head = 2 * (args.vocab_size * args.dim + args.dim)
+    backward = [e for name, e in offload.events.items() if name.startswith("backward of block")]
+    assert backward and all(e["grads"] == pytest.approx(head) for e in backward)
+    assert offload.grads == 0  # the model state's gradients are host memory
