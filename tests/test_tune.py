@@ -165,3 +165,27 @@ def test_bad_input_is_one_line_before_any_trial(overrides, names, tmp_path, caps
     for name in names:
         assert name in err[0]
     assert not (tmp_path / "t").exists()
+
+
+def test_tensor_parallel_degrees_are_an_axis_with_each_rows_mesh():
+    # On 4 ranks the tp strategies are tried at every degree that divides a node's ranks and the model (debug:
+    # 4 heads, 1 K/V head under MQA: none), each candidate with its mesh; no trial runs here.
+    from launcher.compose import compose_config
+
+    base = ["model=debug", "data=synthetic", "trainer.device=cpu", "trainer.global_batch_size=4",
+            "launcher.nproc_per_node=4", "plan.device=cpu", "tune.precisions=[fp32]", "tune.attentions=[sdpa]",
+            "tune.activation_checkpointing=[none]", "tune.strategies=[fsdp,tp,fsdp_tp]"]  # fmt: skip
+    cfg = compose_config(base)
+    assert tune_cli.tp_degrees(cfg, 4) == [2, 4]
+    assert tune_cli.tp_degrees(compose_config([*base, "attention=mqa"]), 4) == []
+    cands = tune_cli.plan_candidates(base, cfg, 4, "cpu", None)
+    found = {
+        c.overrides[0].split("=")[1] + "".join(o.split("=")[1] for o in c.overrides[5:]): c for c in cands
+    }
+    assert sorted(found) == ["fsdp", "fsdp_tp2", "fsdp_tp4", "tp2", "tp4"]
+    assert found["fsdp_tp2"].mesh == {"shard": 2, "tp": 2} and found["tp4"].mesh == {"tp": 4}
+    assert found["fsdp"].status == "pending" and found["tp4"].status == "pending"
+    # tp on 4 ranks at degree 2 would leave two groups: pruned with the check's reason
+    assert (
+        found["tp2"].status == "pruned" and "strategy=tp is one tensor-parallel group" in found["tp2"].reason
+    )
