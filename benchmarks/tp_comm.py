@@ -58,27 +58,16 @@ def timed_runs(opts, tmp: Path) -> dict[str, list]:
     return runs
 
 
-def count(opts) -> None:
-    # In each of 4 torchrun ranks: one warm-up step, then one counted step, per layout.
+def byte_counter(sink: dict):
+    # CommDebugMode's counts, and the bytes of each collective's full-size tensor added into sink[kind] (an
+    # all-gather's output, a reduce-scatter's input, an all-reduce's buffer).
     import torch
-    import torch.distributed as dist
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from strategies import get_strategy
-    from tests.helpers.run import compose_config
-    from trainer.checks import model_args, run_dims
-    from trainer.config import batch_layout
-    from trainer.data import build_data, micro_batches
-    from trainer.dist import close_distributed, init_distributed
-    from trainer.loop import build_parallel_model, train_step
-    from trainer.optim import build_optimizer
-    from trainer.precision import build_precision
-
     class ByteCounter(CommDebugMode):
-        # CommDebugMode's counts, and the bytes of each collective's full-size tensor.
         def __init__(self):
             super().__init__()
-            self.bytes = defaultdict(int)
+            self.bytes = sink
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -89,13 +78,31 @@ def count(opts) -> None:
             )
             kind = next((k for k in KINDS if k in name), None)
             if out is not NotImplemented and kind and "c10d" in getattr(func, "namespace", ""):
-                tensors = [
+                leaves = [
                     t
                     for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
                     if isinstance(t, torch.Tensor)
                 ]
-                self.bytes[kind] += max(t.numel() * t.element_size() for t in tensors)
-            return out
+                self.bytes[kind] += max(t.numel() * t.element_size() for t in leaves)
+            return out  # fmt: skip
+
+    return ByteCounter()
+
+
+def count(opts) -> None:
+    # In each of 4 torchrun ranks: one warm-up step, then one counted step, per layout.
+    import torch
+    import torch.distributed as dist
+
+    from strategies import get_strategy
+    from tests.helpers.run import compose_config
+    from trainer.checks import model_args, run_dims
+    from trainer.config import batch_layout
+    from trainer.data import build_data, micro_batches
+    from trainer.dist import close_distributed, init_distributed
+    from trainer.loop import build_parallel_model, train_step
+    from trainer.optim import build_optimizer
+    from trainer.precision import build_precision
 
     torch.set_num_threads(1)
     env = init_distributed("cpu", need_group=True)
@@ -114,7 +121,7 @@ def count(opts) -> None:
 
         for n in (1, 2):  # a warm-up step (the optimizer's state exists from then on), then the counted one
             batches = micro_batches(data, n, dims.dp_rank, dims.dp_size, micro, accum)
-            with ByteCounter() if n == 2 else contextlib.nullcontext() as counter:
+            with byte_counter(defaultdict(int)) if n == 2 else contextlib.nullcontext() as counter:
                 train_step(model, optimizer, batches, precision, env, strategy, accum, 1.0)
         found[name] = {"bytes": dict(counter.bytes), "counts": {str(k): v for k, v in counter.get_comm_counts().items()},
                        "micro": micro, "tp": dims.tp, "dp_shard": dims.dp_shard}  # fmt: skip

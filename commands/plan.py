@@ -43,7 +43,7 @@ def setup_of(cfg: DictConfig) -> Setup:
     nproc = resolve_nproc(str(cfg.launcher.nproc_per_node))
     dims = run_dims(cfg.strategy, nproc * cfg.launcher.nnodes, nproc)
     args = model_args(cfg)
-    plan = parallel_plan(args) if strategies.get_strategy(cfg.strategy.name).splits_tensors else None
+    plan = parallel_plan(args) if strategies.get_strategy(cfg.strategy.name).needs_plan else None
     strategies.check_config(cfg.strategy, dims, *batch_layout(cfg.trainer, dims), args, plan)
     if cfg.trainer.seq_len > args.max_seq_len:
         raise ValueError(
@@ -70,22 +70,29 @@ def describe(cfg: DictConfig, plan: MemoryPlan) -> str:
     where = s.layout.plan_layout(s)
     weights = {4: "fp32", 2: "bf16"}[p.weights]
     block, blocks = max(plan.layer_bytes), len(plan.layer_bytes)
-    checkpointed = sum(b < block for b in plan.layer_bytes)
+    checkpointed = sum(b < block for b in plan.layer_bytes) if plan.stage is None else 0
+    unit, largest = (
+        ("blocks", "one block") if plan.stage is None else ("stage(s)", "the largest stage, in flight")
+    )
     model = cfg.choices.get("model", cfg.model.name)
+    params = "parameters"
+    if plan.stage is not None:  # a pipeline: the worst rank's plan, every rank's peak
+        params = f"parameters on pipeline rank {plan.stage}"
     lines = [
-        f"shardlab plan: model={model} ({plan.n_params / 1e9:.3g} B parameters), precision={s.precision}, "
+        f"shardlab plan: model={model} ({plan.n_params / 1e9:.3g} B {params}), precision={s.precision}, "
         f"optim={s.optim}, strategy={s.strategy} ({where}), attention={cfg.choices.get('attention', '?')} "
         f"({cfg.attention.impl})",
         f"  per rank: micro-batch {s.micro_batch} x {s.seq_len} tokens, {s.grad_accum} micro-batch(es) per "
         f"step, activation checkpointing {s.activation_checkpointing}, planned for {s.device}",
+        *_pipeline_lines(plan),
         "",
         f"{'per rank':72s}{'GB':>10s}",
         _row(f"  {'parameters':18s}{weights} weights{shard}", plan.params),
         _row(f"  {'gradients':18s}{weights}{shard}", plan.grads),
         _row(f"  {'optimizer state':18s}{OPTIMIZERS[s.optim].split(':')[0]}{shard}", plan.optimizer),
-        _row(f"  {'activations':18s}{blocks} blocks + head, saved for backward", plan.activations),
+        _row(f"  {'activations':18s}{blocks} {unit} + head, saved for backward", plan.activations),
         _row(
-            f"    one block{f' ({checkpointed} checkpointed keep their input only)' if checkpointed else ''}",
+            f"    {largest}{f' ({checkpointed} checkpointed keep their input only)' if checkpointed else ''}",
             block,
         ),
         *(_row(f"      {k}", v) for k, v in plan.layer_terms.items()),
@@ -105,6 +112,18 @@ def describe(cfg: DictConfig, plan: MemoryPlan) -> str:
     held = ", ".join(f"{k} {v / GB:.3g}" for k, v in at.items() if v)
     lines += [_row(f"  {'total (peak)':18s}at {plan.peak_event}", plan.peak), f"    = {held} (GB)"]
     return "\n".join(lines)
+
+
+def _pipeline_lines(plan: MemoryPlan) -> list[str]:
+    if plan.stage is None:
+        return []
+    s = plan.spec
+    peaks = ", ".join(f"{r}: {p / GB:.3g}" for r, p in enumerate(plan.stage_peaks))
+    return [
+        f"  pipeline: {s.pp_schedule}, {s.dims.pp} stage ranks x {s.pp_stages_per_rank} stage(s); peak GB by "
+        f"pipeline rank {peaks}; below, the worst (rank {plan.stage}), its activations for the micro-batches "
+        "its schedule keeps in flight"
+    ]
 
 
 def verdict(setup: Setup, plan: MemoryPlan, limit: float | None) -> str:

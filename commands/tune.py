@@ -39,6 +39,7 @@ from launcher.elastic import WorkerFailed, launch, resolve_nproc
 from launcher.errors import describe_error, fail, short_reason
 from models import parallel_plan
 from strategies import STRATEGIES
+from strategies.pp import SCHEDULES
 from strategies.tp import indivisible
 from trainer import gpus
 from trainer.checks import model_args, run_dims, validate
@@ -67,7 +68,9 @@ class Candidate:
     micro_batches: list[int] = field(default_factory=list)  # those the planner lets fit, ascending
     predicted_gb: dict[int, float] = field(default_factory=dict)  # micro-batch -> predicted peak per rank
     trials: list[dict] = field(default_factory=list)  # {"micro", "steps", "summary": a RunSummary, ...}
-    mesh: dict[str, int] = field(default_factory=dict)  # the layout's named dimensions (none: data parallel only)
+    mesh: dict[str, int] = field(
+        default_factory=dict
+    )  # the layout's named dimensions (none: data parallel only)
 
     @property
     def best(self) -> dict | None:
@@ -96,11 +99,41 @@ def tp_degrees(cfg, nproc: int) -> list[int]:
     # tune.tp, or the divisors above 1 of a node's ranks that split the model (strategies/tp.py's checks).
     if cfg.tune.tp is not None:
         if not cfg.tune.tp or any(d < 1 for d in cfg.tune.tp):
-            raise ValueError(f"tune.tp must list tensor-parallel degrees of at least 1, got {list(cfg.tune.tp)}")
+            raise ValueError(
+                f"tune.tp must list tensor-parallel degrees of at least 1, got {list(cfg.tune.tp)}"
+            )
         return list(cfg.tune.tp)
     args = model_args(cfg)
     plan = parallel_plan(args)
     return [d for d in range(2, nproc + 1) if nproc % d == 0 and indivisible(args, plan, d) is None]
+
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")  # tune's default: one of each kind
+
+
+def pp_layouts(cfg, world: int) -> list[tuple[str, ...]]:
+    # The pipeline's part of a candidate's overrides: tune.pp degrees x tune.pp_schedules (those taking more than
+    # one stage per rank with 2), or by default the degrees that divide the world and leave each stage a block.
+    if cfg.tune.pp is not None and (not cfg.tune.pp or any(d < 2 for d in cfg.tune.pp)):
+        raise ValueError(f"tune.pp must list pipeline degrees of at least 2, got {list(cfg.tune.pp)}")
+    schedules = list(cfg.tune.pp_schedules) if cfg.tune.pp_schedules is not None else list(PP_SCHEDULES)
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown or not schedules:
+        raise ValueError(
+            f"tune.pp_schedules holds {unknown[0] if unknown else 'nothing'}: choose from {', '.join(SCHEDULES)}"
+        )
+    layers = model_args(cfg).n_layers
+    degrees = list(cfg.tune.pp) if cfg.tune.pp is not None else [
+        d for d in range(2, world + 1) if world % d == 0 and d <= layers]  # fmt: skip
+    return [
+        (
+            f"strategy.pp={d}",
+            f"strategy.pp_schedule={s}",
+            f"strategy.pp_stages_per_rank={SCHEDULES[s][1] or 2}",
+        )
+        for d in degrees
+        for s in schedules
+    ]
 
 
 def axes_of(cfg, device: str, world: int, tp: list[int]) -> dict:
@@ -152,6 +185,7 @@ def plan_candidates(base: list[str], cfg, nproc: int, device: str, limit: float 
     world = nproc * cfg.launcher.nnodes
     degrees = tp_degrees(cfg, nproc)
     axes = axes_of(cfg, device, world, degrees)
+    pipelines = pp_layouts(cfg, world) if any(pipelined(p) for p in axes["strategies"]) else []
     dev = device_type(cfg.trainer.device)
     capability = gpus.capability()
     out = []
@@ -160,18 +194,27 @@ def plan_candidates(base: list[str], cfg, nproc: int, device: str, limit: float 
             f"{key}={str(v).lower() if isinstance(v, bool) else v}"
             for (key, _), v in zip(AXES.values(), values, strict=True)
         )
-        for tp in degrees if splits_tensors(values[0]) else [None]:
-            cand = Candidate(over + ((f"strategy.tp={tp}",) if tp else ()))
+        layouts = [(f"strategy.tp={tp}",) for tp in degrees] if splits_tensors(values[0]) else [()]
+        for layout in pipelines if pipelined(values[0]) else layouts:
+            cand = Candidate(over + layout)
             out.append(cand)
             plan_candidate(cand, base, cfg, world, nproc, dev, capability, limit)
     prune_dominated(out)
     return out
 
 
+def strategy_of(preset: str):
+    return STRATEGIES[OmegaConf.load(REPO / "conf" / "strategy" / f"{preset}.yaml").get("name", preset)]
+
+
 def splits_tensors(preset: str) -> bool:
     # Whether a conf/strategy option's strategy is a tensor-parallel one (it then takes strategy.tp).
-    name = OmegaConf.load(REPO / "conf" / "strategy" / f"{preset}.yaml").get("name", preset)
-    return STRATEGIES[name].splits_tensors
+    return strategy_of(preset).splits_tensors
+
+
+def pipelined(preset: str) -> bool:
+    # Whether a conf/strategy option's strategy is a pipeline (it then takes tune's pipeline layouts).
+    return strategy_of(preset).pipelined
 
 
 def plan_candidate(cand: Candidate, base, cfg, world: int, nproc: int, dev: str, capability, limit) -> None:
@@ -187,15 +230,26 @@ def plan_candidate(cand: Candidate, base, cfg, world: int, nproc: int, dev: str,
     dims = run_dims(c.strategy, world, nproc)
     cand.mesh = dims.describe()
     micros = micro_options(cfg, dims.dp_size)
+    refused = None
     for m in micros:
+        at = compose_config([*base, *over, f"trainer.micro_batch_size={m}"])
+        if dims.pp > 1:  # a pipeline schedule's rules on its micro-batch count
+            try:
+                validate(at, world, dev, capability, per_node=nproc)
+            except ValueError as e:
+                refused = refused or describe_error(e)
+                continue
         try:
-            peak = setup_of(compose_config([*base, *over, f"trainer.micro_batch_size={m}"])).plan().peak
+            peak = setup_of(at).plan().peak
         except ValueError:  # a model the planner does not cover (model=hf): the trials decide
             peak = None
         if peak is not None:
             cand.predicted_gb[m] = peak / GB
         if peak is None or limit is None or peak <= limit:
             cand.micro_batches.append(m)
+    if not cand.micro_batches and not cand.predicted_gb:
+        cand.status, cand.reason = "pruned", refused or "no micro-batch to plan"
+        return
     if not cand.micro_batches:
         least = min(cand.predicted_gb.values())
         cand.status = "pruned"

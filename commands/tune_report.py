@@ -16,6 +16,9 @@ COLUMNS = {
     "strategy.activation_checkpointing": "activation_checkpointing",
     "strategy.compile": "compile",
     "strategy.tp": "tp",
+    "strategy.pp": "pp",
+    "strategy.pp_schedule": "schedule",
+    "strategy.pp_stages_per_rank": "stages_per_rank",
 }
 AXIS_NAMES = tuple(COLUMNS.values())
 
@@ -42,6 +45,7 @@ def rows_of(cands, alive) -> list[dict]:
             "tokens_per_s_p10": s.tokens_per_s_p10,
             "tokens_per_s_p90": s.tokens_per_s_p90,
             "mfu": s.mfu,
+            "bubble": (s.pipeline or {}).get("bubble_fraction"),
             "peak_mem_gb": memory,
             "predicted_gb": c.predicted_gb.get(micro) if micro is not None else None,
             "trials": len(c.trials),
@@ -53,6 +57,8 @@ def rows_of(cands, alive) -> list[dict]:
     rows.sort(key=lambda r: r["order"])
     for i, r in enumerate(rows, 1):
         r["rank"] = i
+        r["bubble_arithmetic"] = (r["bubble"] or {}).get("arithmetic")
+        r["bubble_measured"] = (r["bubble"] or {}).get("measured")
     return rows
 
 
@@ -85,10 +91,18 @@ def _name(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in r["settings"].items() if v != "-")
 
 
+def _bubble(b: dict | None) -> str:
+    # A pipeline's bubble fraction: by its schedule's arithmetic, and as measured in the trial (CPU runs).
+    if not b:
+        return "-"
+    measured = f" ({b['measured']:.2f})" if "measured" in b else ""
+    return f"{b['arithmetic']:.2f}{measured}"
+
+
 def write_report(root: Path, cands, alive, command: str, preset, seconds: float, trials, cfg) -> str:
     rows = rows_of(cands, alive)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "pruned", "pending")}
-    head = ["#", *AXIS_NAMES, "mesh", "micro-batch", "status", "tokens/s median (p10-p90)", "MFU", "predicted peak GB/rank",
+    head = ["#", *AXIS_NAMES, "mesh", "micro-batch", "status", "tokens/s median (p10-p90)", "MFU", "bubble (measured)", "predicted peak GB/rank",
             "measured peak GB", "trials", "reason"]  # fmt: skip
     lines = [
         f"# Tune report: {root}",
@@ -116,7 +130,7 @@ def write_report(root: Path, cands, alive, command: str, preset, seconds: float,
         if r["tokens_per_s_p10"] is not None:
             tps += f" ({r['tokens_per_s_p10']:,.0f}-{r['tokens_per_s_p90']:,.0f})"
         cells = [str(r["rank"]), *(str(r["settings"][k]) for k in AXIS_NAMES), r["mesh"], str(r["settings"]["micro_batch"] or "-"),
-                 r["status"], tps, _num(r["mfu"], ".1%"), _num(r["predicted_gb"], ".3f"), _num(r["peak_mem_gb"], ".3f"),
+                 r["status"], tps, _num(r["mfu"], ".1%"), _bubble(r["bubble"]), _num(r["predicted_gb"], ".3f"), _num(r["peak_mem_gb"], ".3f"),
                  str(r["trials"]), r["reason"].replace("|", "\\|")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -136,7 +150,7 @@ def write_report(root: Path, cands, alive, command: str, preset, seconds: float,
     (root / "report.md").write_text(text)
     with open(root / "report.csv", "w", newline="") as f:
         w = csv.writer(f)
-        keys = ["tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "mfu", "predicted_gb", "peak_mem_gb", "trials", "steps", "reason", "run_dir"]  # fmt: skip
+        keys = ["tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "mfu", "bubble_arithmetic", "bubble_measured", "predicted_gb", "peak_mem_gb", "trials", "steps", "reason", "run_dir"]  # fmt: skip
         w.writerow(["rank", *AXIS_NAMES, "mesh", "micro_batch", "status", *keys])
         for r in rows:
             w.writerow([r["rank"], *(r["settings"][k] for k in AXIS_NAMES), r["mesh"], r["settings"]["micro_batch"], r["status"],

@@ -185,6 +185,8 @@ PLAN = ParallelPlan(
     # whole heads of each: splitting it needs a layout of its own, which GPT-2 does not get here.
     unsplit="GPT-2 fuses q, k and v in one Linear (wqkv, as GPT-2's c_attn), which a column split would cut "
     "across q, k and v instead of into whole heads: use a Llama-family model for tensor parallelism",
+    unpiped="GPT-2's output head is its token embedding (tied), one weight the first and the last stage would "
+    "both hold: use a Llama-family model for pipeline parallelism",
 )
 
 

@@ -367,6 +367,12 @@ class HFCausalLM(nn.Module):
             "(config.base_model_tp_plan) of column- and row-parallel projections only"
             + (f" (it also uses {', '.join(other)})" if other else "")
             + ": use a Llama-like model (llama, mistral, qwen2) for tensor parallelism",
+            # transformers' base_model_pp_plan names each stage's inputs and outputs, but its forward slices
+            # one ModuleList of every decoder layer, so a stage would have to renumber its blocks (layers.5 as
+            # layers.0) and its checkpoint would not load under any other layout.
+            unpiped=f"transformers' {self.args.config.model_type} forward runs its one list of decoder layers "
+            "from the start, so a pipeline stage would renumber its blocks and its checkpoint would load under no "
+            "other layout: use a native model (model=llama_*) for pipeline parallelism",
         )
 
     def enable_activation_checkpointing(self, every: int) -> None:

@@ -324,6 +324,8 @@ PLAN = ParallelPlan(
     final_norm="norm",
     head="output",
     sp_inputs=(("attention", 3), ("feed_forward", 1)),  # attention(x, cos, sin), feed_forward(x)
+    first_stage=("tok_embeddings",),
+    last_stage=("norm", "output"),
 )
 
 
@@ -353,14 +355,22 @@ class Transformer(SeededInit, nn.Module):
         return self
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        B, T = tokens.shape
+        return self.forward_stage(tokens, self.layers, embed=True, head=True)
+
+    def forward_stage(self, x: torch.Tensor, layers, embed: bool, head: bool, seq_len: int | None = None):
+        # The model, or one pipeline stage of it: x is the tokens (B, T) where the stage embeds them, else the
+        # residual stream (B, T, D) from the stage before; layers are the stage's blocks, in order. seq_len: T
+        # where x holds a slice of the sequence (sequence parallelism's shard of the residual stream).
+        T = seq_len or x.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
-        h = self.tok_embeddings(tokens)  # (B, T, D)
+        h = self.tok_embeddings(x) if embed else x  # (B, T, D)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd/2)
-        for layer in self.layers:
+        for layer in layers:
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))  # (B, T, vocab), in the compute dtype; the caller takes the loss
+        return (
+            self.output(self.norm(h)) if head else h
+        )  # (B, T, vocab) in the compute dtype: the loss is the caller's
 
     def fill_param_(self, name: str, tensor: torch.Tensor, seed: int) -> None:
         # Fills a full-size tensor for parameter `name` from (seed, name) alone, so every rank and

@@ -22,6 +22,19 @@ class ParallelPlan:
     # first is the residual stream): sequence parallelism gathers it on the way in
     sp_inputs: tuple[tuple[str, int], ...] = ()
     unsplit: str | None = None  # why tensor parallelism cannot split this model, in one line (None: it can)
+    # Pipeline stages: the modules the first stage holds before the blocks and the last stage after them (dotted
+    # paths), and the model's forward_stage(x, blocks, embed, head, seq_len) runs one stage
+    first_stage: tuple[str, ...] = ()
+    last_stage: tuple[str, ...] = ()
+    unpiped: str | None = None  # why pipeline parallelism cannot split this model into stages (None: it can)
 
-    def block_list(self, model: nn.Module) -> nn.ModuleList:
+    def block_list(self, model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
+        # A ModuleDict keyed by the blocks' indices on a pipeline rank, which holds only its stages' blocks.
         return operator.attrgetter(self.blocks)(model)
+
+    def indexed_blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
+        # (index in the whole model, block) for the blocks this rank holds.
+        layers = self.block_list(model)
+        if isinstance(layers, nn.ModuleDict):
+            return [(int(k), b) for k, b in layers.items()]
+        return list(enumerate(layers))

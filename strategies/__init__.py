@@ -7,11 +7,12 @@ from strategies.ddp import DDP
 from strategies.fsdp import FSDP
 from strategies.hsdp import HSDP
 from strategies.parallel_dims import ParallelDims
+from strategies.pp import PP
 from strategies.single import Single
 from strategies.tp import FSDPTP, HSDPTP, TP
 
 STRATEGIES: dict[str, Strategy] = {
-    s.name: s for s in (Single(), DDP(), FSDP(), HSDP(), TP(), FSDPTP(), HSDPTP())
+    s.name: s for s in (Single(), DDP(), FSDP(), HSDP(), TP(), FSDPTP(), HSDPTP(), PP())
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,8 @@ class Strategy:
     splits_tensors: bool = (
         False  # tensor parallel: checked against the model's parallel plan (models/plan.py)
     )
+    needs_plan: bool = False  # checked against the model's parallel plan before launch (TP, PP)
+    pipelined: bool = False  # the model runs in stages over the ranks (PP): the planner plans each stage
 
     # ---------------------------------------------------------------- the layout, before any worker starts
     def dims(self, cfg: Any, world_size: int, per_node: int | None = None, rank: int = 0) -> ParallelDims:
@@ -114,6 +117,50 @@ class Strategy:
         # Gradient accumulation: reduce across ranks only on the last micro-batch of a step.
         return contextlib.nullcontext()
 
+    def forward_backward(self, model: nn.Module, batches, accum: int, precision, device) -> torch.Tensor:
+        # One step's forward and backward over its `accum` micro-batches (an iterable of (x, y)): -> this rank's
+        # share of the step's mean loss, whose mean over all ranks is the step's loss (every rank's own mean here).
+        import torch
+        import torch.nn.functional as F
+
+        loss_sum = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # Gradients are reduced across ranks only on the last micro-batch of the step.
+            with self.grad_sync(model, enabled=i == accum - 1), self.loss_parallel(model):
+                with precision.context():
+                    logits = model(x)  # (micro, T, vocab); under TP a DTensor sharded over the vocabulary
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                precision.backward(loss / accum)  # fp16-mixed: scaled
+            loss_sum += as_tensor(loss.detach())
+        return loss_sum / accum
+
+    def eval_sums(self, model: nn.Module, chunks: list, precision, device) -> torch.Tensor:
+        # One held-out batch's micro-batches of (B, T + 1) rows: -> (the sum of its target tokens' losses, their
+        # count) as counted on this rank, float64; summed over the ranks, their ratio is the loss.
+        import torch
+        import torch.nn.functional as F
+
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        for chunk in chunks:
+            x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)
+            with precision.context(), self.loss_parallel(model):
+                logits = model(x)  # (micro, T, vocab)
+                loss = as_tensor(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+            totals += torch.stack(
+                [loss.double(), torch.tensor(y.numel(), dtype=torch.float64, device=device)]
+            )
+        return totals
+
+    def norm_group(self, model: nn.Module):
+        # The process group over which the gradient norm also sums (the ranks holding the model's other parts).
+        return None
+
+    def pipeline_facts(self, model: nn.Module, microbatches: int, warmup: int | None = None) -> dict | None:
+        # The pipeline's schedule, stages and bubble, for summary.json (None: no pipeline); with warmup, the bubble
+        # measured over the steps after the first `warmup` (a collective).
+        return None
+
     def describe(self, model: nn.Module, cfg: Any, dims: ParallelDims) -> dict:
         # What was actually applied, for summary.json.
         out = {k: v for k, v in cfg.items()}
@@ -127,3 +174,15 @@ def option(cfg: Any, key: str, default=None):
     # A strategy option from its DictConfig or a plain mapping (the planner's candidates), the schema's default
     # where it is not given.
     return cfg.get(key, default) if cfg is not None else default
+
+
+def as_tensor(t: torch.Tensor) -> torch.Tensor:
+    # A DTensor's full value (tensor parallelism's loss is one, replicated), a plain tensor as it is.
+    return t.full_tensor() if instance_of(t, "torch.distributed.tensor", "DTensor") else t
+
+
+def instance_of(obj, module: str, name: str) -> bool:
+    # isinstance against a class of a module that is imported only where it is used (FSDP2, DTensor):
+    # until that module is loaded, nothing can be an instance of its class, and nothing need load it.
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(obj, getattr(loaded, name))

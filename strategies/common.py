@@ -1,11 +1,9 @@
 # Pieces every strategy applies before wrapping (activation checkpointing, per-block torch.compile) and what the
 # loop asks of any wrapped model (the gradient norm). Imported by the methods that wrap a model: it loads torch.
-import sys
-
 import torch
 from torch import nn
 
-from strategies.base import checkpointed
+from strategies.base import as_tensor, checkpointed
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
@@ -29,26 +27,38 @@ def apply_ac(model: nn.Module, mode: str, every: int) -> None:
         checkpoint_wrapper,  # runs that use it
     )
 
-    layers = blocks(model)
-    for i, wrap in enumerate(checkpointed(mode, every, len(layers))):
-        if wrap:
-            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
+    layers, held = blocks(model), _held(model)
+    # by each block's index in the whole model (a pipeline rank holds some of them, keyed by their indices)
+    wrap = checkpointed(mode, every, 1 + max(i for i, _ in held)) if held else []
+    for i, block in held:
+        if wrap[i]:
+            layers[_key(layers, i)] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:
     # Per block rather than whole-model: the blocks are identical, so one graph is compiled and reused.
     layers = blocks(model)
-    for i, block in enumerate(layers):
-        layers[i] = torch.compile(block, fullgraph=True)
+    for i, block in _held(model):
+        layers[_key(layers, i)] = torch.compile(block, fullgraph=True)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+def _held(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    blocks(model)  # the plan's check
+    return model.parallel_plan.indexed_blocks(model)
+
+
+def _key(layers, i: int):
+    return str(i) if isinstance(layers, nn.ModuleDict) else i
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, group=None) -> torch.Tensor:
     # max_norm 0 reports the norm without clipping. Under FSDP the grads are DTensor shards and the norm
-    # is a DTensor reduced over the mesh.
+    # is a DTensor reduced over the mesh. group: the ranks holding the other parts of the model (a pipeline's
+    # stages), whose gradients enter the one norm.
     params = [p for p in model.parameters() if p.grad is not None]
     groups = _by_mesh(params)
-    if len(groups) > 1:
-        return _clip_groups(groups, max_norm)
+    if len(groups) > 1 or group is not None:
+        return _clip_groups(groups, max_norm, group)
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
@@ -64,27 +74,22 @@ def _by_mesh(params: list) -> list[list]:
     return list(groups.values())
 
 
-def _clip_groups(groups: list[list], max_norm: float) -> torch.Tensor:
+def _clip_groups(groups: list[list], max_norm: float, group=None) -> torch.Tensor:
     # Gradients on more than one mesh (TP without sequence parallelism: the norms' weights are plain tensors, or,
     # under FSDP x TP, DTensors on the data-parallel mesh beside the 2-D ones), which torch's foreach norm cannot
     # stack together: each group's norm, reduced over its mesh, then the total and one clip coefficient for all,
     # as clip_grad_norm_ computes them.
-    norms = [as_tensor(torch.nn.utils.get_total_norm([p.grad for p in group])) for group in groups]
-    norm = torch.linalg.vector_norm(torch.stack(norms))
+    # A pipeline's stages: the squares summed over the group's ranks.
+    norms = [as_tensor(torch.nn.utils.get_total_norm([p.grad for p in params])) for params in groups]
+    norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if group is not None:
+        import torch.distributed as dist
+
+        square = norm.double().square()
+        dist.all_reduce(square, group=group)
+        norm = square.sqrt().float()
     if max_norm > 0:
         coef = min(1.0, max_norm / (float(norm) + 1e-6))
-        for group in groups:
-            torch._foreach_mul_([p.grad for p in group], coef)
+        for params in groups:
+            torch._foreach_mul_([p.grad for p in params], coef)
     return norm
-
-
-def as_tensor(t: torch.Tensor) -> torch.Tensor:
-    # A DTensor's full value (tensor parallelism's loss is one, replicated), a plain tensor as it is.
-    return t.full_tensor() if instance_of(t, "torch.distributed.tensor", "DTensor") else t
-
-
-def instance_of(obj, module: str, name: str) -> bool:
-    # isinstance against a class of a module that is imported only where it is used (FSDP2, DTensor):
-    # until that module is loaded, nothing can be an instance of its class, and nothing need load it.
-    loaded = sys.modules.get(module)
-    return loaded is not None and isinstance(obj, getattr(loaded, name))

@@ -29,6 +29,9 @@ class ParallelDims:
     ranks_per_node: int | None = (
         None  # where the ranks sit (None: all on one node): TP should stay within one
     )
+    # A pipeline's micro-batches per step where its config asks for a count (strategy.pp_microbatches), 0 where
+    # not: with trainer.micro_batch_size unset it sets the micro-batch (trainer/config.py's batch_layout)
+    pp_microbatches: int = 0
     _meshes: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):

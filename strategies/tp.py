@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from dataclasses import dataclass
 
 from strategies.base import Strategy, StrategyConfig, option, ranged
@@ -125,6 +126,7 @@ def check_splittable(cfg, dims: ParallelDims, args, plan) -> None:
 class _TPMixin:
     # What every layout with a tensor-parallel dimension shares; combined with a data-parallel strategy below.
     splits_tensors = True
+    needs_plan = True
     on_meta = True  # built on meta, then each rank's shards materialised (strategies/fsdp.py's materialize)
 
     def check_tp(self, cfg, dims: ParallelDims, args, plan) -> None:
@@ -252,8 +254,10 @@ def apply_tp(model, mesh, sequence_parallel: bool) -> None:
     }
     if sequence_parallel:
         root[plan.final_norm] = SequenceParallel()
+    # a pipeline rank holds the embedding only on the first stage, the norm and the head only on the last
+    root = {path: style for path, style in root.items() if operator.attrgetter(path)(model) is not None}
     parallelize_module(model, mesh, root)
-    for block in plan.block_list(model):
+    for _, block in plan.indexed_blocks(model):
         styles = {name: ColwiseParallel() for name in plan.colwise}
         styles |= {name: RowwiseParallel(output_layouts=seq) for name in plan.rowwise}
         if sequence_parallel:

@@ -49,6 +49,9 @@ CLI_ROWS = {
     "kv_heads": (["attention.n_kv_heads=3"], None, ["model.n_heads (4)", "K/V head count (3"]),
     # An option of another strategy: Hydra's composition error, condensed.
     "tp_on_ddp": (["strategy=ddp", "strategy.tp=2"], None, ["strategy.tp is not a key of strategy", "bucket_cap_mb"]),
+    # A pipeline schedule torch does not have, through the CLI on 2 ranks.
+    "pp_schedule": (["strategy=pp", "strategy.pp_schedule=pipedream", "launcher.nproc_per_node=2"], None,
+                    ["unknown strategy.pp_schedule 'pipedream'", "gpipe, 1f1b, interleaved_1f1b"]),
     # A pod whose operator's variables contradict the config (trainer/environments.py), before any worker starts.
     "pod_nproc": (
         ["launcher.nproc_per_node=4"],
@@ -148,6 +151,24 @@ CHECK_ROWS = {
         4,
         ["strategy.compile=true and strategy.activation_checkpointing=full fails"],
     ),
+    # Pipeline parallelism (the debug model has 5 blocks): stages the model cannot fill, a split that is not the
+    # model's, micro-batches the schedule cannot use, a model it cannot split, what its schedules cannot run.
+    "pp_stages": (["strategy=pp", "strategy.pp=2", "strategy.pp_schedule=interleaved_1f1b", "strategy.pp_stages_per_rank=3",
+                   "trainer.global_batch_size=4"], 2, ["makes 6 stages, more than the model's 5 blocks"]),
+    "pp_split": (["strategy=pp", "strategy.pp_split=[3,3]"], 2, ["strategy.pp_split=[3, 3]", "summing to 5"]),
+    "pp_micro": (["strategy=pp", "trainer.global_batch_size=2", "trainer.micro_batch_size=2"], 2,
+                 ["strategy.pp_schedule=1f1b needs at least 2 micro-batches (one per stage rank), got 1"]),
+    "pp_rounds": (["strategy=pp", "strategy.pp_schedule=interleaved_1f1b", "strategy.pp_stages_per_rank=2",
+                   "trainer.global_batch_size=5"], 2, ["divides into rounds of 2 (a multiple of 2)", "got 5"]),
+    "pp_microbatches": (["strategy=pp", "trainer.micro_batch_size=2", "strategy.pp_microbatches=4"], 2,
+                        ["strategy.pp_microbatches=4 but the batch layout makes", "set trainer.micro_batch_size="]),
+    "pp_per_rank": (["strategy=pp", "strategy.pp_schedule=zbv"], 2,
+                    ["strategy.pp_schedule=zbv runs 2 stage(s) per rank, not 1", "strategy.pp_stages_per_rank=2"]),
+    "pp_world": (["strategy=pp", "strategy.pp=3"], 2, ["strategy.pp=3 does not divide the world size 2"]),
+    "pp_gpt2": (["strategy=pp", "model=gpt2_debug"], 2, ["cannot split this model into stages", "(tied)"]),
+    "pp_hf": (["strategy=pp", "model=hf_llama_debug"], 2, ["cannot split this model into stages", "renumber its blocks"]),
+    "pp_tied": (["strategy=pp", "model.tie_embeddings=true"], 2, ["model.tie_embeddings=true with pipeline parallelism"]),
+    "pp_fp16": (["strategy=pp", "precision=fp16-mixed"], 2, ["precision=fp16-mixed with strategy=pp", "bf16-mixed"]),
 }  # fmt: skip
 PARALLEL = 8  # CLI processes at once: each fails before training
 

@@ -15,7 +15,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 # Globals a DCP .metadata pickle names besides the classes of torch.distributed.checkpoint.metadata.
 _METADATA_GLOBALS = {
@@ -83,9 +83,14 @@ def _rng_states() -> dict:
     return states
 
 
+# The optimizer's hyper-parameters keyed by each parameter's name (param_groups.<name>.lr), not by group index: a
+# pipeline rank's groups hold other parameters than rank 0's, and DCP keeps one copy of each key.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def write(tmp: Path, step: int, model, optimizer, scheduler, meta: dict) -> None:
     # Every rank writes its shards of the model, optimizer and train state into tmp.
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT)
     # The data position is the step: batches are a function of (seed, step, rank).
     train_state = {"step": step, "last_epoch": scheduler.last_epoch, **_rng_states(), **meta}
     state = {"model": model_sd, "optim": optim_sd, "train": train_state}
@@ -161,6 +166,11 @@ def read_model_state(path: Path, state: dict) -> dict:
 def check_compatible(path: Path, model_sd: dict) -> None:
     saved = {k.removeprefix("model."): v for k, v in read_shapes(path).items() if k.startswith("model.")}
     here = {k: tuple(v.shape) for k, v in model_sd.items()}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # A pipeline rank holds its stages' modules only: the model is what all the ranks hold together.
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, here)
+        here = {k: v for part in parts for k, v in part.items()}
     problems = [f"{k} is missing from the checkpoint" for k in here if k not in saved]
     problems += [
         f"{k} is {list(saved[k])} there, {list(here[k])} here"
@@ -179,7 +189,7 @@ def check_compatible(path: Path, model_sd: dict) -> None:
 def load(path: Path, model, optimizer, scheduler, extra: dict | None = None) -> dict:
     # -> the checkpoint's train state (step, meta, and the `extra` tensors it has, e.g. the fp16 loss scale).
     # Model and optimizer are loaded in place.
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT)
     check_compatible(path, model_sd)
     saved = read_metadata(path).state_dict_metadata
     # Only what this checkpoint holds: a CPU run's has no cuda_rng, an fp32 run's no loss scale.
@@ -187,7 +197,9 @@ def load(path: Path, model, optimizer, scheduler, extra: dict | None = None) -> 
     train_template = {"step": 0, "last_epoch": 0, **optional}  # the model record is export's, not a resume's
     state = {"model": model_sd, "optim": optim_sd, "train": train_template}
     _read(state, path, no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=FLAT
+    )
     # The schedule is a function of the step: recompute the lr from this run's schedule (which may have a
     # new max_steps) rather than trusting the saved one.
     scheduler.last_epoch = state["train"]["last_epoch"]

@@ -57,13 +57,18 @@ def validate(cfg: DictConfig, world_size: int, available: str, capability=None, 
     one_of("trainer.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
     dims = run_dims(cfg.strategy, world_size, per_node)
     micro, accum = batch_layout(t, dims)
-    plan = parallel_plan(args) if strategies.get_strategy(cfg.strategy.name).splits_tensors else None
+    plan = parallel_plan(args) if strategies.get_strategy(cfg.strategy.name).needs_plan else None
     strategies.check_config(cfg.strategy, dims, micro, accum, args, plan)
     optim.check_config(cfg.optim)
     one_of("logger.name", cfg.logger.name, BACKENDS)
     precision = build_precision(cfg.precision.name, torch.device(device_type))
     check_capability(precision, capability)
-    if plan is not None and precision.linear == "int8":
+    if strategies.get_strategy(cfg.strategy.name).pipelined and precision.loss_scaling:
+        raise ValueError(
+            f"precision={precision.name} with strategy={cfg.strategy.name}: the pipeline's schedule runs the "
+            "backward itself, past the loss scaler: use precision=bf16-mixed (no loss scaling) with pipelines"
+        )
+    if dims.tp > 1 and precision.linear == "int8":
         raise ValueError(
             f"precision=int8 with strategy={cfg.strategy.name}: torch 2.13's DTensor has no sharding rule for "
             "torchao's int8 matmul (aten._int_mm): use precision=bf16-mixed with tensor parallelism"

@@ -190,6 +190,11 @@ class TuneConfig:
     # tensor-parallel degrees for the strategies that split tensors (tp, fsdp_tp, ...); default: the divisors
     # (above 1) of the ranks of a node that the model's heads, K/V heads, dim, MLP and vocabulary allow
     tp: list[int] | None = None
+    # pipeline degrees and schedules for strategy=pp (in tune.strategies; by default on more than one node):
+    # default the divisors (above 1) of the world size that leave each stage a block, and gpipe, 1f1b,
+    # interleaved_1f1b and zbv (the last two with 2 stages per rank)
+    pp: list[int] | None = None
+    pp_schedules: list[str] | None = None
     micro_batch_sizes: list[int] | None = None  # default: the powers of two that divide the per-rank batch
     headroom: float = ranged(
         0.1, "[0, 1)"
@@ -296,7 +301,19 @@ def batch_layout(trainer_cfg, dims) -> tuple[int, int]:
             f"trainer.global_batch_size ({gbs}) must be a positive multiple of the {size} ({dp})"
         )
     per_rank = gbs // dp
-    micro = per_rank if trainer_cfg.micro_batch_size is None else trainer_cfg.micro_batch_size
+    micro = trainer_cfg.micro_batch_size
+    if micro is None and dims.pp > 1:
+        # A pipeline runs in micro-batches: strategy.pp_microbatches of them, or one sequence each (the most
+        # micro-batches, the smallest bubble; 1F1B keeps at most pp of them in flight)
+        n = dims.pp_microbatches or per_rank
+        if per_rank % n:
+            raise ValueError(
+                f"strategy.pp_microbatches={n} must divide the per-rank batch (global_batch_size {gbs} / {size} "
+                f"{dp} = {per_rank})"
+            )
+        micro = per_rank // n
+    elif micro is None:
+        micro = per_rank
     if micro < 1 or per_rank % micro:
         raise ValueError(
             f"trainer.micro_batch_size ({micro}) must divide the per-rank batch "

@@ -95,6 +95,11 @@ def format_summary(s: RunSummary) -> str:
     if s.step_time_s_median is not None:
         per_rank = _range(s, "step_time_s_median", ".4f", " s")
         lines.append(("step time (median)", per_rank or f"{s.step_time_s_median:.4f} s"))
+    if s.pipeline:
+        p, bubble = s.pipeline, s.pipeline["bubble_fraction"]
+        measured = f" ({bubble['measured']:.3f} measured)" if "measured" in bubble else ""
+        lines.append(("pipeline", f"{p['schedule']}, {len(p['stages'])} stage ranks x {len(p['stages'][0])} stage(s), "
+                      f"{p['microbatches']} micro-batches; bubble {bubble['arithmetic']:.3f} by the schedule{measured}"))  # fmt: skip
     lines += _memory_lines(s)
     if s.first_loss is not None:
         lines.append(("first loss", f"{s.first_loss:.4f}"))

@@ -7,9 +7,7 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from strategies.common import as_tensor
 from trainer.dist import DistEnv
 from trainer.precision import Precision
 
@@ -54,16 +52,8 @@ def evaluate(
     model.eval()
     try:
         for batch in range(batches):
-            for chunk in data.val_rows(batch, rows, global_batch).split(micro):
-                x, y = chunk[:, :-1].to(env.device), chunk[:, 1:].to(env.device)
-                with precision.context(), strategy.loss_parallel(model):
-                    logits = model(x)  # (micro, T, vocab)
-                    loss = as_tensor(
-                        F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-                    )
-                totals += torch.stack(
-                    [loss.double(), torch.tensor(y.numel(), dtype=torch.float64, device=env.device)]
-                )
+            chunks = data.val_rows(batch, rows, global_batch).split(micro)
+            totals += strategy.eval_sums(model, list(chunks), precision, env.device)
     finally:
         model.train()
     if env.distributed and env.world_size > 1:

@@ -7,13 +7,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
 from models import build_model, flops_per_token, param_count
 from strategies import ParallelDims
-from strategies.common import as_tensor, clip_grad_norm
+from strategies.common import clip_grad_norm
 from trainer import checkpoint, preempt
 from trainer.config import batch_layout
 from trainer.console import ProgressBar, format_summary
@@ -52,22 +51,13 @@ def train_step(
     model, optimizer, batches, precision: Precision, env: DistEnv, strategy, accum: int, grad_clip: float
 ):
     # -> (the step's loss, averaged over micro-batches and ranks; the gradient norm before clipping)
-    loss_sum = torch.zeros((), device=env.device)
-    for i, (x, y) in enumerate(batches):
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        # Gradients are reduced across ranks only on the last micro-batch of the step.
-        with strategy.grad_sync(model, enabled=i == accum - 1), strategy.loss_parallel(model):
-            with precision.context():
-                logits = model(x)  # (micro, T, vocab); under TP a DTensor sharded over the vocabulary
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            precision.backward(loss / accum)  # fp16-mixed: scaled
-        loss_sum += as_tensor(loss.detach())
-    loss_mean = mean_across_ranks(loss_sum / accum, env)  # every rank sees the same value, so all skip alike
+    loss_share = strategy.forward_backward(model, batches, accum, precision, env.device)
+    loss_mean = mean_across_ranks(loss_share, env)  # every rank sees the same value, so all skip alike
     if not torch.isfinite(loss_mean):
         optimizer.zero_grad(set_to_none=True)
         return loss_mean, torch.tensor(float("nan"))
     precision.unscale_(optimizer)
-    grad_norm = clip_grad_norm(model, grad_clip)
+    grad_norm = clip_grad_norm(model, grad_clip, strategy.norm_group(model))
     precision.step(optimizer)  # fp16-mixed: skipped (and counted) when a gradient is inf/nan
     optimizer.zero_grad(set_to_none=True)
     return loss_mean, grad_norm
@@ -99,7 +89,7 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
         tokens_per_step=t.global_batch_size * t.seq_len, n_params=param_count(args),
         n_params_non_embedding=param_count(args, exclude_embedding=True), data=data.description,
         resumed_from=str(resumed_from) if resumed_from else None,
-        strategy_applied=strategy.describe(model, cfg.strategy, dims),
+        strategy_applied=strategy.describe(model, cfg.strategy, dims), pipeline=strategy.pipeline_facts(model, accum),
     )  # fmt: skip
     metrics = build_metrics(cfg, env, dims, args, precision, run)
     metrics.watch_state(model, optimizer)
@@ -150,6 +140,10 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
                 return RunSummary(status=PREEMPTED, signal=sig, step=step, checkpoint=str(saved))
         bar.close()
         summary = metrics.summary()
+        if summary.pipeline:  # now with the bubble as measured over this run's steps after warm-up, and each
+            # rank's peak memory (its stages')
+            summary.pipeline = strategy.pipeline_facts(model, accum, cfg.metrics.warmup_steps)
+            summary.pipeline["peak_memory_gb_by_rank"] = metrics.peak_memory_by_rank()
         loggers.summary(summary)
     finally:
         bar.close()

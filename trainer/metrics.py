@@ -18,7 +18,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from strategies.common import instance_of
+from strategies.base import instance_of
 from trainer.environments import current
 from trainer.evaluate import perplexity
 from trainer.memory import memory_summary
@@ -321,6 +321,18 @@ class Metrics:
         # as step time and the max/min across ranks shows the real imbalance.
         self._last_time = time.perf_counter()
         return row
+
+    def peak_memory_by_rank(self) -> list[float]:
+        # Every rank's peak over the run (CUDA reserved, or the process's peak RSS on the CPU), in rank order: a
+        # pipeline's stages differ (a collective: every rank calls it).
+        key = "mem_reserved_peak_gb" if self.device.type == "cuda" else "peak_rss_gb"
+        mine = self._run_memory.get(key, _memory(self.device)[key])
+        if not self._distributed:
+            return [mine]
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        out = [torch.zeros((), dtype=torch.float64, device=dev) for _ in range(self.world_size)]
+        dist.all_gather(out, torch.tensor(mine, dtype=torch.float64, device=dev))
+        return [float(t) for t in out]
 
     def summary(self) -> RunSummary:
         times, tokens = self._step_times, self._step_tokens

@@ -76,6 +76,10 @@ class RunSummary:
     data: str | None = None
     resumed_from: str | None = None
     strategy_applied: dict[str, Any] | None = None
+    # pipeline parallelism: the schedule, each pipeline rank's stages, the layers per stage, the micro-batches and
+    # the bubble fraction (by the schedule's arithmetic, and measured on the CPU: 1 - compute time / step time),
+    # each rank's peak memory
+    pipeline: dict[str, Any] | None = optional()
     state_bytes_per_rank: dict[str, int] | None = None
     precision_applied: dict[str, Any] | None = None
     emulated: bool | None = None  # fp8 off CUDA: fp8's numerics, not its speed or memory

@@ -110,18 +110,18 @@ _FSDPTracker = _with_own_peak(FSDPMemTracker)
 
 
 def _reset_on_root_forward(tracker: MemTracker, model: nn.Module):
-    # The trackers refuse a second forward of the root module (they take it for a second iteration);
-    # gradient accumulation does exactly that within one step. Forgetting the per-module statistics
-    # before each later micro-batch keeps the totals, which are all we read. A global pre-hook
-    # registered before the tracker's own runs before it.
-    calls = 0
+    # The trackers refuse a second top-level forward of a module (they take it for a second iteration);
+    # gradient accumulation does exactly that within one step (the model), as does a pipeline's schedule (each
+    # stage, once per micro-batch, while earlier micro-batches still await their backward). Forgetting that
+    # module's own statistics before it runs again keeps the totals, which are all we read, and every other
+    # module's, which the backward of the micro-batches in flight still looks up. A global pre-hook registered
+    # before the tracker's own runs before it.
+    seen: set[int] = set()
 
     def hook(module, args):
-        nonlocal calls
-        if module is model:
-            calls += 1
-            if calls > 1:
-                tracker.reset_mod_stats()
+        if id(module) in seen and not set(tracker._mod_tracker.parents) - {"Global"}:
+            tracker.memory_tracking.pop(module, None)
+        seen.add(id(module))
 
     return torch.nn.modules.module.register_module_forward_pre_hook(hook)
 
@@ -147,7 +147,10 @@ def measure_step(
     if device is None:
         p = next(model.parameters())
         device = p.to_local().device if hasattr(p, "to_local") else p.device
-    if fsdp:
+    from torch.distributed.fsdp import FSDPModule
+
+    # FSDPMemTracker takes an FSDP root; a pipeline rank's model is not one (its stages are): MemTracker then.
+    if fsdp and isinstance(model, FSDPModule):
         tracker = _FSDPTracker(model, optimizer)
     else:
         tracker = _Tracker()

@@ -15,7 +15,6 @@
 # everything: at the start of backward all activations exist and no gradient yet; at the optimizer step it
 # is the other way round.
 import math
-from dataclasses import dataclass, field
 
 from models import family, parallel_plan, param_shapes
 from strategies import checkpointed
@@ -32,38 +31,10 @@ from trainer.memory.activations import (
     root_shapes,
     widths,
 )
+from trainer.memory.pipeline import plan_stages
+from trainer.memory.result import MemoryPlan, optimizer_scratch, reduce_scatter_bytes
 from trainer.memory.spec import PlanSpec, precision_bytes
-from trainer.optim import implementation, state_bytes
-
-
-@dataclass
-class MemoryPlan:
-    spec: PlanSpec
-    n_params: int
-    params: float  # bytes on this rank's device
-    grads: float
-    optimizer: float
-    buffers: float
-    host: float  # model state offloaded to host memory (cpu_offload), not on the device
-    layer_terms: dict[str, float]  # one block without checkpointing
-    layer_bytes: list[float]  # each block as configured (a checkpointed block keeps its input only)
-    head_terms: dict[str, float]
-    events: dict[str, dict[str, float]] = field(default_factory=dict)  # moment -> bytes by category
-    peak_event: str = ""
-
-    @property
-    def activations(self) -> float:
-        return sum(self.layer_bytes) + sum(self.head_terms.values())
-
-    @property
-    def peak(self) -> float:
-        return sum(self.events[self.peak_event].values())
-
-    @property
-    def temporaries(self) -> dict[str, float]:
-        # What the peak moment holds besides model state and saved activations.
-        state = ("params", "buffers", "grads", "optimizer", "activations")
-        return {k: v for k, v in self.events[self.peak_event].items() if k not in state and v}
+from trainer.optim import state_bytes
 
 
 def model_state(args, spec: PlanSpec) -> dict[str, float]:
@@ -93,19 +64,7 @@ def _whole_embedding_grad(args, spec: PlanSpec) -> int:
 
 
 def _optimizer_scratch(args, spec: PlanSpec) -> float:
-    # foreach AdamW (the CPU default) allocates sqrt(exp_avg_sq) for a whole parameter group at once, the
-    # matrices (weight-decayed) being the larger group; for_loop one parameter's worth at a time; fused
-    # AdamW (the CUDA default) and torchao's compiled AdamW8bit step nothing measurable.
-    impl = implementation(spec.optim_impl, spec.device)
-    if spec.optim != "adamw" or impl == "fused":
-        return 0.0
-    state, local = (
-        precision_bytes(spec.precision).weights,
-        [elements(s, spec.shard) for s in all_shapes(args, spec)],
-    )
-    if impl == "foreach":
-        return state * sum(n for n, s in zip(local, all_shapes(args, spec), strict=True) if len(s) >= 2)
-    return 2 * state * max(local)
+    return optimizer_scratch(spec, all_shapes(args, spec))
 
 
 def _gathered(args, spec: PlanSpec) -> tuple[float, float, int]:
@@ -148,7 +107,10 @@ def peak_events(args, spec: PlanSpec, state: dict, layer_bytes: list[float], hea
 
 
 def _forward_events(args, spec, base, held, layer_bytes, head) -> dict:
-    e, v = spec.micro_batch * spec.seq_len, args.vocab_size / spec.dims.tp  # the vocabulary: this rank's shard
+    e, v = (
+        spec.micro_batch * spec.seq_len,
+        args.vocab_size / spec.dims.tp,
+    )  # the vocabulary: this rank's shard
     _, c, cast = widths(spec)
     acts, logits = sum(layer_bytes) + sum(head.values()), head["logits (held by the loop)"]
     # FSDP: the root stays gathered from forward to the end of backward; shard-grad-op keeps every block.
@@ -200,18 +162,9 @@ def _backward_events(args, spec, base, held, layer_bytes, logits) -> dict:
             **base,
             "grads": max(held, block_grad * args.n_layers),
             "activations": logits,
-            "reduce-scatter buffers": _reduce_scatter(spec, sum(map(elements, root))),
+            "reduce-scatter buffers": reduce_scatter_bytes(spec, sum(map(elements, root))),
         }
     return events
-
-
-def _reduce_scatter(spec: PlanSpec, numel: int) -> float:
-    # FSDP2's post-backward (foreach_reduce) for numel gathered elements: their unsharded gradients (gathered
-    # dtype) are copied into the fp32 reduce-scatter input (on CPU torch._chunk_cat builds the fp32
-    # concatenation in a temporary first; CUDA's kernel writes in place), then freed before the output
-    # (one shard) is allocated.
-    _, c, _ = widths(spec)
-    return max(c + 4 + (4 if spec.device == "cpu" else 0), 4 + 4 / spec.shard) * numel
 
 
 def _block_events(args, spec, i, base, done, layer_bytes, logits) -> dict:
@@ -244,7 +197,7 @@ def _block_events(args, spec, i, base, done, layer_bytes, logits) -> dict:
             "grads": done,
             "activations": before,
             "gathered params": gathered - block_g,
-            "reduce-scatter buffers": _reduce_scatter(spec, numel),
+            "reduce-scatter buffers": reduce_scatter_bytes(spec, numel),
         }
     return events
 
@@ -255,6 +208,12 @@ def plan_memory(args, spec: PlanSpec) -> MemoryPlan:
             f"the planner covers the native llama and gpt2 families and Hugging Face models built like Llama (llama, "
             f"mistral, qwen2), not {args.config.model_type}: plan a native model of the same shapes instead"
         )
+    if spec.dims.pp > 1:  # each pipeline rank its own plan: the worst one, with every rank's peak
+        stages = plan_stages(args, spec)
+        worst = max(range(len(stages)), key=lambda r: stages[r].peak)
+        plan = stages[worst]
+        plan.stage_peaks, plan.stage = [s.peak for s in stages], worst
+        return plan
     state = model_state(args, spec)
     layer_bytes = [
         sum(layer_terms(args, spec, k).values())

@@ -47,6 +47,10 @@ class PlanSpec:
     sequence_parallel: bool = (
         False  # tensor parallel: norms and the residual stream sharded over the sequence
     )
+    # pipeline parallelism (dims.pp > 1): the schedule, the stages per rank, the layers per stage (None: even)
+    pp_schedule: str = "1f1b"
+    pp_stages_per_rank: int = 1
+    pp_split: tuple[int, ...] | None = None
     activation_checkpointing: str = "none"  # none | full | selective
     ac_every: int = 2
     optim_impl: str = "auto"  # auto | fused | foreach | for_loop

@@ -114,7 +114,11 @@ def _tensor_parallel(s: Setup) -> list[Setup]:
         if layout is None or indivisible(s.args, plan, tp) is not None:
             continue
         overrides = ["strategy=fsdp_tp", f"strategy.tp={tp}", f"trainer.micro_batch_size={spec.micro_batch}"]
-        out.append(s.change(overrides, **layout, reshard_after_forward=True, cpu_offload=False, sequence_parallel=True))
+        out.append(
+            s.change(
+                overrides, **layout, reshard_after_forward=True, cpu_offload=False, sequence_parallel=True
+            )
+        )
     return out
 
 
