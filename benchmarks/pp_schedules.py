@@ -117,7 +117,7 @@ def _layout_row(opts, over, env, sent: dict) -> dict:
 
     step(1)()
     sent.clear()
-    with byte_counter(sent):
+    with byte_counter(sent, module_hooks=not strategy.pipelined):
         step(2)()
     totals = torch.tensor([float(sent[k]) for k in ("p2p", *KINDS)], dtype=torch.float64)
     dist.all_reduce(totals)  # summed over the ranks

@@ -58,13 +58,20 @@ def timed_runs(opts, tmp: Path) -> dict[str, list]:
     return runs
 
 
-def byte_counter(sink: dict):
+def byte_counter(sink: dict, module_hooks: bool = True):
     # CommDebugMode's counts, and the bytes of each collective's full-size tensor added into sink[kind] (an
-    # all-gather's output, a reduce-scatter's input, an all-reduce's buffer).
+    # all-gather's output, a reduce-scatter's input, an all-reduce's buffer). module_hooks=False: a plain
+    # TorchDispatchMode, which sees the same c10d ops, for pipelines (CommDebugMode's module tracker loses its
+    # place when a schedule calls each stage once per micro-batch).
     import torch
     from torch.distributed.tensor.debug import CommDebugMode
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class ByteCounter(CommDebugMode):
+    class Plain(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class ByteCounter(CommDebugMode if module_hooks else Plain):
         def __init__(self):
             super().__init__()
             self.bytes = sink

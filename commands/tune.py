@@ -120,7 +120,7 @@ def pp_layouts(cfg, world: int) -> list[tuple[str, ...]]:
     unknown = [s for s in schedules if s not in SCHEDULES]
     if unknown or not schedules:
         raise ValueError(
-            f"tune.pp_schedules holds {unknown[0] if unknown else 'nothing'}: choose from {', '.join(SCHEDULES)}"
+            f"tune.pp_schedules holds {repr(unknown[0]) if unknown else 'nothing'}: choose from {', '.join(SCHEDULES)}"
         )
     layers = model_args(cfg).n_layers
     degrees = list(cfg.tune.pp) if cfg.tune.pp is not None else [

@@ -197,8 +197,10 @@ class PP(FSDP):
         }
 
     def plan_layout(self, spec) -> str:
-        tp = f", tensor parallel over {spec.dims.tp}" if spec.dims.tp > 1 else ""
-        return f"pipeline of {spec.dims.pp} stage ranks, {super().plan_layout(spec)}{tp}"
+        d = spec.dims
+        fsdp = f", FSDP over {d.dp_shard}" if d.dp_shard > 1 else ""
+        tp = f", tensor parallel over {d.tp}" if d.tp > 1 else ""
+        return f"pipeline of {d.pp} stage ranks{fsdp}{tp}, {d.world_size} ranks"
 
     def tune_presets(self, world_size, nnodes) -> list[str]:
         # Across nodes, where a pipeline's activations at stage boundaries cost less than FSDP's parameter

@@ -189,3 +189,27 @@ def test_tensor_parallel_degrees_are_an_axis_with_each_rows_mesh():
     assert (
         found["tp2"].status == "pruned" and "strategy=tp is one tensor-parallel group" in found["tp2"].reason
     )
+
+
+def test_pipeline_degrees_and_schedules_are_axes():
+    # strategy=pp in tune.strategies: each pipeline degree that divides the world and leaves each stage a block,
+    # times each schedule (the interleaved and zero-bubble ones with 2 stages per rank); the checks prune what a
+    # schedule cannot run (8 stages of a 4-block model), the planner each candidate's micro-batches. No trial.
+    from launcher.compose import compose_config
+
+    base = ["model=debug", "model.n_layers=4", "data=synthetic", "trainer.device=cpu", "trainer.global_batch_size=4",
+            "launcher.nproc_per_node=4", "plan.device=cpu", "tune.precisions=[fp32]", "tune.attentions=[sdpa]",
+            "tune.activation_checkpointing=[none]", "tune.strategies=[pp]", "tune.pp_schedules=[1f1b,zbv]"]  # fmt: skip
+    cands = tune_cli.plan_candidates(base, compose_config(base), 4, "cpu", None)
+    found = {tuple(o.split("=")[1] for o in c.overrides[5:7]): c for c in cands}
+    assert sorted(found) == [("2", "1f1b"), ("2", "zbv"), ("4", "1f1b"), ("4", "zbv")]
+    assert found[("2", "zbv")].overrides[7] == "strategy.pp_stages_per_rank=2"
+    assert (
+        found[("2", "1f1b")].mesh == {"pp": 2, "shard": 2, "tp": 1}
+        and found[("2", "1f1b")].status == "pending"
+    )
+    # 1f1b at pp=4 needs 4 micro-batches of the 4 sequences: micro-batch 1 only
+    assert found[("4", "1f1b")].micro_batches == [1] and set(found[("4", "1f1b")].predicted_gb) == {1}
+    assert found[("4", "zbv")].status == "pruned" and "makes 8 stages" in found[("4", "zbv")].reason
+    with pytest.raises(ValueError, match="tune.pp_schedules holds 'pipedream'"):
+        tune_cli.pp_layouts(compose_config([*base, "tune.pp_schedules=[pipedream]"]), 4)
