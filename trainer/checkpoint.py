@@ -31,24 +31,57 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    # resume: "none", "auto" (newest complete checkpoint under root) or a path: a checkpoint directory, or a
-    # directory of them (a run's checkpoints/), or a run directory, whose newest complete one is taken.
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1][1] if found else None
-    path = Path(resume).expanduser()
+def find_checkpoint(path: Path) -> Path | None:
+    # A checkpoint directory, or the newest complete one in a directory of them (a run's checkpoints/) or in a run
+    # directory's checkpoints/; None where there is none.
     if (path / ".metadata").is_file():
         return path
     found = complete_checkpoints(path) or complete_checkpoints(path / "checkpoints")
-    if found:
-        return found[-1][1]
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str, root: Path, say=None) -> Path | None:
+    # resume: "none", "auto" (the newest complete checkpoint under root that verifies; `say` is told of any passed
+    # over) or a path: a checkpoint directory, or a directory of them (a run's checkpoints/), or a run directory,
+    # whose newest complete one is taken.
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return newest_verified(root, say)
+    if (path := find_checkpoint(Path(resume).expanduser())) is not None:
+        return path
     raise ValueError(
         f"checkpoint.resume={resume!r} is not a checkpoint (no .metadata in it, and no step_XXXXXXXX "
         "directory under it or its checkpoints/): give a checkpoint or run directory, or "
         "checkpoint.resume=auto|none"
+    )
+
+
+def newest_verified(root: Path, say=None) -> Path | None:
+    # The newest complete checkpoint under root that verifies (trainer/checkpoint_io.verify: whole, and every file
+    # as its save recorded it); those that do not are passed over, and `say` is told which and why. None: there is
+    # no checkpoint. Checkpoints that all fail are refused: resuming none of them would silently start over.
+    found = complete_checkpoints(root)
+    if not found:
+        return None
+    from trainer import checkpoint_io
+
+    failed = []
+    for _, path in reversed(found):
+        try:
+            checkpoint_io.verify(path)
+        except checkpoint_io.CheckpointError as e:
+            failed.append(e.problem)
+            continue
+        if failed and say is not None:
+            say(
+                f"checkpoint.resume=auto: {'; '.join(failed)}; resuming from {path}, the newest that verifies"
+            )
+        return path
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    raise checkpoint_io.CheckpointError(
+        f"no checkpoint under {root} verifies: {failed[0]}{more}",
+        "delete them, or set checkpoint.resume=none to start over",
     )
 
 
@@ -109,10 +142,8 @@ def maybe_resume(
 ) -> tuple[int, Path | None, dict]:
     # -> (the last completed step, the checkpoint resumed from, its train state); (0, None, {}) for a fresh
     # start. `extra`: templates of the extra tensors save() was given, filled from the checkpoint if there.
-    path = resolve_resume(ckpt_cfg.resume, root)
-    if current().restarted() and (own := complete_checkpoints(root)):
-        # restarted after a failure, or a requeued SLURM job: this run's newest save, whatever resume named
-        path = own[-1][1]
+    # Rank 0 picks and verifies the checkpoint (reading it through once), and every rank loads that one.
+    path = _on_rank0(lambda: _resume_path(ckpt_cfg.resume, root))
     if path is None:
         return 0, None, {}
     from trainer import checkpoint_io
@@ -122,6 +153,38 @@ def maybe_resume(
     if _is_rank0():
         print(f"shardlab: resumed from {path} at step {state['step']}", flush=True)
     return state["step"], path, state
+
+
+def _resume_path(resume: str, root: Path) -> Path | None:
+    def say(message: str) -> None:
+        print(f"shardlab: {message}", flush=True)
+
+    if current().restarted() and complete_checkpoints(root):
+        # restarted after a failure, or a requeued SLURM job: this run's newest save, whatever resume named
+        return newest_verified(root, say)
+    path = resolve_resume(resume, root, say)
+    if path is not None:
+        from trainer import checkpoint_io
+
+        checkpoint_io.verify(path)
+    return path
+
+
+def _on_rank0(fn):
+    # fn() on rank 0, its answer (or its one-line refusal, raised again) on every rank.
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ValueError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ValueError(value)
+    return value
 
 
 def check_below_max_steps(path: Path, step: int, max_steps: int) -> None:
@@ -162,6 +225,9 @@ def preflight(cfg, args) -> None:
         )
     if root is None and c.resume == "auto":
         return  # composed without a run directory (tests, planning): nothing to resume
+    # Every file is read through against its digest here, so a changed byte is refused before any worker starts.
+    # Under torchrun every rank checks its config, and so reads it (from the page cache after the first): each
+    # must reach the same verdict, or the ranks that passed would wait for the ones that did not.
     path = resolve_resume(c.resume, root)
     if path is None:
         return

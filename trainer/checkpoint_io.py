@@ -1,10 +1,13 @@
 # Reading and writing checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards,
 # so a checkpoint saved under one strategy or world size loads under another (DCP reshards on load). Reading
 # one never runs pickled code: DCP's tensors and small items are read with torch.load(weights_only=True), and
-# its .metadata pickle builds only DCP's own metadata classes. DCP (which loads DTensor and FSDP) is imported
-# only by a run that reads or writes a checkpoint; trainer/checkpoint.py decides which and when.
+# its .metadata pickle builds only DCP's own metadata classes. Every save records a digest of each file it wrote
+# (trainer/integrity.py), and a checkpoint is verified against them before it is resumed or exported. DCP (which
+# loads DTensor and FSDP) is imported only by a run that reads or writes a checkpoint; trainer/checkpoint.py
+# decides which and when.
 import contextlib
 import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,6 +19,23 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from trainer import integrity
+
+# What a run that resumes can do about a checkpoint it cannot use; commands/export.py says its own.
+RESUME_FIX = "delete it, or set checkpoint.resume to an older checkpoint directory or none"
+
+
+class CheckpointError(ValueError):
+    # A checkpoint that cannot be used, said as the problem and what to do about it, so that each command can
+    # name its own fix (train.py's options, or export's arguments).
+    def __init__(self, problem: str, fix: str = RESUME_FIX):
+        super().__init__(f"{problem}: {fix}")
+        self.problem = problem
+
+    def with_fix(self, fix: str) -> "CheckpointError":
+        return CheckpointError(self.problem, fix)
+
 
 # Globals a DCP .metadata pickle names besides the classes of torch.distributed.checkpoint.metadata.
 _METADATA_GLOBALS = {
@@ -93,26 +113,41 @@ def write(tmp: Path, step: int, model, optimizer, scheduler, meta: dict) -> None
     model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT)
     # The data position is the step: batches are a function of (seed, step, rank).
     train_state = {"step": step, "last_epoch": scheduler.last_epoch, **_rng_states(), **meta}
-    state = {"model": model_sd, "optim": optim_sd, "train": train_state}
+    save_files({"model": model_sd, "optim": optim_sd, "train": train_state}, tmp)
+
+
+def save_files(state: dict, tmp: Path) -> None:
+    # DCP writes (and syncs) every rank's files; each rank then records the digests of its own, all at once, reading
+    # back what the page cache still holds (benchmarks/checkpoint_digest.py measures the cost). Rank 0 adds .metadata
+    # and writes the manifest.
     with _quiet_no_dist():
         dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = integrity.record(tmp, [p.name for p in tmp.glob(f"__{rank}_*")])
+    parts = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    if rank == 0:
+        files = {name: entry for part in parts for name, entry in part.items()}
+        files.update(
+            integrity.record(tmp, [p.name for p in tmp.iterdir() if p.is_file() and p.name not in files])
+        )
+        integrity.write_manifest(tmp, files)
 
 
-def checkpoint_error(path: Path, e: BaseException) -> str:
+def checkpoint_error(path: Path, e: BaseException) -> CheckpointError:
     if isinstance(e, CheckpointException) and e.failures:  # per-rank (exception, traceback) pairs
         e = next(iter(e.failures.values()))[0]
     first = (str(e).strip().splitlines() or ["no message"])[0]
-    return (
-        f"checkpoint {path} cannot be read ({type(e).__name__}: {first}): delete it, or set "
-        "checkpoint.resume to an older checkpoint directory or none"
-    )
+    return CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first})")
 
 
 def read_metadata(path: Path) -> Metadata:
     try:
         return _SafeReader(str(path)).read_metadata()
     except Exception as e:
-        raise ValueError(checkpoint_error(path, e)) from None
+        raise checkpoint_error(path, e) from None
 
 
 def _read(state: dict, path: Path, no_dist: bool) -> None:
@@ -121,7 +156,7 @@ def _read(state: dict, path: Path, no_dist: bool) -> None:
             reader, planner = _SafeReader(str(path)), _WeightsOnlyPlanner()
             dcp.load(state, storage_reader=reader, planner=planner, no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise ValueError(checkpoint_error(path, e)) from None
+        raise checkpoint_error(path, e) from None
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -132,9 +167,33 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     }
 
 
+_verified: set[tuple] = set()  # checkpoints read through by this process, as their files then were
+
+
+def _state_of(path: Path) -> tuple:
+    # A checkpoint as its files stand (names, sizes, modification times): verified once per process unless they change.
+    return (
+        str(path),
+        *sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()),
+    )
+
+
 def verify(path: Path) -> None:
-    # Without loading it: the metadata reads, and every file it points into is there and long enough (a
-    # truncated copy or an interrupted rsync fails here, before any worker starts).
+    # Without loading it: every file is there and long enough for what the metadata records (a truncated copy or an
+    # interrupted rsync fails here, before any worker starts), and every file matches the digest its save recorded
+    # (a flipped byte fails here; the metadata's own first, before its pickle is read). A checkpoint saved before
+    # digests were recorded loads, with one warning line.
+    try:
+        recorded = integrity.read_manifest(path)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} fails verification: {e}") from None
+    key = _state_of(path)
+    if key in _verified:
+        return
+    if recorded is not None and (
+        wrong := integrity.mismatch(path, {k: v for k, v in recorded.items() if k == ".metadata"})
+    ):
+        raise CheckpointError(f"checkpoint {path} fails verification: {wrong}")
     ends: dict[str, int] = {}
     for info in read_metadata(path).storage_data.values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
@@ -142,10 +201,17 @@ def verify(path: Path) -> None:
         size = (path / name).stat().st_size if (path / name).is_file() else None
         if size is None or size < end:
             have = "missing" if size is None else f"{size} bytes, short of the {end} its metadata records"
-            raise ValueError(
-                f"checkpoint {path} is incomplete: {name} is {have}: delete it, or set checkpoint.resume to "
-                "an older checkpoint directory or none"
-            )
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is {have}")
+    if recorded is None:
+        print(
+            f"shardlab: warning: checkpoint {path} records no digests (saved before shardlab recorded them): "
+            "loading it unverified",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif (wrong := integrity.mismatch(path, recorded)) is not None:
+        raise CheckpointError(f"checkpoint {path} fails verification: {wrong}")
+    _verified.add(key)
 
 
 def read_train_state(path: Path, extra: dict | None = None) -> dict:
@@ -180,9 +246,9 @@ def check_compatible(path: Path, model_sd: dict) -> None:
     problems += [f"{k} is in the checkpoint but not in this model" for k in saved if k not in here]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(
-            f"checkpoint {path} does not match this model: {problems[0]}{more}; resume with the model "
-            "config it was saved with (its run's config.yaml) or set checkpoint.resume=none"
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model: {problems[0]}{more}",
+            "resume with the model config it was saved with (its run's config.yaml) or set checkpoint.resume=none",
         )
 
 

@@ -81,6 +81,9 @@ class DataConfig:
     tokenizer: str | None = None  # text: None = bytes (vocab 256); or a local HF tokenizer directory
     # text: the last part of the token stream held out for validation; no training window reaches it
     val_fraction: float = ranged(0.05, "[0, 1)")
+    # tokens: read the token files through before training, against the digests and largest token id meta.json
+    # records (null: where they total under 4 GB; false: sizes only; true: always)
+    verify: bool | None = None
 
 
 @dataclass

@@ -9,12 +9,15 @@
 #              read when a batch asks for it; the file is never copied into memory); held out: its val split
 import json
 import mmap
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from trainer.config import one_of
+from trainer.integrity import ALGORITHM, digest_file
+from trainer.paths import is_binary
 from trainer.tokenizer import load_tokenizer
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step, row) over the generator's seed space
@@ -87,72 +90,86 @@ class Windows:
 
 
 # ---------------------------------------------------------------- data=text
-def read_text(path: str, glob: str, max_bytes: int) -> tuple[bytes, int]:
+def text_files(path: str, glob: str, max_bytes: int) -> tuple[list[Path], int, int]:
+    # -> (the files read in order, the bytes they give (capped at max_bytes), the binary files passed over). A
+    # binary file (a NUL byte near its start, as git tells) is not text: skipped, as commands.prepare skips it.
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"data.path {str(p)!r} does not exist: point data.path at a text file or directory")
     files = [p] if p.is_file() else sorted(f for f in p.rglob(glob) if f.is_file())
-    chunks, total = [], 0
+    chosen, total, binary = [], 0, 0
     for f in files:
         if total >= max_bytes:
             break
-        chunk = f.read_bytes()[: max_bytes - total]
-        chunks.append(chunk)
-        total += len(chunk)
+        if f.stat().st_size == 0:
+            continue
+        if is_binary(f):
+            binary += 1
+            continue
+        chosen.append(f)
+        total += min(f.stat().st_size, max_bytes - total)
     if total == 0:
-        raise ValueError(f"no text found under data.path {str(p)!r} matching data.glob {glob!r}")
-    return b"".join(chunks), len(chunks)  # the files read, not all that matched
+        what = f" ({binary} binary file(s) skipped: a NUL byte near their start)" if binary else ""
+        raise ValueError(f"no text found under data.path {str(p)!r} matching data.glob {glob!r}{what}")
+    return chosen, total, binary
+
+
+def read_text(path: str, glob: str, max_bytes: int) -> tuple[bytes, int, int]:
+    # -> (the bytes, the files read, the binary files skipped)
+    files, total, binary = text_files(path, glob, max_bytes)
+    chunks, left = [], total
+    for f in files:
+        chunks.append(f.read_bytes()[:left])
+        left -= len(chunks[-1])
+    return b"".join(chunks), len(files), binary
 
 
 def _text(data_cfg, seq_len: int, seed: int) -> Windows:
-    raw, n_files = read_text(data_cfg.path, data_cfg.glob, data_cfg.max_bytes)
+    raw, n_files, binary = read_text(data_cfg.path, data_cfg.glob, data_cfg.max_bytes)
+    skipped = f" ({binary} binary file(s) skipped)" if binary else ""
     if data_cfg.tokenizer is None:
         tokens, vocab = np.frombuffer(raw, dtype=np.uint8), 256
-        what = f"{len(raw):,} bytes of {n_files} file(s) under {data_cfg.path}, byte-level tokens"
+        what = f"{len(raw):,} bytes of {n_files} file(s){skipped} under {data_cfg.path}, byte-level tokens"
     else:
         tok = load_tokenizer(data_cfg.tokenizer)
         ids = tok(raw.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
         tokens, vocab = np.asarray(ids, dtype=np.int64), len(tok)
-        what = (
-            f"{len(ids):,} tokens of {n_files} file(s) under {data_cfg.path}, tokenizer {data_cfg.tokenizer}"
-        )
+        what = f"{len(ids):,} tokens of {n_files} file(s){skipped} under {data_cfg.path}, tokenizer {data_cfg.tokenizer}"
     n_val = int(len(tokens) * data_cfg.val_fraction)  # the stream's tail, which no training window reaches
     what += f"; the last {n_val:,} held out" if n_val else ""
     return Windows(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :], vocab, seq_len, seed, what)
 
 
-def check_text_source(data_cfg, seq_len: int) -> None:
-    # Cheap enough for validation: stops at the first files that hold one window's worth of bytes.
+def check_text_source(data_cfg, seq_len: int) -> int | None:
+    # Before any worker starts: the text there is, and one window of it. -> the held-out windows of seq_len + 1
+    # tokens it will have (byte-level: known from the files' sizes; a tokenizer's count: None, unknown until it
+    # has run). Reads the first 8000 bytes of each file it counts (binary or text), never a whole file.
     if not data_cfg.path:
         raise ValueError(
             "data=text needs data.path: point data.path at a text file or directory "
             "(data/text.yaml's default is the Python standard library's sources)"
         )
-    p = Path(data_cfg.path).expanduser()
-    if not p.exists():
+    _, total, _ = text_files(data_cfg.path, data_cfg.glob, data_cfg.max_bytes)
+    if data_cfg.tokenizer is not None:
+        return None
+    n_val = int(total * data_cfg.val_fraction)
+    if total - n_val < seq_len + 1:
         raise ValueError(
-            f"data.path {data_cfg.path!r} does not exist: point data.path at a text file or directory"
+            f"data.path {data_cfg.path!r} gives {total - n_val} training bytes (data.max_bytes {data_cfg.max_bytes}, "
+            f"data.val_fraction {data_cfg.val_fraction}), fewer than trainer.seq_len + 1 = {seq_len + 1}: point "
+            "data.path at more text or lower trainer.seq_len"
         )
-    files = [p] if p.is_file() else (f for f in p.rglob(data_cfg.glob) if f.is_file())
-    # Byte-level: a window is seq_len + 1 bytes. A tokenizer's count is unknown until it has run.
-    need = seq_len + 1 if data_cfg.tokenizer is None else 1
-    total = 0
-    for f in files:
-        total += f.stat().st_size
-        if min(total, data_cfg.max_bytes) >= need:
-            return
-    if total == 0:
-        raise ValueError(f"no text found under data.path {str(p)!r} matching data.glob {data_cfg.glob!r}")
-    raise ValueError(
-        f"data.path {str(p)!r} holds {min(total, data_cfg.max_bytes)} bytes (data.max_bytes "
-        f"{data_cfg.max_bytes}), fewer than trainer.seq_len + 1 = {need}: point data.path at more text "
-        "or lower trainer.seq_len"
-    )
+    return n_val // (seq_len + 1)
 
 
 # ---------------------------------------------------------------- data=tokens
-def read_meta(path: str) -> dict:
-    # A prepared token directory's meta.json, and its token files checked against it (sizes, not contents).
+VERIFY_AUTO_BYTES = 4 << 30  # data.verify=null reads token files through where they total under this
+
+
+def read_meta(path: str, verify: bool | None = False) -> dict:
+    # A prepared token directory's meta.json, and its token files checked against it: sizes always; with verify
+    # (None: where the files total under VERIFY_AUTO_BYTES) every byte, against the digest and the largest token
+    # id that prepare recorded, so a changed byte or an edited meta.json is refused before a worker trains on it.
     if not path:
         raise ValueError(
             "data=tokens needs data.path: point it at a directory written by `python -m commands.prepare`"
@@ -165,6 +182,11 @@ def read_meta(path: str) -> dict:
         meta = json.loads((root / "meta.json").read_text())
         dtype, vocab = TOKEN_DTYPES[meta["dtype"]], int(meta["vocab_size"])
         counts = {split: int(meta["splits"][split]["tokens"]) for split in ("train", "val")}
+        max_id = int(meta["max_token_id"]) if "max_token_id" in meta else None
+        recorded = meta.get("files")
+        if recorded is not None:
+            recorded = {f"{s}.bin": {"bytes": int(recorded[f"{s}.bin"]["bytes"]), ALGORITHM: str(recorded[f"{s}.bin"][ALGORITHM])}
+                        for s in counts}  # fmt: skip
     except FileNotFoundError:
         raise ValueError(f"{root / 'meta.json'} is missing: {fix}") from None
     except (ValueError, KeyError, TypeError) as e:
@@ -178,7 +200,51 @@ def read_meta(path: str) -> dict:
             raise ValueError(
                 f"{file} is {found}, but meta.json records {n:,} {meta['dtype']} tokens ({want:,} bytes): {fix}"
             )
+    if max_id is not None and max_id >= vocab:
+        raise ValueError(
+            f"{root / 'meta.json'} records token ids up to {max_id} but a vocabulary of {vocab}: it no longer matches "
+            f"its files (was it edited?): {fix}"
+        )
+    total = sum(want["bytes"] for want in (recorded or {}).values())
+    if recorded is None and verify is not False:
+        warn_once(
+            f"shardlab: warning: {root / 'meta.json'} records no digests (prepared before shardlab recorded them): "
+            f"its token files are checked by size only; prepare {root} again to have them verified"
+        )
+    elif verify or (verify is None and total < VERIFY_AUTO_BYTES):
+        verify_tokens(root, recorded, dtype, max_id, fix)
     return {**meta, "root": str(root), "np_dtype": dtype, "vocab_size": vocab}
+
+
+def verify_tokens(root: Path, recorded: dict, dtype, max_id: int | None, fix: str) -> None:
+    # Each token file read once: its digest, and its largest id on the same pass.
+    for name, want in sorted(recorded.items()):
+        largest = [0]
+
+        def track(chunk: memoryview, largest=largest) -> None:
+            ids = np.frombuffer(chunk, dtype=dtype)  # chunks are whole tokens: CHUNK is a multiple of 4 bytes
+            if ids.size:
+                largest[0] = max(largest[0], int(ids.max()))
+
+        if digest_file(root / name, track) != want[ALGORITHM]:
+            raise ValueError(
+                f"{root / name} does not match the digest meta.json records (its bytes changed since prepare wrote "
+                f"it): {fix}"
+            )
+        if max_id is not None and largest[0] > max_id:
+            raise ValueError(
+                f"{root / name} holds token id {largest[0]}, above the largest ({max_id}) meta.json records: it no "
+                f"longer matches its files (was it edited?): {fix}"
+            )
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def _random_access(tokens: np.memmap) -> np.memmap:
@@ -225,12 +291,18 @@ def data_facts(data_cfg, seq_len: int = 1) -> tuple[int | None, int | None]:
     # before any worker starts (None: unknown until the data is read, or unbounded).
     one_of("data", data_cfg.name, SOURCES)
     if data_cfg.name == "text":
-        check_text_source(data_cfg, seq_len)
+        held_out = check_text_source(data_cfg, seq_len)
         if data_cfg.tokenizer is not None:
             return len(load_tokenizer(data_cfg.tokenizer)), None
-        return 256, None
+        return 256, held_out
     if data_cfg.name == "tokens":
-        meta = read_meta(data_cfg.path)
+        meta = read_meta(data_cfg.path, data_cfg.verify)  # every byte, before any worker starts
+        train = int(meta["splits"]["train"]["tokens"])
+        if train < seq_len + 1:
+            raise ValueError(
+                f"the train split of {meta['root']} holds {train:,} tokens, fewer than trainer.seq_len + 1 = "
+                f"{seq_len + 1}: lower trainer.seq_len, or prepare more text"
+            )
         return meta["vocab_size"], int(meta["splits"]["val"]["tokens"]) // (seq_len + 1)
     return None, None
 

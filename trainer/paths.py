@@ -4,19 +4,39 @@ import contextlib
 import os
 import shutil
 import sysconfig
+import tempfile
 from pathlib import Path
 
 
 def unwritable_reason(path) -> str | None:
-    # -> why a directory cannot be made at path, or None if it can; creates nothing. The nearest existing
-    # ancestor must be a directory this process may write into (a path under a regular file fails even as root).
+    # -> why a directory cannot be made at path, or None if it can. The nearest existing ancestor must be a
+    # directory this process may write into (a path under a regular file fails even as root), and one that can
+    # really hold a new directory: on special filesystems (/proc, /sys) and read-only mounts even root's mkdir
+    # fails, which only trying tells, so a directory is made there and removed at once.
     path = Path(path).expanduser().absolute()
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 return f"{p} is a file, not a directory"
-            return None if os.access(p, os.W_OK | os.X_OK) else f"{p} is not writable"
+            if not os.access(p, os.W_OK | os.X_OK):
+                return f"{p} is not writable"
+            if p == path:
+                return None
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".shardlab-probe-", dir=p))
+            except OSError as e:
+                return f"a directory cannot be made in {p}: {e.strerror}"
+            return None
     return None
+
+
+BINARY_SNIFF = 8000  # bytes: git's buffer_is_binary looks for a NUL byte in as many, and so does this
+
+
+def is_binary(path: Path) -> bool:
+    # A file that is not text, as git and `file` tell it: a NUL byte near its start (UTF-8 text never holds one).
+    with open(path, "rb") as f:
+        return b"\0" in f.read(BINARY_SNIFF)
 
 
 def stdlib_path() -> str:
