@@ -5,7 +5,6 @@
 # tokenizer files, when it used one): AutoModelForCausalLM.from_pretrained(dir) loads it, and shardlab trains
 # it again with model=hf model.name_or_path=dir. Loads in one process with no process group: DCP reassembles
 # the full tensors from every rank's shards. Everything is written under a temporary name and renamed.
-import argparse
 import json
 import os
 import sys
@@ -14,11 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from launcher.errors import fail
+from commands.cli import Parser
+from launcher.errors import command_errors
 from models import build_model_args, hf_export
-from trainer.checkpoint import resolve_resume
-from trainer.checkpoint_io import read_metadata, read_model_state, read_train_state, verify
-from trainer.paths import staged
+from trainer.checkpoint import find_checkpoint
+from trainer.checkpoint_io import CheckpointError, read_metadata, read_model_state, read_train_state, verify
+from trainer.paths import staged, unwritable_reason
 
 FILE_FORMATS = (".safetensors", ".pt")  # any other target: a Hugging Face directory
 
@@ -52,20 +52,74 @@ def _safe_state(state: dict) -> dict:
     return {k: v.contiguous().clone() for k, v in state.items()}
 
 
-def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
-    path = resolve_resume(checkpoint, Path(checkpoint))
-    target = Path(out)
-    if not target.parent.is_dir():
-        raise ValueError(f"cannot write {out}: {target.parent} is not a directory")
-    hf = target.suffix not in FILE_FORMATS
-    if hf and target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+# What export can do about a checkpoint it cannot use (train.py's own fixes name checkpoint.resume).
+EXPORT_FIX = "give export another checkpoint (an older step_XXXXXXXX of the same run, say)"
+
+
+def source(checkpoint: str) -> Path:
+    path = find_checkpoint(Path(checkpoint).expanduser())
+    if path is None:
+        raise ValueError(
+            f"{checkpoint} is not a checkpoint (no .metadata in it, and no step_XXXXXXXX directory under it or its "
+            "checkpoints/): give export a checkpoint directory, a run directory or its checkpoints/"
+        )
+    return path
+
+
+def check_target(path: Path, out: str, overwrite: bool) -> Path:
+    # -> the target, once it is one that export may write: never the checkpoint or what holds it, a file replaced
+    # only with --overwrite, a directory replaced only where it holds an earlier export (a Hugging Face model, no
+    # subdirectories), so a mistyped out can never take a run with it.
+    target = Path(out).expanduser().absolute()
+    ckpt = path.absolute()
+    if target == ckpt or target in ckpt.parents or ckpt in target.parents:
+        raise ValueError(
+            f"out {out} is or holds the checkpoint being exported ({path}): choose an out outside the run directory"
+        )
+    if why := unwritable_reason(target.parent):
+        raise ValueError(f"out {out} cannot be written ({why}): choose an out in a writable directory")
+    if not target.exists():
+        return target
+    if target.suffix in FILE_FORMATS:
+        if target.is_dir():
+            raise ValueError(
+                f"out {out} is a directory, not a {target.suffix} file: choose another file name"
+            )
+        if not overwrite:
+            raise ValueError(
+                f"out {target} already exists: choose another file, or pass --overwrite to replace it"
+            )
+        return target
+    if not target.is_dir():
+        raise ValueError(
+            f"out {out} is a file: give a directory for a Hugging Face model, or a .safetensors or .pt file name"
+        )
+    held = sorted(target.iterdir())
+    if held and not overwrite:
         raise ValueError(
             f"{target} already exists and is not empty: choose another directory, or pass --overwrite"
         )
-    verify(path)
+    if held and (not (target / "config.json").is_file() or any(p.is_dir() for p in held)):
+        other = next((p.name for p in held if p.is_dir()), held[0].name)
+        raise ValueError(
+            f"out {target} holds more than an earlier export (e.g. {other}): --overwrite replaces only a directory "
+            "that export wrote; choose another directory"
+        )
+    return target
+
+
+def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
+    path = source(checkpoint)
+    target = check_target(path, out, overwrite)
+    hf = target.suffix not in FILE_FORMATS
+    try:
+        verify(path)
+    except CheckpointError as e:
+        raise e.with_fix(EXPORT_FIX) from None
     state = consolidated_model_state(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if not hf:
+        target.parent.mkdir(parents=True, exist_ok=True)
         if target.suffix == ".safetensors":
             save_file(_safe_state(state), str(tmp))
         else:
@@ -85,7 +139,7 @@ def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m commands.export",
         description="a checkpoint -> a model file or a Hugging Face directory",
     )
@@ -97,13 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         help="out.safetensors or out.pt: one file of our names; anything else: a Hugging Face directory",
     )
     ap.add_argument(
-        "--overwrite", action="store_true", help="replace a Hugging Face directory that is not empty"
+        "--overwrite", action="store_true", help="replace a file, or a directory that export wrote before"
     )
+    ap.add_argument("--debug", action="store_true", help="a traceback instead of one line on bad input")
     opts = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    with command_errors(opts.debug):
         target = export(opts.checkpoint, opts.out, opts.overwrite)
-    except ValueError as e:
-        fail(str(e))
     print(f"shardlab: wrote {target}")
     return 0
 

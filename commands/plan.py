@@ -3,16 +3,14 @@
 # prints parameters, gradients, optimizer state, activations (per block and in all), temporaries and the peak,
 # whether it fits the device, and if not, the cheapest changes that would make it fit. The arithmetic is in
 # trainer/memory/; this is its command line.
-import sys
 
-from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 import strategies
+from commands.cli import overrides_and_debug
 from launcher.compose import compose_config
 from launcher.elastic import resolve_nproc
-from launcher.errors import describe_error, fail
+from launcher.errors import command_errors
 from models import parallel_plan
 from trainer import gpus
 from trainer.checks import model_args, run_dims
@@ -138,19 +136,22 @@ def verdict(setup: Setup, plan: MemoryPlan, limit: float | None) -> str:
         return "\n".join(lines + ["  no change the planner knows makes it fit"])
     lines.append("  cheapest changes that fit, predicted peak per rank:")
     for label, trial, p in found:
-        lines.append(f"    {label:38s}{' '.join(trial.overrides):58s}{p.peak / GB:8.2f} GB")
+        lines.append(f"    {label:38s}  {' '.join(trial.overrides):58s}  {p.peak / GB:8.2f} GB")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    try:
+    overrides, debug = overrides_and_debug(
+        argv,
+        "python -m commands.plan",
+        "per-rank memory of a training config, whether it fits the device, and if "
+        "not, the cheapest changes that would make it fit",
+    )
+    with command_errors(debug):
         cfg = compose_config(overrides)
         setup = setup_of(cfg)
         plan = setup.plan()
         limit = device_bytes(cfg)
-    except (ValueError, HydraException, OmegaConfBaseException) as e:
-        fail(describe_error(e))
     print(describe(cfg, plan))
     print(verdict(setup, plan, limit), flush=True)
 

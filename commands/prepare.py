@@ -5,10 +5,10 @@
 # files only (never the hub), tokenized in batches on all cores (byte-level, or a local HF tokenizer).
 # Out: train.bin and val.bin (uint16 where the vocabulary fits, else uint32), split by whole documents, each
 # document followed by the tokenizer's EOS token (bytes: 0); meta.json (tokenizer, vocab, dtype, token and
-# document counts per split, sources and their sizes); tokenizer/ (the tokenizer's files, for export). The
-# same input gives byte-identical files. Everything is written under a temporary name and renamed when
-# complete, so an interrupted prepare leaves nothing a run would load.
-import argparse
+# document counts per split, the largest token id, each file's size and digest, sources and their sizes);
+# tokenizer/ (the tokenizer's files, for export). The same input gives byte-identical files. Everything is
+# written under a temporary name and renamed when complete, so an interrupted prepare leaves nothing a run would
+# load. Binary files in a text source are skipped (and counted), as git and `file` tell them: a NUL byte.
 import json
 import os
 import shutil
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.errors import fail
-from trainer.paths import staged
+from commands.cli import Parser
+from launcher.errors import command_errors
+from trainer.integrity import ALGORITHM, record
+from trainer.paths import is_binary, staged, unwritable_reason
 from trainer.tokenizer import load_tokenizer
 
 BYTE_EOS = 0  # byte-level documents are separated by a NUL byte, which text does not hold
@@ -26,8 +28,11 @@ KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # any other 
 SPLIT_SEED = 0  # which documents are held out: a fixed permutation, so the same input splits the same way
 
 
-def source_files(source: Path, glob: str) -> tuple[list[Path], str]:
-    # -> (the files, in order, and their kind: text, json or parquet)
+TOKENS_FORMAT = "shardlab tokens 1"  # meta.json's "format": what data=tokens reads
+
+
+def source_files(source: Path, glob: str) -> tuple[list[Path], str, int]:
+    # -> (the files, in order, their kind: text, json or parquet, and how many binary files were skipped)
     if not source.exists():
         raise ValueError(
             f"source {source} does not exist: give a text, JSON Lines or Parquet file, or a directory"
@@ -43,7 +48,45 @@ def source_files(source: Path, glob: str) -> tuple[list[Path], str]:
         raise ValueError(
             f"source {source} mixes {', '.join(sorted(kinds))} files: prepare one kind at a time (--glob selects them)"
         )
-    return files, kinds.pop()
+    kind = kinds.pop()
+    if kind != "text":
+        return files, kind, 0
+    text = [f for f in files if not is_binary(f)]
+    if not text:
+        what = "is a binary file" if source.is_file() else f"holds only binary files ({len(files)})"
+        raise ValueError(
+            f"source {source} {what} (a NUL byte in the first 8000 bytes, as git tells binary from text): give text, "
+            "JSON Lines or Parquet files (--glob selects them)"
+        )
+    return text, kind, len(files) - len(text)
+
+
+def check_out(src: Path, target: Path, out: str, overwrite: bool) -> None:
+    # Never the source or what holds it or lies in it; a directory replaced only where it holds an earlier
+    # prepare's output, so a mistyped out cannot take other files with it.
+    if target == src or target in src.parents or src in target.parents:
+        raise ValueError(
+            f"out {out} is, holds or lies inside the source {src}: choose an out directory outside the source"
+        )
+    if why := unwritable_reason(target):
+        raise ValueError(f"out {out} cannot be created ({why}): choose another out directory")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"out {out} is a file: choose a directory to write the token files into")
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{target} already exists and is not empty: choose another out dir, or pass --overwrite"
+        )
+    try:
+        ours = json.loads((target / "meta.json").read_text()).get("format") == TOKENS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"out {target} holds files that prepare did not write (no meta.json of its own): --overwrite replaces "
+            "only an earlier prepare's output; choose another out directory"
+        )
 
 
 def load_documents(files: list[Path], kind: str, text_field: str, cache: Path):
@@ -57,6 +100,12 @@ def load_documents(files: list[Path], kind: str, text_field: str, cache: Path):
         ds = datasets.load_dataset(
             kind, data_files=[str(f) for f in files], split="train", cache_dir=str(cache), **options
         )
+    except (
+        datasets.exceptions.DatasetGenerationError,
+        ValueError,
+        OSError,
+    ) as e:  # pyarrow's: ValueError, OSError
+        raise ValueError(unreadable(files, kind, e)) from None
     finally:
         datasets.enable_progress_bars()
     field = "text" if kind == "text" else text_field
@@ -64,7 +113,49 @@ def load_documents(files: list[Path], kind: str, text_field: str, cache: Path):
         raise ValueError(
             f"the {kind} files have no field {field!r}: set --text-field to one of {', '.join(ds.column_names)}"
         )
+    feature = ds.features[field]
+    strings = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if not strings or ds.data.column(field).null_count:
+        raise ValueError(not_text(files, kind, field, ds))
     return ds, field
+
+
+def unreadable(files: list[Path], kind: str, e: Exception) -> str:
+    # datasets says only that generation failed: the first line that is not JSON, by file and line number.
+    if kind == "json":
+        for f in files:
+            with open(f, encoding="utf-8", errors="replace") as lines:
+                for n, line in enumerate(lines, 1):
+                    try:
+                        line.strip() and json.loads(line)
+                    except ValueError as bad:
+                        return f"{f}:{n} is not JSON ({bad}): fix or remove that line"
+    if kind == "parquet":
+        import pyarrow.parquet
+
+        for f in files:
+            try:
+                pyarrow.parquet.read_metadata(f)
+            except (ValueError, OSError) as bad:
+                return f"{f} cannot be read as Parquet ({type(bad).__name__}: {str(bad).splitlines()[0]}): check it"
+    cause = e.__cause__ or e
+    return (
+        f"the {kind} files cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0]}): check them"
+    )
+
+
+def not_text(files: list[Path], kind: str, field: str, ds) -> str:
+    # The first row whose text field holds no string (a number, a list, null), by file and line for JSON Lines.
+    fix = f"give each row a string in {field!r}, or set --text-field to the field that holds the text"
+    if kind == "json":
+        for f in files:
+            with open(f, encoding="utf-8", errors="replace") as lines:
+                for n, line in enumerate(lines, 1):
+                    value = json.loads(line).get(field) if line.strip() else ""
+                    if not isinstance(value, str):
+                        return f"{f}:{n}: {field!r} is {json.dumps(value)[:40]}, not a string: {fix}"
+    row = next(i for i, v in enumerate(ds[field]) if not isinstance(v, str))
+    return f"row {row + 1} of the {kind} files: {field!r} is {ds[field][row]!r:.40}, not a string: {fix}"
 
 
 def tokenizer_of(path: str | None):
@@ -109,7 +200,8 @@ def split_documents(n_docs: int, val_fraction: float) -> np.ndarray:
 
 
 def write_splits(tokenized, held: np.ndarray, out: Path, dtype, eos: int) -> dict:
-    # Streams every document's ids, then EOS, into train.bin or val.bin; -> counts per split and the max id.
+    # Streams every document's ids, then EOS, into train.bin or val.bin; -> counts per split and the max id (the
+    # files' sizes and digests are added once they are written).
     counts = {s: {"tokens": 0, "documents": 0} for s in ("train", "val")}
     max_id, sep = 0, np.array([eos], dtype=dtype)
     with open(out / "train.bin", "wb") as train, open(out / "val.bin", "wb") as val:
@@ -135,11 +227,10 @@ def prepare(source: str, out: str, tokenizer: str | None = None, val_fraction: f
         raise ValueError(
             f"--val-fraction must be between 0 and 1 (both splits need documents), got {val_fraction}"
         )
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise ValueError(
-            f"{target} already exists and is not empty: choose another out dir, or pass --overwrite"
-        )
-    files, kind = source_files(src, glob)
+    if num_proc is not None and num_proc < 1:
+        raise ValueError(f"--num-proc must be at least 1, got {num_proc}: leave it out for every core")
+    check_out(src, target, out, overwrite)
+    files, kind, binary = source_files(src, glob)
     tok, vocab, eos = tokenizer_of(tokenizer)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     with staged(target) as tmp:
@@ -152,12 +243,15 @@ def prepare(source: str, out: str, tokenizer: str | None = None, val_fraction: f
         if tok is not None:
             tok.save_pretrained(tmp / "tokenizer")
         meta = {
-            "format": "shardlab tokens 1",
+            "format": TOKENS_FORMAT,
             "tokenizer": "bytes" if tokenizer is None else str(Path(tokenizer).expanduser().absolute()),
             "vocab_size": vocab,
             "dtype": np.dtype(dtype).name,
             "eos_id": eos,
             **written,
+            # what data=tokens checks the files against before training on them
+            "files": record(tmp, ["train.bin", "val.bin"]),
+            "digest": ALGORITHM,
             "val_fraction": val_fraction,
             "source": str(src),
             "kind": kind,
@@ -166,6 +260,7 @@ def prepare(source: str, out: str, tokenizer: str | None = None, val_fraction: f
                 {"path": str(f.relative_to(src)) if f != src else f.name, "bytes": f.stat().st_size}
                 for f in files
             ],
+            "skipped_binary_files": binary,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         del ds, tokenized
@@ -174,7 +269,7 @@ def prepare(source: str, out: str, tokenizer: str | None = None, val_fraction: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m commands.prepare",
         description="text, JSON Lines or Parquet files -> the token files data=tokens reads (train.bin, val.bin, "
         "meta.json), byte-level or with a local Hugging Face tokenizer",
@@ -190,17 +285,20 @@ def main(argv: list[str] | None = None) -> int:
         "--text-field", default="text", help="the field of JSON Lines / Parquet rows with the text"
     )
     ap.add_argument("--num-proc", type=int, help="tokenizer processes (default: every core)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an out dir that is not empty")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier prepare's out dir")
+    ap.add_argument("--debug", action="store_true", help="a traceback instead of one line on bad input")
     opts = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    with command_errors(opts.debug):
         meta = prepare(opts.source, opts.out, opts.tokenizer, opts.val_fraction, opts.glob, opts.text_field,
                        opts.overwrite, opts.num_proc)  # fmt: skip
-    except ValueError as e:
-        fail(str(e))
     s = meta["splits"]
+    skipped = (
+        f"; skipped {meta['skipped_binary_files']} binary file(s)" if meta["skipped_binary_files"] else ""
+    )
     print(
         f"shardlab: wrote {opts.out}: {s['train']['tokens']:,} train tokens ({s['train']['documents']} documents), "
         f"{s['val']['tokens']:,} val tokens ({s['val']['documents']}), {meta['dtype']}, vocab {meta['vocab_size']}"
+        f"{skipped}"
     )
     return 0
 

@@ -12,19 +12,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
+from commands.cli import Parser
 from launcher.compose import compose_config
-from launcher.errors import describe_error, fail
+from launcher.errors import command_errors, fail
 from launcher.slurm import per_node, slurm_gpus
 from trainer.checks import validate
+from trainer.paths import unwritable_reason
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m commands.sbatch",
         description="print a ready sbatch script for a config: one srun task per node runs train.py with the "
         "given overrides; resources follow launcher.nnodes and launcher.nproc_per_node",
@@ -36,7 +35,27 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--job-name", default="shardlab")
     ap.add_argument("--run-root", default="outputs/slurm", help="run directories: <run root>/<job id>")
     ap.add_argument("--output", help="the job's log (default: <run root>/%%x-%%j.out)")
+    ap.add_argument("--debug", action="store_true", help="a traceback instead of one line on bad input")
     return ap.parse_known_args(argv)
+
+
+def check_options(opts: argparse.Namespace) -> None:
+    # Values SLURM would reject at submission, or worse take (a negative --time is read as no limit by some
+    # versions): refused here, never printed into a script.
+    for flag, value in (
+        ("--time", opts.time),
+        ("--mem-gb", opts.mem_gb),
+        ("--cpus-per-task", opts.cpus_per_task),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}: leave it out for the default")
+    for flag, value in (
+        ("--job-name", opts.job_name),
+        ("--run-root", opts.run_root),
+        ("--output", opts.output),
+    ):
+        if value is not None and (not value.strip() or any(c in value for c in "\n\r")):
+            raise ValueError(f"{flag} must be a non-empty single line, got {value!r}")
 
 
 def script(opts: argparse.Namespace, overrides: list[str], cfg) -> str:
@@ -72,16 +91,19 @@ def main(argv: list[str] | None = None) -> None:
     opts, overrides = parse(list(sys.argv[1:] if argv is None else argv))
     if bad := [o for o in overrides if o.startswith("-")]:
         fail(f"unknown option {bad[0]}: see python -m commands.sbatch --help")
-    try:
+    with command_errors(opts.debug):
+        check_options(opts)
         cfg = compose_config(overrides)
         nproc = per_node(cfg.launcher.nproc_per_node) or 1
         world = nproc * cfg.launcher.nnodes
         validate(cfg, world, "cpu" if cfg.trainer.device == "cpu" else "cuda", None, per_node=nproc)
-    except (ValueError, HydraException, OmegaConfBaseException) as e:
-        fail(describe_error(e))
-    # SLURM opens the job's log before the script runs: its directory must exist at submission
-    log_dir = Path(opts.output).expanduser().parent if opts.output else Path(opts.run_root)
-    log_dir.mkdir(parents=True, exist_ok=True)
+        # SLURM opens the job's log before the script runs: its directory must exist at submission
+        log_dir = Path(opts.output).expanduser().parent if opts.output else Path(opts.run_root)
+        if why := unwritable_reason(log_dir):
+            raise ValueError(
+                f"the job's log directory {log_dir} cannot be created ({why}): set --output or --run-root"
+            )
+        log_dir.mkdir(parents=True, exist_ok=True)
     print(script(opts, overrides, cfg), end="")
 
 

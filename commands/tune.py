@@ -32,11 +32,12 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from commands.cli import overrides_and_debug
 from commands.plan import device_bytes, setup_of
 from commands.tune_report import write_report
 from launcher.compose import compose_config
 from launcher.elastic import WorkerFailed, launch, resolve_nproc
-from launcher.errors import describe_error, fail, short_reason
+from launcher.errors import command_errors, describe_error, short_reason
 from models import parallel_plan
 from strategies import STRATEGIES
 from strategies.pp import SCHEDULES
@@ -47,6 +48,7 @@ from trainer.config import check_schema
 from trainer.dist import device_type
 from trainer.memory import GB
 from trainer.memory.suggest import suggestions
+from trainer.paths import unwritable_reason
 from trainer.summary import FAILED, RunSummary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -407,21 +409,29 @@ def tune_dir(cfg, base: list[str], world: int, device: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    base = list(sys.argv[1:] if argv is None else argv)
-    try:
+    base, debug = overrides_and_debug(
+        argv,
+        "python -m commands.tune",
+        "the fastest configuration that fits: candidates pruned by the checks "
+        "and the memory planner, then short real trials; a report and the winner's command",
+    )
+    with command_errors(debug):
         cfg = compose_config(base)
         check_schema(cfg)  # the rest of the config is each candidate's, checked with it
         nproc = resolve_nproc(str(cfg.launcher.nproc_per_node), cfg.trainer.device)
         world = nproc * cfg.launcher.nnodes
         # What this machine runs (trainer.device=auto here: its GPU if any), unless plan.device says otherwise.
         device, limit = cfg.plan.device or device_type(cfg.trainer.device), device_bytes(cfg)
+        root = tune_dir(cfg, base, world, device)
+        # every file tune writes lies under it: checked before the planner runs
+        if why := unwritable_reason(root):
+            raise ValueError(
+                f"tune.dir={root} cannot be created ({why}): set tune.dir to a writable directory"
+            )
         limit = None if limit is None else limit * (1 - cfg.tune.headroom)
         cands = plan_candidates(base, cfg, nproc, device, limit)
         if all(c.status == "pruned" for c in cands):
             raise ValueError(no_fit(cands, base, limit))
-    except (ValueError, HydraException, OmegaConfBaseException) as e:
-        fail(describe_error(e))
-    root = tune_dir(cfg, base, world, device)
     root.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     deadline = began + 60 * cfg.tune.budget_minutes if cfg.tune.budget_minutes else None

@@ -40,6 +40,21 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+@contextlib.contextmanager
+def command_errors(debug: bool = False):
+    # The stand-alone commands (commands/): bad input, whether shardlab's own check (ValueError), a config Hydra
+    # cannot compose, or a path the system refuses (OSError), is one line and exit code 2; --debug shows the
+    # traceback instead. Anything else is a bug, and keeps its traceback.
+    try:
+        yield
+    except (ValueError, HydraException, OmegaConfBaseException, OSError) as e:
+        if debug:
+            raise
+        if isinstance(e, OSError) and e.filename is not None:
+            fail(f"{e.filename}: {e.strerror}")
+        fail(describe_error(e))
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

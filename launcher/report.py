@@ -90,6 +90,15 @@ def _memory_cells(r: dict, n: int) -> list[str]:
     return ["n/a" if v is None else f"{v:.3f}" for v in values[:n]]
 
 
+def nonfinite_note(s: RunSummary) -> str:
+    # An ok run that skipped steps for a non-finite loss (trainer.on_nonfinite=skip) says so in its row.
+    return (
+        f"non-finite loss at {s.nonfinite_skipped_steps} step(s), skipped"
+        if s.nonfinite_skipped_steps
+        else ""
+    )
+
+
 def load_job(job_dir: Path) -> dict:
     s = RunSummary.read(job_dir / "summary.json") or RunSummary(
         status=FAILED, error="no summary.json: still running, or killed before writing it"
@@ -120,7 +129,7 @@ def load_job(job_dir: Path) -> dict:
         "world_size": s.world_size or _world_size(config),
         "tp": ((s.strategy_applied or {}).get("mesh") or {}).get("tp", 1),  # the tensor-parallel degree
         "status": ("reused" if reused_from else "ok") if ok else "failed",
-        "reason": "" if ok else short_reason(s.error or "", _last_logged_step(job_dir)),
+        "reason": short_reason(s.error or "", _last_logged_step(job_dir)) if not ok else nonfinite_note(s),
         "peak_mem_gb": mem,
         "tokens_per_step": s.tokens_per_step or (gbs * seq_len if gbs and seq_len else None),
         "global_batch_size": gbs,
@@ -357,6 +366,10 @@ def write_csv(rows: list[dict], cols: list[str], path: Path) -> None:
 def build_report(sweep_dir: Path) -> list[dict]:
     # Writes report.md/.csv/.png into sweep_dir; returns the rows, best first.
     sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(
+            f"{sweep_dir} is not a directory: give a sweep's directory (multirun/<date>/<time>)"
+        )
     rows = sort_rows([load_job(d) for d in find_job_dirs(sweep_dir)])
     if not rows:
         raise FileNotFoundError(f"no job directories (summary.json or .hydra/) under {sweep_dir}")
@@ -370,9 +383,13 @@ def build_report(sweep_dir: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+    usage = "usage: python -m launcher.report <sweep dir>   (writes report.md, report.csv, report.png there)"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if len(argv) != 1:
         print(
-            "usage: python -m launcher.report <sweep dir>   (writes report.md, report.csv, report.png there)"
+            f"shardlab: error: give one sweep directory, got {len(argv)} arguments ({usage})", file=sys.stderr
         )
         return 2
     try:

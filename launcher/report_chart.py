@@ -12,9 +12,10 @@ FULL_LABELS = 12  # more jobs than this: full labels for the top 3 and the front
 def status_text(r: dict) -> str:
     # A report row's status as the table and the chart's "not plotted" box say it (a tune's rows are also
     # pruned or pending, with their reason).
-    if r["status"] in ("ok", "reused"):
-        return "ok (reused)" if r["status"] == "reused" else "ok"
-    return f"{r['status']}: {r['reason']}" if r.get("reason") else r["status"]
+    status = "ok (reused)" if r["status"] == "reused" else r["status"]
+    return (
+        f"{status}: {r['reason']}" if r.get("reason") else status
+    )  # an ok row's reason: a note (non-finite steps)
 
 
 def _frontier(rows: list[dict]) -> list[dict]:

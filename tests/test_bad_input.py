@@ -1,10 +1,12 @@
-# The README's bad-input table, one case per row: each bad input gives one clear message, before any worker
-# starts, and damages nothing already saved (the checkpoints the checkpoint rows point at are hashed before
-# and after). The distinct ways a bad input reaches the user run through the real CLI (Hydra's composition
-# errors, the output dir checked before Hydra, the launcher's GPU count, one of validate()'s checks), with
-# exit code 2 and one line on stderr; every other row is one of validate()'s checks, which the CLI reports
-# the same way, and is checked in-process.
+# The bad-input table of every command, one case per row: each bad input gives one clear line and exit code 2,
+# before any worker starts or any file is written, and damages nothing already saved (the checkpoints and inputs
+# the rows point at are hashed before and after). train.py: the distinct ways a bad input reaches the user run
+# through the real CLI (Hydra's composition errors, the output dir checked before Hydra, the launcher's GPU count,
+# one of validate()'s checks), every other row is one of validate()'s checks, which the CLI reports the same way,
+# and is checked in-process. The other commands (prepare, export, plan, tune, sbatch, report): each row calls the
+# command's main() in-process, as `python -m` does, with its own empty directory for what it would write.
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from commands import export
+from commands import export, plan, sbatch, tune
+from commands import prepare as prepare_cli
+from commands.prepare import prepare
+from launcher import report
 from launcher.errors import describe_error
 from tests.helpers.cli import cli_args, cli_env, finish, start
 from tests.helpers.run import REPO, compose_config, train_in_process
@@ -40,6 +45,9 @@ CLI_ROWS = {
     "bad_syntax": (["trainer.max_steps=[1"], None, ["cannot parse the override 'trainer.max_steps=[1'"]),
     # Checked before Hydra makes the run dir, and by the launcher before it validates.
     "output_dir": ([], "{file}/run", ["hydra.run.dir={file}/run", "{file} is a file, not a directory"]),
+    # A run directory that even root cannot make (a special filesystem): tried, not guessed from permissions.
+    "output_dir_proc": ([], "/proc/shardlab-run", ["hydra.run.dir=/proc/shardlab-run cannot be created",
+                                                   "a directory cannot be made in /proc"]),
     "nproc_gpus": (
         ["strategy=ddp", "launcher.nproc_per_node=2", "trainer.device=cuda"],
         None,
@@ -169,6 +177,100 @@ CHECK_ROWS = {
     "pp_hf": (["strategy=pp", "model=hf_llama_debug"], 2, ["cannot split this model into stages", "renumber its blocks"]),
     "pp_tied": (["strategy=pp", "model.tie_embeddings=true"], 2, ["model.tie_embeddings=true with pipeline parallelism"]),
     "pp_fp16": (["strategy=pp", "precision=fp16-mixed"], 2, ["precision=fp16-mixed with strategy=pp", "bf16-mixed"]),
+    # Data and validation ({inp}: the inputs fixture's files). Validation asked for with nothing held out; a text
+    # source of binary files only; a token directory whose bytes or meta.json changed since prepare wrote them, or
+    # whose train split is shorter than one window; a checkpoint with a flipped byte.
+    "eval_no_held_out": (["data=text", "data.path={inp}/src", "data.glob=*", "data.val_fraction=0", "eval.every_n_steps=2"], 1,
+                         ["eval.every_n_steps=2 asks for validation, but the data holds out no window of 33 tokens"]),
+    "eval_batches": (["eval.batches=0"], 1, ["eval.batches must be at least 1, got 0"]),
+    "text_binary": (["data=text", "data.path={inp}/bin", "data.glob=*"], 1,
+                    ["no text found under data.path", "(2 binary file(s) skipped: a NUL byte near their start)"]),
+    "text_short": (["data=text", "data.path={inp}/src/a.txt", "trainer.seq_len=4096", "model.max_seq_len=4096"], 1,
+                   ["training bytes", "fewer than trainer.seq_len + 1 = 4097"]),
+    "tokens_not_prepared": (["data=tokens", "data.path={inp}/src"], 1, ["{inp}/src/meta.json is missing"]),
+    "tokens_seq_len": (["data=tokens", "data.path={inp}/tokens", "trainer.seq_len=4096", "model.max_seq_len=4096",
+                        "eval.at_end=false"], 1, ["the train split of {inp}/tokens holds", "fewer than trainer.seq_len + 1 = 4097"]),
+    "tokens_flipped": (["data=tokens", "data.path={inp}/tokens_flipped"], 1,
+                       ["{inp}/tokens_flipped/train.bin does not match the digest meta.json records"]),
+    "tokens_meta_edited": (["data=tokens", "data.path={inp}/tokens_edited", "model.vocab_size=100"], 1,
+                           ["records token ids up to", "but a vocabulary of 100: it no longer matches its files"]),
+    "tokens_vocab": (["data=tokens", "data.path={inp}/tokens", "model.vocab_size=100"], 1,
+                     ["data needs a vocabulary of 256 tokens (its meta.json) but model.vocab_size is 100"]),
+    "flipped_checkpoint": (["checkpoint.resume={ckpt}/flipped"], 1,
+                           ["checkpoint {ckpt}/flipped fails verification: __0_0.distcp does not match the digest",
+                            "set checkpoint.resume to an older checkpoint"]),
+}  # fmt: skip
+
+# The other commands, each row (command, its arguments, what the one line must name). {tmp}: the row's own empty
+# directory, which must stay empty; {inp}: the inputs fixture; {ckpt}: the checkpoints; {file}: a regular file.
+COMMAND_ROWS = {
+    # prepare: what it reads
+    "prepare_missing_source": ("prepare", ["{tmp}/nothing", "{tmp}/out"], ["source {tmp}/nothing does not exist"]),
+    "prepare_empty_source": ("prepare", ["{inp}/src", "{tmp}/out", "--glob", "*.none"], ["holds no non-empty file matching --glob '*.none'"]),
+    "prepare_binary_file": ("prepare", ["{inp}/bin/blob.dat", "{tmp}/out"], ["is a binary file (a NUL byte in the first 8000 bytes"]),
+    "prepare_binary_dir": ("prepare", ["{inp}/bin", "{tmp}/out"], ["holds only binary files (2)"]),
+    "prepare_bad_json": ("prepare", ["{inp}/bad.jsonl", "{tmp}/out"], ["{inp}/bad.jsonl:2 is not JSON", "fix or remove that line"]),
+    "prepare_number_text": ("prepare", ["{inp}/number.jsonl", "{tmp}/out"], ["{inp}/number.jsonl:2: 'text' is 5, not a string"]),
+    "prepare_null_text": ("prepare", ["{inp}/null.jsonl", "{tmp}/out"], ["{inp}/null.jsonl:3: 'text' is null, not a string"]),
+    "prepare_no_field": ("prepare", ["{inp}/body.jsonl", "{tmp}/out"], ["have no field 'text'", "--text-field to one of body"]),
+    "prepare_bad_parquet": ("prepare", ["{inp}/broken.parquet", "{tmp}/out"], ["{inp}/broken.parquet cannot be read as Parquet"]),
+    "prepare_mixed": ("prepare", ["{inp}", "{tmp}/out"], ["mixes", "prepare one kind at a time"]),
+    "prepare_not_a_tokenizer": ("prepare", ["{inp}/src", "{tmp}/out", "--tokenizer", "{inp}/src"], ["--tokenizer", "is not a tokenizer directory"]),
+    "prepare_empty_split": ("prepare", ["{inp}/src", "{tmp}/out", "--val-fraction", "0.01"], ["--val-fraction 0.01 of 3 documents leaves the val split empty"]),
+    "prepare_val_fraction": ("prepare", ["{inp}/src", "{tmp}/out", "--val-fraction", "1.5"], ["--val-fraction must be between 0 and 1 (both splits need documents), got 1.5"]),
+    "prepare_num_proc": ("prepare", ["{inp}/src", "{tmp}/out", "--num-proc", "0"], ["--num-proc must be at least 1, got 0"]),
+    "prepare_bad_flag": ("prepare", ["{inp}/src", "{tmp}/out", "--val_fraction", "0.5"], ["unrecognized arguments: --val_fraction", "--help"]),
+    "prepare_not_a_number": ("prepare", ["{inp}/src", "{tmp}/out", "--val-fraction", "half"], ["argument --val-fraction: invalid float value: 'half'"]),
+    # prepare: what it writes
+    "prepare_out_is_source": ("prepare", ["{inp}/src", "{inp}/src", "--overwrite"], ["out {inp}/src is, holds or lies inside the source"]),
+    "prepare_out_in_source": ("prepare", ["{inp}/src", "{inp}/src/tokens"], ["lies inside the source {inp}/src"]),
+    "prepare_out_holds_source": ("prepare", ["{inp}/src", "{inp}", "--overwrite"], ["out {inp} is, holds or lies inside the source"]),
+    "prepare_out_under_file": ("prepare", ["{inp}/src", "{file}/out"], ["out {file}/out cannot be created ({file} is a file"]),
+    "prepare_out_is_file": ("prepare", ["{inp}/src", "{file}"], ["out {file} cannot be created", "is a file"]),
+    "prepare_out_not_empty": ("prepare", ["{inp}/src", "{inp}/other"], ["{inp}/other already exists and is not empty", "--overwrite"]),
+    "prepare_overwrite_other": ("prepare", ["{inp}/src", "{inp}/other", "--overwrite"], ["holds files that prepare did not write", "choose another out"]),
+    # export
+    "export_missing": ("export", ["{tmp}/nothing", "{tmp}/m.safetensors"], ["{tmp}/nothing is not a checkpoint", "give export a checkpoint directory"]),
+    "export_not_a_checkpoint": ("export", ["{inp}/src", "{tmp}/hf"], ["{inp}/src is not a checkpoint"]),
+    "export_corrupt": ("export", ["{ckpt}/corrupt", "{tmp}/m.pt"], ["checkpoint {ckpt}/corrupt cannot be read", "give export another checkpoint"]),
+    "export_truncated": ("export", ["{ckpt}/truncated", "{tmp}/m.pt"], ["checkpoint {ckpt}/truncated is incomplete", "give export another checkpoint"]),
+    "export_flipped": ("export", ["{ckpt}/flipped", "{tmp}/hf"], ["checkpoint {ckpt}/flipped fails verification: __0_0.distcp", "give export another checkpoint"]),
+    "export_file_exists": ("export", ["{ckpt}/good", "{inp}/model.safetensors"], ["out {inp}/model.safetensors already exists", "--overwrite"]),
+    "export_dir_not_empty": ("export", ["{ckpt}/good", "{inp}/other"], ["{inp}/other already exists and is not empty", "--overwrite"]),
+    "export_overwrite_other": ("export", ["{ckpt}/good", "{inp}/other", "--overwrite"], ["holds more than an earlier export", "choose another directory"]),
+    "export_into_checkpoint": ("export", ["{ckpt}/good", "{ckpt}/good", "--overwrite"], ["is or holds the checkpoint being exported"]),
+    "export_into_run": ("export", ["{ckpt}/run", "{ckpt}/run", "--overwrite"], ["out {ckpt}/run is or holds the checkpoint being exported"]),
+    "export_under_file": ("export", ["{ckpt}/good", "{file}/hf"], ["out {file}/hf cannot be written", "is a file"]),
+    "export_dir_as_file": ("export", ["{ckpt}/good", "{inp}/src.pt"], ["out {inp}/src.pt is a directory, not a .pt file"]),
+    "export_file_as_dir": ("export", ["{ckpt}/good", "{file}"], ["out {file} is a file: give a directory for a Hugging Face model"]),
+    "export_no_out": ("export", ["{ckpt}/good"], ["the following arguments are required: out"]),
+    # plan
+    "plan_memory": ("plan", ["plan.device_memory_gb=-1"], ["plan.device_memory_gb must be positive, got -1.0"]),
+    "plan_device": ("plan", ["plan.device=tpu"], ["plan.device must be cpu or cuda, got 'tpu'"]),
+    "plan_model": ("plan", ["model=llama4"], ["model=llama4 is not an option of model"]),
+    "plan_nproc": ("plan", ["launcher.nproc_per_node=0"], ["launcher.nproc_per_node must be at least 1, got 0"]),
+    "plan_tp": ("plan", ["strategy=tp", "strategy.tp=3", "launcher.nproc_per_node=4"], ["strategy.tp=3 does not divide the world size 4"]),
+    "plan_flag": ("plan", ["--device", "cpu"], ["unknown option --device", "takes key=value overrides"]),
+    # tune
+    "tune_dir_file": ("tune", ["tune.dir={file}", "plan.device=cpu"], ["tune.dir={file} cannot be created", "is a file"]),
+    "tune_dir_under_file": ("tune", ["tune.dir={file}/t", "plan.device=cpu"], ["tune.dir={file}/t cannot be created"]),
+    "tune_budget": ("tune", ["tune.budget_minutes=-1", "tune.dir={tmp}/t"], ["tune.budget_minutes must be positive, got -1.0"]),
+    "tune_strategy": ("tune", ["tune.strategies=[nope]", "tune.dir={tmp}/t", "plan.device=cpu"], ["tune.strategies holds 'nope'"]),
+    "tune_headroom": ("tune", ["tune.headroom=2", "tune.dir={tmp}/t"], ["tune.headroom must be in [0, 1), got 2.0"]),
+    "tune_flag": ("tune", ["--budget", "5"], ["unknown option --budget"]),
+    # sbatch
+    "sbatch_time": ("sbatch", ["--time", "-5", "--run-root", "{tmp}/slurm"], ["--time must be at least 1, got -5"]),
+    "sbatch_memory": ("sbatch", ["--mem-gb", "0", "--run-root", "{tmp}/slurm"], ["--mem-gb must be at least 1, got 0"]),
+    "sbatch_cpus": ("sbatch", ["--cpus-per-task", "-1", "--run-root", "{tmp}/slurm"], ["--cpus-per-task must be at least 1, got -1"]),
+    "sbatch_name": ("sbatch", ["--job-name", "", "--run-root", "{tmp}/slurm"], ["--job-name must be a non-empty single line"]),
+    "sbatch_log_dir": ("sbatch", ["--output", "{file}/x.out"], ["the job's log directory {file} cannot be created"]),
+    "sbatch_model": ("sbatch", ["model=nope", "--run-root", "{tmp}/slurm"], ["model=nope is not an option of model"]),
+    "sbatch_flag": ("sbatch", ["--nodes", "2", "--run-root", "{tmp}/slurm"], ["unknown option --nodes"]),
+    # report
+    "report_missing": ("report", ["{tmp}/sweep"], ["{tmp}/sweep is not a directory"]),
+    "report_file": ("report", ["{file}"], ["{file} is not a directory"]),
+    "report_empty": ("report", ["{inp}/src"], ["no job directories (summary.json or .hydra/) under {inp}/src"]),
+    "report_two": ("report", ["{tmp}", "{tmp}"], ["give one sweep directory, got 2 arguments"]),
 }  # fmt: skip
 PARALLEL = 8  # CLI processes at once: each fails before training
 
@@ -180,10 +282,46 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the size unchanged: only a digest tells
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def inp(tmp_path_factory) -> Path:
+    # What the rows read: three text documents, binary files, JSON Lines that do not parse or hold no text, a file
+    # that is not Parquet, a directory of someone's files, an earlier export file, a directory named like a file,
+    # and token files as prepare wrote them, with a flipped byte, and with a meta.json edited to a smaller vocabulary.
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "src").mkdir()
+    for name, word in (("a", "alpha"), ("b", "beta"), ("c", "gamma")):
+        (root / "src" / f"{name}.txt").write_text(f"{word} " * 120)
+    (root / "bin").mkdir()
+    (root / "bin" / "blob.dat").write_bytes(b"\0\1\2" * 1000)
+    (root / "bin" / "blob2.dat").write_bytes(bytes(range(256)) * 4)
+    (root / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
+    (root / "number.jsonl").write_text('{"text": "a"}\n{"text": 5}\n{"text": "c"}\n')
+    (root / "null.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": null}\n')
+    (root / "body.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n')
+    (root / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    (root / "other").mkdir()
+    (root / "other" / "notes.txt").write_text("someone's notes\n")
+    (root / "model.safetensors").write_bytes(b"an earlier export")
+    (root / "src.pt").mkdir()
+    prepare(str(root / "src"), str(root / "tokens"), val_fraction=0.34, num_proc=1)
+    shutil.copytree(root / "tokens", root / "tokens_flipped")
+    flip_byte(root / "tokens_flipped" / "train.bin")
+    shutil.copytree(root / "tokens", root / "tokens_edited")
+    meta = json.loads((root / "tokens_edited" / "meta.json").read_text())
+    (root / "tokens_edited" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))
+    return root
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    # A real 3-step checkpoint (model=debug, as every row trains), a copy whose .metadata is garbage and one
-    # whose shard file was cut short.
+    # A real 3-step checkpoint (model=debug, as every row trains) and its run directory, a copy whose .metadata is
+    # garbage (saved, as it were, before digests), one whose shard file was cut short, and one with a byte flipped.
     root = tmp_path_factory.mktemp("checkpoints")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -194,9 +332,12 @@ def ckpt(tmp_path_factory) -> Path:
     shutil.copytree(root / "run" / "checkpoints" / "step_00000003", root / "good")
     shutil.copytree(root / "good", root / "corrupt")
     (root / "corrupt" / ".metadata").write_bytes(b"\x0bnot a pickle" * 100)
+    (root / "corrupt" / "digests.json").unlink()  # as saved before digests: its pickle is read, and refused
     shutil.copytree(root / "good", root / "truncated")
     with open(root / "truncated" / "__0_0.distcp", "r+b") as f:
         f.truncate(4096)
+    shutil.copytree(root / "good", root / "flipped")
+    flip_byte(root / "flipped" / "__0_0.distcp")
     return root
 
 
@@ -247,17 +388,17 @@ def test_one_clear_line_before_any_worker_starts(failures, row):
 
 
 @pytest.mark.parametrize("row", CHECK_ROWS)
-def test_checks_name_the_fix_and_touch_nothing(ckpt, afile, tmp_path, row):
+def test_checks_name_the_fix_and_touch_nothing(ckpt, afile, inp, tmp_path, row):
     overrides, world, names = CHECK_ROWS[row]
-    fill = {"tmp": tmp_path, "ckpt": ckpt, "file": afile}
-    before = _digest(ckpt)
+    fill = {"tmp": tmp_path, "ckpt": ckpt, "file": afile, "inp": inp}
+    before = _digest(ckpt), _digest(inp)
     with pytest.raises(ValueError) as info:
         validate(compose_config(*(o.format(**fill) for o in overrides)), world, "cpu")
     line = describe_error(info.value)  # what the CLI prints after "shardlab: error: "
     assert "\n" not in line
     for name in names:
         assert name.format(**fill) in line, line
-    assert _digest(ckpt) == before and list(tmp_path.iterdir()) == []
+    assert (_digest(ckpt), _digest(inp)) == before and list(tmp_path.iterdir()) == []
     assert afile.read_text() == "a regular file where a directory is expected\n"
 
 
@@ -283,12 +424,41 @@ def test_fp8_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
         validate(compose_config("precision=fp8", "trainer.device=auto"), 1, "cuda", (8, 0))
 
 
-def test_export_of_a_corrupt_checkpoint_fails_in_one_line(ckpt, tmp_path, capsys):
-    # commands.export's command line (its success path runs as a subprocess in tests/test_checkpoint.py).
-    with pytest.raises(SystemExit) as exit_:
-        export.main([str(ckpt / "corrupt"), str(tmp_path / "m.pt")])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.strip().startswith(f"shardlab: error: checkpoint {ckpt / 'corrupt'} cannot be read")
-    assert len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "m.pt").exists()
+COMMANDS = {
+    "prepare": prepare_cli.main,
+    "export": export.main,
+    "plan": plan.main,
+    "tune": tune.main,
+    "sbatch": sbatch.main,
+    "report": report.main,
+}
+
+
+@pytest.mark.parametrize("row", COMMAND_ROWS)
+def test_every_command_says_what_to_change_in_one_line_and_writes_nothing(
+    row, inp, ckpt, afile, tmp_path, capsys
+):
+    command, argv, names = COMMAND_ROWS[row]
+    fill = {"tmp": tmp_path, "inp": inp, "ckpt": ckpt, "file": afile}
+    before = _digest(inp), _digest(ckpt)
+    try:
+        code = COMMANDS[command]([a.format(**fill) for a in argv])  # report returns its exit code
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardlab: error: "), err
+    for name in names:
+        assert name.format(**fill) in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+    assert (_digest(inp), _digest(ckpt)) == before
+    assert afile.read_text() == "a regular file where a directory is expected\n"
+
+
+def test_the_commands_debug_flag_gives_the_traceback(inp, tmp_path):
+    # Bad input is one line; --debug is for the rare case where the line is not enough.
+    with pytest.raises(ValueError, match="holds only binary files"):
+        prepare_cli.main([str(inp / "bin"), str(tmp_path / "out"), "--debug"])
+    with pytest.raises(ValueError, match="plan.device must be cpu or cuda"):
+        plan.main(["plan.device=tpu", "--debug"])

@@ -176,6 +176,15 @@ def test_plan_llama3_8b_with_ddp_does_not_fit_and_proposes_fsdp(capsys):
     assert float(fsdp.split()[-2]) < 80
 
 
+def test_a_change_that_still_does_not_fit_is_no_suggestion(capsys):
+    # llama3_70b in fp32 on one 8 GB device: the planner's cheapest combination (bf16, 8-bit states, checkpointing,
+    # a smaller micro-batch, more ranks, offload ...) still needs more than 8 GB per device, so it is not offered.
+    plan_cli.main(["model=llama3_70b", "precision=fp32", "plan.device_memory_gb=8"])
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "cheapest changes that fit" not in out
+    assert out.rstrip().endswith("no change the planner knows makes it fit")
+
+
 def test_plan_cli_runs_as_a_module_and_reports_bad_overrides():
     ok = subprocess.run(
         [

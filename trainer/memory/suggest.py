@@ -209,7 +209,8 @@ def _first_fit(tries: list[Setup], limit: float) -> tuple[Setup, MemoryPlan] | N
 
 def suggestions(setup: Setup, limit: float) -> list[tuple[str, Setup, MemoryPlan]]:
     # The candidates that fit on their own, cheapest first; if none does, the cheapest combination that
-    # fits, built by adding candidates in order of cost (each kept only if it lowers the peak).
+    # fits, built by adding candidates in order of cost (each kept only if it lowers the peak). Only changes
+    # that fit: a combination that still does not is no suggestion ([]).
     single = []
     for label, candidate in CANDIDATES:
         if (found := _first_fit(candidate(setup), limit)) is not None:
@@ -224,4 +225,4 @@ def suggestions(setup: Setup, limit: float) -> list[tuple[str, Setup, MemoryPlan
             (combined, best), labels = found, [*labels, label]
         if best.peak <= limit:
             break
-    return [(" + ".join(labels), combined, best)] if labels else []
+    return [(" + ".join(labels), combined, best)] if labels and best.peak <= limit else []
