@@ -3,6 +3,7 @@
 #   torchrun --nproc_per_node=2 train.py strategy=fsdp
 # Nothing heavy is imported before Hydra has parsed the command line: `--help`, a bad override and `-m`'s
 # parent cost no torch import. The spawned workers of a launch import this file again (as __mp_main__).
+import signal
 import sys
 
 import hydra
@@ -34,6 +35,9 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    # Ctrl-C stops a run (one line, exit 130) even where a script started it with SIGINT ignored, as `nohup` and a
+    # shell's `cmd &` do: Python then never arms it, and the workers would inherit the ignore and train on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     check_output_dirs(sys.argv[1:])
     with one_line_errors():  # a bad override: one line and exit code 2, not Hydra's multi-line report
         main()

@@ -2,6 +2,7 @@
 # composed and resolved the config once; it starts the workers with torch's elastic launch API (a module-level
 # entrypoint, c10d rendezvous). The parent never touches CUDA.
 # Workers are forks of a forkserver that has imported what they need: launcher/prefork.py says why.
+import logging
 import os
 import sys
 import uuid
@@ -133,8 +134,18 @@ def _differences(mine, rank0, prefix: str = "") -> list[str]:
     return [] if mine == rank0 or key in NODE_LOCAL_KEYS else [f"{key}={mine!r} (rank 0: {rank0!r})"]
 
 
+# The elastic agent narrates a stop at WARNING ("Received 2 death signal, shutting down workers", "Closing process
+# ... via signal SIGINT"): a Ctrl-C is one line of ours (launcher/main.py), and a failure names its rank and cause.
+QUIET_LOGGERS = (
+    "torch.distributed.elastic.agent.server.api",
+    "torch.distributed.elastic.multiprocessing.api",
+)
+
+
 def launch(cfg, nproc: int, args) -> RunSummary | None:
     warm_workers()  # started already by train.py where it knew; else here
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     container = OmegaConf.to_container(cfg, resolve=True)
     try:
         results = elastic_launch(launch_config(cfg.launcher, nproc), worker_entry)(container, nproc, args)

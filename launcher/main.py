@@ -2,6 +2,7 @@
 # process (world size 1), under the torchrun that started us (style 1), or start the workers (styles 2, 3).
 import contextlib
 import signal
+import sys
 import traceback
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from launcher import slurm
@@ -20,6 +22,7 @@ from trainer.checks import capability, check_device_capabilities, validate
 from trainer.config import SCHEMAS
 from trainer.dist import available_device, broadcast_object, close_distributed, init_run
 from trainer.environments import current
+from trainer.preempt import Interrupted
 from trainer.summary import FAILED, PREEMPTED, RunSummary
 
 
@@ -54,7 +57,12 @@ def main_torchrun(cfg: DictConfig) -> RunSummary:
     # No launcher of ours sums up a torchrun job: the rank whose failure came first says it, in one line.
     from launcher.worker import run_worker
 
-    return run_worker(cfg, env, args, say_first_failure=True)
+    try:
+        return run_worker(cfg, env, args, say_first_failure=True)
+    except (Interrupted, KeyboardInterrupt) as e:
+        # a world of one (larger worlds' ranks leave with exit code 130 themselves)
+        print(f"shardlab: {str(e) or 'interrupted before the first step'}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def main(cfg: DictConfig) -> RunSummary | None:
@@ -99,6 +107,8 @@ def main(cfg: DictConfig) -> RunSummary | None:
                 summary = launch(cfg, nproc, args)
             if got or (summary is not None and summary.status == PREEMPTED):
                 stopped(run_dir, summary, got)
+    except (KeyboardInterrupt, Interrupted, SignalException) as e:
+        stopped_by_signal(run_dir, e)  # exits
     except Exception as e:
         # Not a WorkerFailed from a launch: the launcher itself failed (rendezvous, a signal), not rank 0.
         who = "rank 0" if in_process else "launcher"
@@ -112,6 +122,25 @@ def main(cfg: DictConfig) -> RunSummary | None:
             fail(reason, code=1)
         summary = RunSummary(status=FAILED, error=reason)
     return job_outcome(run_dir, summary)
+
+
+def stopped_by_signal(run_dir: Path, e: BaseException) -> None:
+    # Ctrl-C (or a SIGINT, SIGTERM, SIGHUP sent to this process): the workers have stopped (the elastic agent sends
+    # them the signal, and kills what is left after its timeout); rank 0 recorded the step it reached. One line,
+    # and the shell's exit status for the signal (130 for SIGINT): no traceback, no worker left.
+    signum = int(getattr(e, "sigval", signal.SIGINT))
+    recorded = RunSummary.read(run_dir) if (run_dir / "summary.json").is_file() else None
+    if signum == signal.SIGINT:
+        line = str(e) if str(e).startswith("interrupted") else None
+        line = line or (
+            recorded.error if recorded and (recorded.error or "").startswith("interrupted") else None
+        )
+        line = line or "interrupted before the first step"
+    else:
+        line = f"stopped by {signal.Signals(signum).name}"
+    record_failure(run_dir, line)
+    print(f"shardlab: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 def stopped(run_dir: Path, summary: RunSummary | None, got: list[int]) -> None:

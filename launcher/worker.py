@@ -12,6 +12,7 @@ from trainer import preempt
 from trainer.dist import DistEnv, close_distributed, first_failure
 from trainer.environments import current
 from trainer.loop import train
+from trainer.preempt import Interrupted
 from trainer.summary import RunSummary
 
 # Longer than two polls of the elastic agent (launcher.monitor_interval, 0.5 s) and torchrun's (0.1 s).
@@ -43,6 +44,14 @@ def run_worker(cfg: DictConfig, env: DistEnv, args, say_first_failure: bool = Fa
             run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         summary = train(cfg, env, run_dir, args)
+    except (Interrupted, KeyboardInterrupt) as e:
+        # Ctrl-C reaches every process: rank 0 records where the run stopped; the launcher says it in one line.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if env.is_rank0:
+            record_failure(run_dir, str(e) or "interrupted before the first step")
+        if env.world_size > 1:
+            raise SystemExit(130) from None  # a worker's exit, not a traceback in its log
+        raise
     except BaseException as e:
         if env.world_size > 1:  # a launcher's SIGTERM must not cut the record short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

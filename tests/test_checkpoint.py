@@ -3,9 +3,9 @@
 # pruning; export to one file; loading never runs pickled code; a save killed mid-write; a worker killed
 # under launcher.max_restarts; NaN losses. The 2-rank runs share one process group (tests/dist_helpers.py).
 import hashlib
-import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -23,12 +23,12 @@ from commands.export import consolidated_model_state, export
 from models import build_model
 from tests.helpers import dist as dist_helpers
 from tests.helpers.cli import cli_env, start_cli, workers
-from tests.helpers.run import REPO, TINY, compose_config, read_rows, read_summary
+from tests.helpers.run import REPO, TINY, compose_config, read_rows, read_summary, train_in_process
 from trainer import checkpoint, checkpoint_io
 from trainer.checks import model_args, validate
 from trainer.data import build_data, micro_batches
 from trainer.dist import close_distributed, init_distributed
-from trainer.loop import train
+from trainer.loop import NonFiniteLoss, train
 from trainer.summary import RunSummary
 
 pytestmark = pytest.mark.slow
@@ -398,7 +398,9 @@ def test_killed_worker_restarts_and_resumes_to_the_same_loss(runs, tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    # lr 1e20: step 1's update makes the weights ~1e20, and step 2's forward overflows to inf, then NaN.
+    # lr 1e20: step 1's update makes the weights ~1e20, and step 2's forward overflows to inf, then NaN. Under
+    # trainer.on_nonfinite=skip the run goes on, but a run whose loss ends non-finite still fails, everywhere its
+    # result is read: exit status, summary.json, and the console's summary says how many steps it skipped.
     blowup = ("optim.lr=1e20", "optim.warmup_steps=0", "checkpoint=periodic", "checkpoint.every_n_steps=1")
     stop = start_cli(tmp_path, *blowup, run_dir=str(tmp_path / "stop"))
     skip = start_cli(tmp_path, *blowup, "trainer.on_nonfinite=skip", run_dir=str(tmp_path / "skip"))
@@ -408,18 +410,30 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
     root = tmp_path / "stop" / "checkpoints"
     line = err.strip().splitlines()[-1]
     assert line.startswith("shardlab: error: ") and "at step 2" in line, err
-    assert f"the last good checkpoint is {root / 'step_00000001'}" in line
+    assert f"the last checkpoint this run saved is {root / 'step_00000001'}" in line
     assert _listing(root) == {"step_00000001"}
     checkpoint_io.verify(root / "step_00000001")
     assert checkpoint_io.read_train_state(root / "step_00000001")["step"] == 1
     summary = read_summary(tmp_path / "stop")
     assert summary.status == "failed" and "at step 2" in summary.error
+    # Resumed from step 1, it fails again before saving: the checkpoint it came from is named as that, not as good.
+    again = compose_config(
+        *blowup, f"checkpoint.resume={root / 'step_00000001'}", "checkpoint.every_n_steps=0"
+    )
+    with pytest.raises(NonFiniteLoss, match=rf"at step 2; this run resumed from {root / 'step_00000001'} at step 1 "
+                       "and saved no checkpoint since"):  # fmt: skip
+        train_in_process(again, tmp_path / "again")
 
     out, err = skip.communicate(timeout=TIMEOUT)
-    assert skip.returncode == 0, err[-3000:]
+    assert skip.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert "the loss was non-finite at 2 of 3 steps (trainer.on_nonfinite=skip skipped them)" in line, err
+    assert "final loss is nan" in line
+    # the console's table
+    assert re.search(r"non-finite loss +at 2 step\(s\), skipped \(trainer.on_nonfinite=skip\)", out), out
     summary = read_summary(tmp_path / "skip")
-    assert summary.status == "ok" and summary.nonfinite_skipped_steps == 2  # steps 2 and 3
-    assert math.isnan(summary.final_loss)
+    assert summary.status == "failed" and "non-finite at 2 of 3 steps" in summary.error  # steps 2 and 3
     # A skipped step changes nothing: the weights after steps 2 and 3 are step 1's.
     root = tmp_path / "skip" / "checkpoints"
     first, last = (consolidated_model_state(root / f"step_0000000{s}") for s in (1, 3))

@@ -3,7 +3,9 @@
 # tmp_path so the run-dir resolver is what is tested; plus two runs at once, two nodes on one machine, and
 # workers that die or raise.
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -221,3 +223,33 @@ def test_style2_two_runs_at_once_and_a_killed_worker(tmp_path):
     assert f"shardlab: run directory {by_status['ok']}" in short_out
     assert f"shardlab: run directory {by_status['failed']}" in out
     assert load(by_status["failed"] / "summary.json").error.startswith("rank 1 failed")
+
+
+def test_ctrl_c_is_one_line_exit_130_and_no_worker_left(tmp_path):
+    # Started as `nohup` or a script's `cmd &` starts it, with SIGINT ignored, then Ctrl-C: SIGINT to the whole
+    # process group, as a terminal sends it. Every process stops at once: rank 0 records the step it reached and
+    # the newest checkpoint (a rank that had inherited the ignore would train on until the agent killed it, and
+    # record nothing), and the launcher says so in one line, with the shell's status for SIGINT.
+    run_dir = tmp_path / "run"
+    proc = start(
+        [sys.executable, TRAIN, *TINY, "strategy=ddp", "launcher.nproc_per_node=2", "checkpoint=periodic",
+         "checkpoint.every_n_steps=2", f"hydra.run.dir={run_dir}", *LONG],
+        tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while not (run_dir / "checkpoints" / "step_00000004").is_dir() or len(workers(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc, timeout=5)
+        time.sleep(0.05)
+    ranks = workers(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out, err = finish(proc, timeout=60)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err + out, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    match = re.fullmatch(
+        rf"shardlab: interrupted at step (\d+); checkpoint {run_dir}/checkpoints/step_(\d+)", lines[0]
+    )
+    assert match and int(match[1]) >= int(match[2]) >= 4, lines[0]
+    assert load(run_dir / "summary.json").error == lines[0].removeprefix("shardlab: ")
+    assert not any(p.is_running() and p.status() != "zombie" for p in ranks)

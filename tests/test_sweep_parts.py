@@ -131,7 +131,10 @@ def ok_summary(tps: float, mem: float, loss: float, tokens_per_step: int = 512) 
 
 def test_report_from_disk_flags_unequal_work_and_names_failures(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    fake_job(sweep / "0", ok_summary(1000.0, 0.5, 5.0), ["trainer.seq_len=64"])
+    # job 0 skipped steps for a non-finite loss (trainer.on_nonfinite=skip) and still ended well: its row says so
+    fake_job(
+        sweep / "0", {**ok_summary(1000.0, 0.5, 5.0), "nonfinite_skipped_steps": 2}, ["trainer.seq_len=64"]
+    )
     fake_job(sweep / "1", ok_summary(3000.0, 0.9, 4.9, 1024), ["trainer.seq_len=128"], seq_len=128)
     oom = {
         "status": "failed",
@@ -145,6 +148,7 @@ def test_report_from_disk_flags_unequal_work_and_names_failures(tmp_path, capsys
     rows = csv_rows(sweep)
     assert [r["trainer.seq_len"] for r in rows] == ["128", "64", "4096", "256"]
     assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed"]
+    assert rows[1]["reason"] == "non-finite loss at 2 step(s), skipped"
     assert rows[2]["reason"] == "out of memory after step 12"
     assert rows[3]["reason"].startswith("no summary.json")
     md = (sweep / "report.md").read_text()
@@ -152,6 +156,7 @@ def test_report_from_disk_flags_unequal_work_and_names_failures(tmp_path, capsys
     assert "(512, 1,024, 2,048, 32,768)" in md and "| tokens/step |" in md
     table = md_rows(sweep)
     assert "**3,000**" in table[0] and "**4.9000**" in table[0] and "**0.500**" in table[1]  # best per column
+    assert "ok: non-finite loss at 2 step(s), skipped" in table[1]
     assert "failed: out of memory after step 12" in table[2]
     assert_png(sweep / "report.png")
     assert report.main([str(tmp_path / "nothing")]) == 2

@@ -93,8 +93,8 @@ def validate(cfg: DictConfig, world_size: int, available: str, capability=None, 
             f"data needs a vocabulary of {need} tokens{where} but model.vocab_size is {args.vocab_size}: "
             f"set model.vocab_size={need} or pick a model with a larger vocabulary"
         )
-    if held_out and (cfg.eval.every_n_steps or cfg.eval.at_end):
-        check_held_out(held_out, t.seq_len, cfg.eval.batches, t.global_batch_size)
+    if cfg.eval.every_n_steps or cfg.eval.at_end:
+        check_held_out(held_out, t.seq_len, cfg.eval.batches, t.global_batch_size, cfg.eval.every_n_steps)
     checkpoint.preflight(cfg, args)
     if cfg.metrics.memory_breakdown and cfg.strategy.compile:
         raise ValueError(

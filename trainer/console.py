@@ -105,6 +105,13 @@ def format_summary(s: RunSummary) -> str:
         lines.append(("first loss", f"{s.first_loss:.4f}"))
     if s.final_loss is not None:
         lines.append(("final loss", f"{s.final_loss:.4f}"))
+    if s.nonfinite_skipped_steps:
+        lines.append(
+            (
+                "non-finite loss",
+                f"at {s.nonfinite_skipped_steps} step(s), skipped (trainer.on_nonfinite=skip)",
+            )
+        )
     if s.val_loss is not None:
         best = f"; best {s.best_val_loss:.4f} at step {s.best_val_step}" if s.evals > 1 else ""
         lines.append(

@@ -21,15 +21,32 @@ def eval_steps(every: int, at_end: bool, start: int, max_steps: int, has_held_ou
     return {s for s in steps if s > start}
 
 
-def check_held_out(val_windows: int | None, seq_len: int, batches: int, global_batch: int) -> None:
-    # Enough held-out windows for eval.batches batches (None: unbounded, synthetic data).
+def check_held_out(
+    val_windows: int | None, seq_len: int, batches: int, global_batch: int, every: int = 0
+) -> None:
+    # Enough held-out windows for eval.batches batches (None: unbounded, synthetic data, or not known yet). None at
+    # all is refused where eval.every_n_steps asks for validation; with eval.at_end alone (the default) the run
+    # says in one line that it will not validate (no_validation_note).
     need = batches * global_batch
-    if val_windows is not None and val_windows < need:
+    if val_windows == 0 and every:
+        raise ValueError(
+            f"eval.every_n_steps={every} asks for validation, but the data holds out no window of {seq_len + 1} "
+            "tokens: hold some out (data.val_fraction for data=text, --val-fraction of commands.prepare for "
+            "data=tokens), or set eval.every_n_steps=0"
+        )
+    if val_windows and val_windows < need:
         raise ValueError(
             f"eval.batches={batches} of trainer.global_batch_size={global_batch} sequences needs {need} held-out "
             f"windows of {seq_len + 1} tokens, but the data holds {val_windows}: lower eval.batches, or "
             "hold out more (data.val_fraction for data=text, --val-fraction of commands.prepare for data=tokens)"
         )
+
+
+def no_validation_note(seq_len: int) -> str:
+    return (
+        f"shardlab: no validation: the data holds out no window of {seq_len + 1} tokens (hold some out with "
+        "data.val_fraction for data=text or --val-fraction of commands.prepare, or set eval.at_end=false)"
+    )
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from trainer.config import batch_layout
 from trainer.console import ProgressBar, format_summary
 from trainer.data import build_data, micro_batches
 from trainer.dist import DistEnv, mean_across_ranks
-from trainer.evaluate import check_held_out, eval_steps, evaluate
+from trainer.evaluate import check_held_out, eval_steps, evaluate, no_validation_note
 from trainer.loggers import build_loggers
 from trainer.memory import plan_for_run, spec_from_config
 from trainer.metrics import Metrics
@@ -98,12 +99,15 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
     memory_step = measured_step(cfg.metrics.memory_breakdown, start, t.max_steps)
     e = cfg.eval
     evals = eval_steps(e.every_n_steps, e.at_end, start, t.max_steps, data.val_windows != 0)
-    if evals:
-        check_held_out(data.val_windows, t.seq_len, e.batches, t.global_batch_size)
+    if e.every_n_steps or e.at_end:
+        check_held_out(data.val_windows, t.seq_len, e.batches, t.global_batch_size, e.every_n_steps)
+        if data.val_windows == 0 and env.is_rank0:
+            print(no_validation_note(t.seq_len), flush=True)
 
     def ckpt_meta() -> dict:  # what a checkpoint keeps besides model, optimizer, step and rng
         return {**checkpoint.model_record(cfg.model, cfg.attention, cfg.data), **precision.state_tensors()}
 
+    done = start  # the last step finished, for an interruption to name
     try:
         metrics.start()
         for step in range(start + 1, t.max_steps + 1):
@@ -119,7 +123,7 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
             scheduler.step()
             loss = loss.item()
             if not math.isfinite(loss):
-                check_nonfinite(loss, step, t.on_nonfinite, ckpt_root)
+                check_nonfinite(loss, step, t.on_nonfinite, ckpt_root, start, resumed_from)
             metrics.update(step, loss=loss, grad_norm=float(grad_norm), lr=lr)
             if step in evals:
                 began = time.perf_counter()
@@ -138,13 +142,26 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
                     ckpt_root, step, model, optimizer, scheduler, cfg.checkpoint.keep_last, ckpt_meta()
                 )
                 return RunSummary(status=PREEMPTED, signal=sig, step=step, checkpoint=str(saved))
+            done = step
         bar.close()
         summary = metrics.summary()
+        if (why := nonfinite_run(summary, t.max_steps - start)) is not None:
+            if env.is_rank0:
+                print(format_summary(summary), flush=True)
+            raise NonFiniteLoss(why)
         if summary.pipeline:  # now with the bubble as measured over this run's steps after warm-up, and each
             # rank's peak memory (its stages')
             summary.pipeline = strategy.pipeline_facts(model, accum, cfg.metrics.warmup_steps)
             summary.pipeline["peak_memory_gb_by_rank"] = metrics.peak_memory_by_rank()
         loggers.summary(summary)
+    except KeyboardInterrupt:
+        signal.signal(
+            signal.SIGINT, signal.SIG_IGN
+        )  # a second one (the launcher passes it on) must not cut this short
+        kept = checkpoint.complete_checkpoints(ckpt_root)
+        raise preempt.Interrupted(
+            f"interrupted at step {done}" + (f"; checkpoint {kept[-1][1]}" if kept else "")
+        ) from None
     finally:
         bar.close()
         loggers.close()
@@ -182,12 +199,31 @@ def measured_step(enabled: bool, start: int, max_steps: int) -> int | None:
     return start + min(3, max_steps - start) if enabled and max_steps > start else None
 
 
-def check_nonfinite(loss: float, step: int, policy: str, ckpt_root: Path) -> None:
-    # train_step already skipped the update (a non-finite loss never reaches the weights); "error" stops.
+def check_nonfinite(loss: float, step: int, policy: str, ckpt_root: Path, start: int, resumed_from) -> None:
+    # train_step already skipped the update (a non-finite loss never reaches the weights); "error" stops, naming
+    # where to go back to: what this run saved, or, where it saved nothing since it resumed, the checkpoint it
+    # resumed from (which may be where the trouble began: not called good).
     if policy == "error":
-        kept = checkpoint.complete_checkpoints(ckpt_root)
-        saved = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was saved"
+        saved = [(n, p) for n, p in checkpoint.complete_checkpoints(ckpt_root) if n > start]
+        if saved:
+            where = f"the last checkpoint this run saved is {saved[-1][1]}"
+        elif resumed_from is not None:
+            where = f"this run resumed from {resumed_from} at step {start} and saved no checkpoint since"
+        else:
+            where = "no checkpoint was saved"
         raise NonFiniteLoss(
-            f"loss is {loss} at step {step}; {saved}. Lower optim.lr, or set trainer.on_nonfinite=skip "
+            f"loss is {loss} at step {step}; {where}. Lower optim.lr, or set trainer.on_nonfinite=skip "
             "to skip such steps"
         )
+
+
+def nonfinite_run(summary: RunSummary, steps: int) -> str | None:
+    # trainer.on_nonfinite=skip kept the run going; it still failed if it ended on a non-finite loss or skipped most
+    # of its steps (None: it did not). A few skipped steps are what skip is for: the summary counts them.
+    skipped, final = summary.nonfinite_skipped_steps or 0, summary.final_loss
+    if not skipped or (final is not None and math.isfinite(final) and 2 * skipped <= steps):
+        return None
+    return (
+        f"the loss was non-finite at {skipped} of {steps} steps (trainer.on_nonfinite=skip skipped them) and the "
+        f"final loss is {final:.4g}: lower optim.lr, or look for bad data"
+    )

@@ -9,6 +9,12 @@ _received: list[int] = []
 _armed = False
 
 
+class Interrupted(BaseException):
+    # Ctrl-C (SIGINT) while training: "interrupted at step N; checkpoint ...", for the launcher to say in one line
+    # and exit 130. A BaseException, as the KeyboardInterrupt it replaces: no handler of errors takes it for one.
+    pass
+
+
 def arm(signals) -> bool:
     # In a worker: catch these signals (instead of dying of them) and remember which came. -> whether armed.
     global _armed
