@@ -23,9 +23,24 @@ $(TORCH_STAMP):
 	rm -f $(VENV)/.torch-*
 	touch $@
 
+# torchao's PyPI wheel carries C++ extensions built for CUDA torch (they link libc10_cuda.so): beside a CPU build of
+# torch they cannot load, and torchao says so on every import (transformers imports it too). On a CPU torch the
+# install removes them; nothing on a CPU calls them. On a CUDA torch they stay.
+define TORCHAO_CPU
+import importlib.util, pathlib, torch
+root = pathlib.Path(importlib.util.find_spec("torchao").origin).parent
+cuda_only = [p for p in sorted(root.glob("_C*.so")) if b"libc10_cuda" in p.read_bytes()]
+if torch.version.cuda is None and cuda_only:
+    for p in cuda_only:
+        p.unlink()
+    print("shardlab: removed torchao's CUDA-only extensions (a CPU torch cannot load them):", ", ".join(p.name for p in cuda_only))
+endef
+export TORCHAO_CPU
+
 $(STAMP): pyproject.toml $(TORCH_STAMP)
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(d for d in p['dependencies'] + p['optional-dependencies']['dev'] if not d.startswith('torch==')))" > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -r $(VENV)/requirements.txt
+	$(PY) -c "$$TORCHAO_CPU"
 	$(PY) -c "import torch; print('shardlab: torch', torch.__version__, 'with CUDA', torch.version.cuda) if torch.version.cuda else print('shardlab: torch', torch.__version__, '(CPU build)')"
 	touch $(STAMP)
 

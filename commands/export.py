@@ -18,7 +18,8 @@ from launcher.errors import command_errors
 from models import build_model_args, hf_export
 from trainer.checkpoint import find_checkpoint
 from trainer.checkpoint_io import CheckpointError, read_metadata, read_model_state, read_train_state, verify
-from trainer.paths import staged, unwritable_reason
+from trainer.paths import as_shared, staged, unwritable_reason
+from trainer.tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer
 
 FILE_FORMATS = (".safetensors", ".pt")  # any other target: a Hugging Face directory
 
@@ -34,17 +35,50 @@ def consolidated_model_state(path: Path) -> dict[str, torch.Tensor]:
     return read_model_state(path, state)
 
 
-def model_record(path: Path) -> tuple[object, str]:
-    # -> (the model's arguments, the run's tokenizer dir or ""), as the checkpoint recorded them.
-    if "train.model_config" not in read_metadata(path).state_dict_metadata:
+def model_record(path: Path):
+    # -> (the model's arguments, the tokenizer it was trained with, or None for synthetic tokens), as the checkpoint
+    # recorded them: the tokenizer from the checkpoint's own copy (tokenizer/), the byte-level one for bytes.
+    md = read_metadata(path).state_dict_metadata
+    if "train.model_config" not in md:
         raise ValueError(
             f"checkpoint {path} does not record its model (saved before shardlab recorded it): export it to one "
             "file (a .safetensors or .pt target) instead"
         )
-    train = read_train_state(path, {"model_config": "", "tokenizer_dir": ""})
+    train = read_train_state(
+        path, {k: "" for k in ("model_config", "tokenizer_dir", "tokens") if f"train.{k}" in md}
+    )
     record = json.loads(train["model_config"])
-    model = dict(record["model"])
-    return build_model_args(model.pop("name"), model, record["attention"]), train["tokenizer_dir"]
+    model = {
+        k: v for k, v in record["model"].items() if k != "lr"
+    }  # lr: the preset's learning rate, no argument
+    args = build_model_args(model.pop("name"), model, record["attention"])
+    return args, run_tokenizer(path, train.get("tokenizer_dir", ""), train.get("tokens"), args)
+
+
+def run_tokenizer(path: Path, where: str, tokens: str | None, args):
+    if where:
+        # tokenizer/ in the checkpoint; a checkpoint saved before checkpoints kept a copy names the absolute path
+        # of the data's tokenizer, which may have moved since.
+        found = path / where if not Path(where).is_absolute() else Path(where)
+        if not found.is_dir():
+            raise ValueError(
+                f"checkpoint {path} was trained with the tokenizer {found}, which is gone (the checkpoint is older than "
+                "the copy each one now keeps): put the tokenizer back there, or export to a .safetensors or .pt file"
+            )
+        return load_tokenizer(str(found), "the checkpoint's tokenizer", "a checkpoint of a byte-level run")
+    if tokens == "bytes" or (tokens is None and args.vocab_size == 256):  # older checkpoints record no tokens
+        return byte_tokenizer()
+    return None  # synthetic tokens: no text to tokenize
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+    # The ids transformers' generate stops and pads with: the data's own (bytes: the NUL byte prepare ends each
+    # document with), never LlamaConfig's defaults (bos 1, eos 2), which would stop on an ordinary token.
+    if tokenizer is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
 
 
 def _safe_state(state: dict) -> dict:
@@ -64,6 +98,12 @@ def source(checkpoint: str) -> Path:
             "checkpoints/): give export a checkpoint directory, a run directory or its checkpoints/"
         )
     return path
+
+
+def say_which(path: Path, checkpoint: str) -> None:
+    # A run directory (or its checkpoints/) was given: which of its checkpoints this is.
+    if path.resolve() != Path(checkpoint).expanduser().resolve():
+        print(f"shardlab: {path.name}, the newest checkpoint under {checkpoint}", flush=True)
 
 
 def check_target(path: Path, out: str, overwrite: bool) -> Path:
@@ -110,6 +150,7 @@ def check_target(path: Path, out: str, overwrite: bool) -> Path:
 
 def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
     path = source(checkpoint)
+    say_which(path, checkpoint)
     target = check_target(path, out, overwrite)
     hf = target.suffix not in FILE_FORMATS
     try:
@@ -124,17 +165,23 @@ def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
             save_file(_safe_state(state), str(tmp))
         else:
             torch.save(state, tmp)
+        as_shared(tmp)  # safetensors writes 0600
         tmp.replace(target)
         return target
     args, tokenizer = model_record(path)
     config, hf_state = hf_export(args, state)
+    ids = special_ids(tokenizer)
+    for key, value in ids.items():
+        setattr(config, key, value)
+    from transformers import GenerationConfig
+
     with staged(target) as tmp:
         config.save_pretrained(tmp)
+        GenerationConfig(**ids).save_pretrained(tmp)
         save_file(_safe_state(hf_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(tokenizer, local_files_only=True).save_pretrained(tmp)
+        as_shared(tmp / "model.safetensors")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
     return target
 
 

@@ -128,9 +128,14 @@ def verdict(setup: Setup, plan: MemoryPlan, limit: float | None) -> str:
     if limit is None:
         return "device memory unknown: set plan.device_memory_gb=<GB per device> for a verdict"
     used = plan.peak / limit
+    # What was planned, in the verdict itself: a "fits" at 128 tokens says nothing of a run at 8192.
+    at = f"at micro-batch {plan.spec.micro_batch} x seq_len {plan.spec.seq_len} (trainer.micro_batch_size, trainer.seq_len)"
     if plan.peak <= limit:
-        return f"fits: {plan.peak / GB:.2f} of {limit / GB:.4g} GB per device ({used:.0%}), {(limit - plan.peak) / GB:.2f} GB free"
-    lines = [f"does not fit: {plan.peak / GB:.2f} GB per rank > {limit / GB:.4g} GB ({used:.0%})"]
+        return (
+            f"fits: {plan.peak / GB:.2f} of {limit / GB:.4g} GB per device ({used:.0%}), "
+            f"{(limit - plan.peak) / GB:.2f} GB free, {at}"
+        )
+    lines = [f"does not fit: {plan.peak / GB:.2f} GB per rank > {limit / GB:.4g} GB ({used:.0%}), {at}"]
     found = suggestions(setup, limit)
     if not found:
         return "\n".join(lines + ["  no change the planner knows makes it fit"])

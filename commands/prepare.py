@@ -21,9 +21,8 @@ from commands.cli import Parser
 from launcher.errors import command_errors
 from trainer.integrity import ALGORITHM, record
 from trainer.paths import is_binary, staged, unwritable_reason
-from trainer.tokenizer import load_tokenizer
+from trainer.tokenizer import BYTE_EOS, load_tokenizer, save_tokenizer
 
-BYTE_EOS = 0  # byte-level documents are separated by a NUL byte, which text does not hold
 KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # any other suffix: plain text
 SPLIT_SEED = 0  # which documents are held out: a fixed permutation, so the same input splits the same way
 
@@ -241,7 +240,7 @@ def prepare(source: str, out: str, tokenizer: str | None = None, val_fraction: f
                            remove_columns=ds.column_names, desc=f"tokenizing on {procs} core(s)")  # fmt: skip
         written = write_splits(tokenized, held, tmp, dtype, eos)
         if tok is not None:
-            tok.save_pretrained(tmp / "tokenizer")
+            save_tokenizer(tok, tmp / "tokenizer")
         meta = {
             "format": TOKENS_FORMAT,
             "tokenizer": "bytes" if tokenizer is None else str(Path(tokenizer).expanduser().absolute()),

@@ -287,27 +287,36 @@ def prune_dominated(cands: list[Candidate]) -> None:
 
 class Trials:
     # Short real runs, one directory each under <tune dir>/trials, reused when a rerun asks for the same one.
-    def __init__(self, root: Path, base: list[str], cfg, nproc: int, deadline: float | None):
+    def __init__(self, root: Path, base: list[str], cfg, nproc: int, deadline: float | None, names: dict):
         self.root, self.base, self.nproc, self.deadline = root, base, nproc, deadline
         self.warmup = cfg.tune.warmup_steps
         self.ran = self.reused = 0
+        self.names = names  # a candidate's overrides -> "candidate k of n", as the console calls it
+        self.began, self.count = time.monotonic(), 0
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def run(self, cand: Candidate, micro: int, steps: int) -> RunSummary:
         over = [*self.base, *cand.overrides, f"trainer.micro_batch_size={micro}", f"trainer.max_steps={self.warmup + steps}",
-                f"metrics.warmup_steps={self.warmup}", "eval.at_end=false", "checkpoint=none", "trainer.progress_bar=false"]  # fmt: skip
+                f"metrics.warmup_steps={self.warmup}", "eval.at_end=false", "checkpoint=none", "trainer.progress_bar=false",
+                "trainer.print_summary=false"]  # fmt: skip
         key = hashlib.sha256(json.dumps(over).encode()).hexdigest()[:12]
         run_dir = self.root / "trials" / key
         done = RunSummary.read(run_dir) if run_dir.is_dir() else None
+        self.count += 1
+        trial = f"shardlab: trial {self.count}, {self.names[cand.overrides]}"
+        what = f"{' '.join(cand.overrides)}, micro-batch {micro}, {steps} steps"
         if done is not None and done.ok:
             summary = done
             self.reused += 1
+            print(f"{trial}: {what}: {_result(summary)} (reused from {run_dir})", flush=True)
         else:
+            print(f"{trial}: {what} ({time.monotonic() - self.began:.0f} s into the tune)", flush=True)
             shutil.rmtree(run_dir, ignore_errors=True)
             summary = self._launch(over, run_dir)
             self.ran += 1
+            print(f"{trial}: {_result(summary)}", flush=True)
         trial = {
             "micro": micro,
             "steps": steps,
@@ -333,6 +342,14 @@ class Trials:
             summary = RunSummary(status=FAILED, error=short_reason(summary.error or "no summary", None))
             summary.write(run_dir)
         return summary
+
+
+def _result(summary: RunSummary) -> str:
+    if not summary.ok:
+        return f"failed: {summary.error}"
+    return (
+        f"{summary.tokens_per_s_median:,.0f} tokens/s" if summary.tokens_per_s_median else "no step measured"
+    )
 
 
 def tokens_per_s(trial: dict | None) -> float:
@@ -435,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     deadline = began + 60 * cfg.tune.budget_minutes if cfg.tune.budget_minutes else None
-    trials = Trials(root, [o for o in base if not o.startswith("tune.")], cfg, nproc, deadline)
+    pending = [c for c in cands if c.status == "pending"]
+    names = {c.overrides: f"candidate {k} of {len(pending)}" for k, c in enumerate(pending, 1)}
+    trials = Trials(root, [o for o in base if not o.startswith("tune.")], cfg, nproc, deadline, names)
     print(
         f"shardlab: tune {root}: {sum(c.status == 'pending' for c in cands)} of {len(cands)} candidates to try",
         flush=True,

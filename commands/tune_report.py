@@ -156,5 +156,7 @@ def write_report(root: Path, cands, alive, command: str, preset, seconds: float,
             w.writerow([r["rank"], *(r["settings"][k] for k in AXIS_NAMES), r["mesh"], r["settings"]["micro_batch"], r["status"],
                         *("" if r[k] is None else r[k] for k in keys)])  # fmt: skip
     memory = "peak memory, GB (max over ranks)"
-    plot(rows, list(AXIS_NAMES[:3]), root / "report.png", str(root), memory, False)
+    # The axes the candidates differ in name them (two that differ only in checkpointing carry different labels).
+    varied = [k for k in (*AXIS_NAMES, "micro_batch") if len({str(r["settings"].get(k)) for r in rows}) > 1]
+    plot(rows, varied or list(AXIS_NAMES[:3]), root / "report.png", str(root), memory, False, "candidates")
     return text

@@ -1,6 +1,7 @@
 # Hydra set-up shared by train.py, `python -m commands.plan` and the tests: the schemas and the resolvers
 # that keep one run directory per run whichever way the run was started. No torch here: train.py imports
 # this before Hydra has parsed the command line.
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -13,24 +14,38 @@ from trainer.environments import current
 from trainer.paths import stdlib_path, unwritable_reason
 
 _run_dir: str | None = None
+made_dirs: list[Path] = []  # the day's directory, where this process made it (for a refused run to take back)
 
 
-def _new_run_dir(base: str, rdzv_id: str = "") -> str:
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+
+
+def _new_run_dir(base: str, rdzv_id: str = "", name: str | None = None) -> str:
     # Created exclusively here, so two runs started in the same second get two directories. The nodes of
     # one multi-node job share launcher.rdzv_id, and so one directory (on a shared filesystem); so do the
     # processes of a torchrun or of pods, by the run id their environment gives them (trainer/environments.py).
+    # A named run (run.name) is <base>/<name>, the same every time, so that running it again resumes it.
     global _run_dir
     if _run_dir is None:
         if why := unwritable_reason(base):
             fail(
                 f"the run directory cannot be created under {base} ({why}): set hydra.run.dir=<a writable dir>"
             )
-        if rdzv_id:
+        if name is not None:
+            if not _RUN_NAME.match(str(name)) or ".." in str(name).split("/"):
+                fail(
+                    f"run.name={name!r} is not a name for a directory under {base}: use letters, digits, '_', '-' "
+                    "and '.', with '/' between parts (or hydra.run.dir=<any dir>)"
+                )
+            _run_dir = f"{base}/{name}"
+        elif rdzv_id:
             _run_dir = f"{base}/multinode/{rdzv_id}"
         elif shared := current().run_path():
             _run_dir = f"{base}/{shared}"
         else:
             stem = Path(base) / f"{datetime.now():%Y-%m-%d}" / f"{datetime.now():%H-%M-%S}"
+            if not stem.parent.exists():
+                made_dirs.append(stem.parent)
             stem.parent.mkdir(parents=True, exist_ok=True)
             for n in range(1000):
                 candidate = stem.with_name(stem.name + (f"-{n}" if n else ""))

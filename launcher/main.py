@@ -1,6 +1,7 @@
 # What train.py calls once Hydra has composed the config: validate at the boundary, then run in this
 # process (world size 1), under the torchrun that started us (style 1), or start the workers (styles 2, 3).
 import contextlib
+import shutil
 import signal
 import sys
 import traceback
@@ -14,6 +15,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from launcher import slurm
+from launcher.compose import made_dirs
 from launcher.elastic import WorkerFailed, check_gpus, launch, resolve_nproc
 from launcher.errors import describe_error, fail, first_line, record_failure
 from launcher.sweep import fill_sweep_logger, reuse_previous_success
@@ -84,6 +86,7 @@ def main(cfg: DictConfig) -> RunSummary | None:
     except (ValueError, OmegaConfBaseException) as e:
         reason = describe_error(e)
         if not multirun:
+            discard_if_unused(run_dir)
             fail(reason)
         record_failure(run_dir, reason)
         return job_outcome(run_dir, RunSummary(status=FAILED, error=reason))
@@ -122,6 +125,16 @@ def main(cfg: DictConfig) -> RunSummary | None:
             fail(reason, code=1)
         summary = RunSummary(status=FAILED, error=reason)
     return job_outcome(run_dir, summary)
+
+
+def discard_if_unused(run_dir: Path) -> None:
+    # A run refused before it started leaves no directory behind: Hydra made it, with only its .hydra/ (a named
+    # run's directory, or one given with hydra.run.dir, that holds a run already is kept as it is).
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for made in made_dirs:  # the day's directory, if this run made it and it holds nothing else
+            with contextlib.suppress(OSError):
+                made.rmdir()
 
 
 def stopped_by_signal(run_dir: Path, e: BaseException) -> None:

@@ -317,8 +317,13 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
     if memory_columns(rows):
         notes.append(
             "- **Predicted peak**: the memory planner's peak per rank for the job's config (`python -m "
-            "commands.plan`); **MemTracker peak**: one training step measured by PyTorch's MemTracker on rank 0 "
-            "(metrics.memory_breakdown=true), tensors only, without the allocator's cache or other process memory."
+            "commands.plan`)"
+            + (
+                "; **MemTracker peak**: one training step measured by PyTorch's MemTracker on rank 0 "
+                "(metrics.memory_breakdown=true), tensors only, without the allocator's cache or other process memory."
+                if memory_columns(rows) == 3  # only where the table has the column
+                else "."
+            )
         )
     if reused:
         notes.append(

@@ -1,6 +1,8 @@
-# The sweep chart: tokens/s against peak memory, one labelled point per job (matplotlib, PNG).
+# The sweep's and tune's chart: tokens/s against peak memory, one labelled point per job or candidate (matplotlib,
+# PNG).
 import itertools
 import math
+import textwrap
 from pathlib import Path
 
 from trainer.config import SCHEMAS
@@ -133,7 +135,16 @@ def _legend(ax, cols: list[str], colors: dict, markers: dict, front: bool, reuse
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
 
 
-def plot(rows: list[dict], cols: list[str], path: Path, title: str, mem_label: str, unequal: bool) -> None:
+def plot(
+    rows: list[dict],
+    cols: list[str],
+    path: Path,
+    title: str,
+    mem_label: str,
+    unequal: bool,
+    noun: str = "jobs",
+) -> None:
+    # noun: what a row is (a sweep's jobs, a tune's candidates).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import StrMethodFormatter
@@ -155,14 +166,22 @@ def plot(rows: list[dict], cols: list[str], path: Path, title: str, mem_label: s
         xs, ys = [r["peak_mem_gb"] for r in front], [r["tokens_per_s_median"] for r in front]
         ax.plot(xs, ys, ls="--", color="0.55", lw=1, zorder=1, drawstyle="steps-post")
     _legend(ax, cols, colors, markers, len(front) > 1, any(r["status"] == "reused" for r in done))
-    ax.margins(x=0.25)
+    # Both axes from zero: memories 0.365 and 0.385 GB are the same memory, and must look it.
+    right = max((r["peak_mem_gb"] for r in done), default=1.0)
+    ax.set_xlim(0, 1.3 * right)
     top = max((r["tokens_per_s_p90"] or r["tokens_per_s_median"] for r in done), default=1.0)
     ax.set_ylim(0, 1.15 * top)
     ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     ax.set(xlabel=mem_label, ylabel="tokens/s, global (median after warm-up; bars p10-p90)")
     ax.grid(alpha=0.3)
     if left_out := [r for r in rows if r not in done]:
-        lines = [f"{_label(r, cols)}: {status_text(r)}"[:110] for r in left_out[:6]]
+        # Wrapped to a width the axes always hold, anchored at their lower right: never past the figure's edge.
+        lines = [
+            "\n  ".join(
+                textwrap.wrap(f"{_label(r, cols)}: {status_text(r)}", 72, max_lines=2, placeholder=" ...")
+            )
+            for r in left_out[:6]
+        ]
         lines += [f"+{len(left_out) - 6} more"] if len(left_out) > 6 else []
         ax.text(0.99, 0.02, "not plotted:\n" + "\n".join(lines), transform=ax.transAxes, ha="right", va="bottom",
                 fontsize=7.5, color="firebrick", bbox={"fc": "white", "ec": "firebrick", "alpha": 0.85})  # fmt: skip
@@ -170,7 +189,7 @@ def plot(rows: list[dict], cols: list[str], path: Path, title: str, mem_label: s
     work = "UNEQUAL tokens/step: not like for like" if unequal else "equal tokens/step"
     fig.suptitle(f"tokens/s against peak memory: {title}", fontsize=11)
     subtitle = (
-        f"{len(done)} of {len(rows)} jobs plotted; world size {sizes}; {work}; up and to the left is better"
+        f"{len(done)} of {len(rows)} {noun} plotted; world size {sizes}; {work}; up and to the left is better"
     )
     ax.set_title(subtitle + "; #n = rank in report.md", fontsize=9, color="firebrick" if unequal else "black")
     fig.draw_without_rendering()  # lay the axes out first, so labels are kept inside their final frame

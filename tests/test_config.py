@@ -1,6 +1,7 @@
 # Every option of every config group composes, validates and, unless another test file trains it, trains in
 # one CPU process; cross-field checks name the keys to change (their CLI path: tests/test_bad_input.py).
 import math
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from omegaconf import OmegaConf
 
 from launcher.compose import config_dir
 from models import build_model, flops_per_token, num_params, param_count
-from tests.helpers.run import compose_config, read_rows, train_in_process
+from tests.helpers.cli import finish, start
+from tests.helpers.run import REPO, TINY, compose_config, read_rows, train_in_process
 from trainer.checks import validate
 from trainer.config import SCHEMAS
 
@@ -111,6 +113,35 @@ def test_default_config_composes_to_the_documented_defaults():
     assert cfg.data.path == sysconfig.get_paths()["stdlib"]
     assert validate(cfg, 1, "cpu").vocab_size == 256
     assert "${" not in OmegaConf.to_yaml(cfg, resolve=True)
+    # The learning rate: each model preset's own unless optim.lr is set.
+    assert (cfg.optim.lr, compose_config("model=llama3_8b").optim.lr) == (2e-3, 3e-4)
+    assert compose_config("model=llama3_8b", "optim.lr=1e-5", "optim=adamw8bit").optim.lr == 1e-5
+
+
+def test_a_named_run_is_run_again_by_its_name_and_a_refused_run_leaves_nothing(tmp_path):
+    # run.name=exp: outputs/exp, so the same command again resumes from its checkpoints (checkpoint.resume=auto);
+    # a run refused before it starts leaves no directory (Hydra made one, with its .hydra/); a name that would
+    # leave outputs/ is one line.
+    def train_py(*overrides):  # from tmp_path, so that outputs/ is its own
+        return finish(start([sys.executable, str(REPO / "train.py"), *TINY, *overrides], cwd=tmp_path))
+
+    common = ("run.name=exp", "checkpoint=periodic", "checkpoint.every_n_steps=2")
+    code, out, err = train_py(*common, "trainer.max_steps=2")
+    assert code == 0, err[-3000:]
+    assert f"shardlab: run directory {tmp_path / 'outputs' / 'exp'}" in out
+    code, out, err = train_py(*common, "trainer.max_steps=4")
+    assert (
+        code == 0
+        and f"resumed from {tmp_path / 'outputs' / 'exp' / 'checkpoints' / 'step_00000002'} at step 2" in out
+    )
+    code, _, err = train_py("model.n_heads=3")
+    assert code == 2 and "model.n_heads (3)" in err
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["exp"]  # no empty dated directory
+    code, _, err = train_py("run.name=../elsewhere")
+    assert code == 2 and err.strip() == (
+        "shardlab: error: run.name='../elsewhere' is not a name for a directory under outputs: use letters, digits, "
+        "'_', '-' and '.', with '/' between parts (or hydra.run.dir=<any dir>)"
+    )
 
 
 # ---------------------------------------------------------------- validation, in-process

@@ -4,10 +4,10 @@
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 import torch.distributed as dist
 
@@ -139,3 +139,15 @@ def test_another_torch_spec_installs_torch_again(tmp_path):
     cuda = dry_run("TORCH_SPEC=torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130")
     assert "--force-reinstall torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" in cuda
     assert "shardlab: torch" in cuda
+
+
+def test_transformers_and_torchao_import_without_failed_extension_loads():
+    # torchao's wheel carries CUDA-only extensions that a CPU torch cannot load: the install removes them there
+    # (Makefile, TORCHAO_CPU), so importing transformers (which imports torchao) says nothing about them.
+    proc = subprocess.run(
+        [sys.executable, "-c", "import transformers, torchao; transformers.AutoModelForCausalLM"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    if torch.version.cuda is None:
+        assert "Failed to load" not in proc.stderr, proc.stderr

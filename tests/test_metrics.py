@@ -145,6 +145,10 @@ def test_console_format_and_progress_bar():
     bar = ProgressBar(3, enabled=False)
     for r in rows:
         bar.update(r["step"], r)
+    assert "val" not in bar._bar.postfix
+    bar.update(3, {**rows[-1], "val_loss": 2.5})
+    bar.update(3, rows[-1])  # a later row without one: the last validation stays in the bar
+    assert "val=2.5000" in bar._bar.postfix
     bar.close()
     text = format_summary(m.summary())
     assert "n/a (unknown peak; set metrics.peak_tflops)" in text

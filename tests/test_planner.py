@@ -2,6 +2,7 @@
 # must reproduce as special cases, sharding, the activation formula's terms, and the CLI's verdicts.
 # Pure arithmetic, no tensors: fast. tests/test_memory.py checks the same numbers against MemTracker.
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -174,6 +175,25 @@ def test_plan_llama3_8b_with_ddp_does_not_fit_and_proposes_fsdp(capsys):
     proposals = out.split("cheapest changes that fit")[1]
     fsdp = next(line for line in proposals.splitlines() if "strategy=fsdp " in line + " ")
     assert float(fsdp.split()[-2]) < 80
+
+
+def test_the_verdict_names_the_shape_it_planned_and_one_device_gets_one_device_changes(capsys):
+    # A verdict at 128 tokens must say so; on one device, DDP's buckets are a copy nothing needs (strategy=single),
+    # and more ranks means more machines of the GPUs a node has, never more processes on one GPU.
+    plan_cli.main(["model=llama_1b", "strategy=ddp", "trainer.seq_len=2048", "trainer.global_batch_size=1",
+                   "plan.device_memory_gb=30"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        "does not fit" in out
+        and "at micro-batch 1 x seq_len 2048 (trainer.micro_batch_size, trainer.seq_len)" in out
+    )
+    assert re.search(r"one process, no DDP buckets +strategy=single ", out), out
+    assert "launcher.nproc_per_node" not in out.split("cheapest changes")[1]
+    plan_cli.main(
+        ["model=llama3_8b", "plan.device_memory_gb=80", "launcher.nproc_per_node=8", "strategy=ddp"]
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"FSDP over more nodes \(more GPUs\) +strategy=fsdp launcher.nnodes=2 ", out), out
 
 
 def test_a_change_that_still_does_not_fit_is_no_suggestion(capsys):

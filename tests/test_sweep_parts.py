@@ -154,6 +154,7 @@ def test_report_from_disk_flags_unequal_work_and_names_failures(tmp_path, capsys
     md = (sweep / "report.md").read_text()
     assert "**Unequal work:**" in md.split("| #")[0]  # above the table, not in a footnote
     assert "(512, 1,024, 2,048, 32,768)" in md and "| tokens/step |" in md
+    assert "MemTracker" not in md  # no job measured its step: neither the column nor its note
     table = md_rows(sweep)
     assert "**3,000**" in table[0] and "**4.9000**" in table[0] and "**0.500**" in table[1]  # best per column
     assert "ok: non-finite loss at 2 step(s), skipped" in table[1]

@@ -3,6 +3,7 @@
 # row), a rerun reuses what finished, then_train trains exactly the winner, the budget stops the search,
 # and bad input is one line before any trial.
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,13 @@ def test_a_killed_trial_is_a_row_and_the_tune_goes_on(tuned):
     assert measured and float(measured[0]["tokens_per_s_median"]) > 0
     assert "**Winner:** #1" in out and "Train with it: `python train.py " in out
     assert_png(root / "report.png")
+    # Each trial says which candidate it is, of how many, and where the tune stands, and then its result in a line
+    # (no summary table per trial).
+    tried = sum(r["status"] != "pruned" for r in found)
+    assert re.search(rf"shardlab: trial 1, candidate 1 of {tried}: strategy=\S+ precision=\S+ .*, micro-batch \d+, "
+                     r"\d+ steps \(\d+ s into the tune\)", out), out  # fmt: skip
+    assert re.search(r"shardlab: trial \d+, candidate \d+ of \d+: [\d,]+ tokens/s", out), out
+    assert "tokens/s (global, median)" not in out
 
 
 def test_a_rerun_reuses_its_trials_and_then_train_trains_exactly_the_winner(tuned):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from models import build_model
+from trainer.data import tokenizer_source
 from trainer.environments import current
 from trainer.paths import publish, unwritable_reason
 
@@ -94,7 +95,18 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save(root: Path, step: int, model, optimizer, scheduler, keep_last: int, meta: dict) -> Path:
+def save(
+    root: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    keep_last: int,
+    meta: dict,
+    tokenizer: Path | None = None,
+) -> Path:
+    # tokenizer: the run's tokenizer directory, copied into the checkpoint (tokenizer/), so that export and sampling
+    # depend on nothing outside it, whatever moves later.
     from trainer import checkpoint_io
 
     final = step_dir(root, step)
@@ -102,6 +114,8 @@ def save(root: Path, step: int, model, optimizer, scheduler, keep_last: int, met
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)  # a save that died before
         tmp.mkdir(parents=True)
+        if tokenizer is not None:
+            shutil.copytree(tokenizer, tmp / TOKENIZER, ignore=shutil.ignore_patterns(".*"))
     _barrier()
     checkpoint_io.write(tmp, step, model, optimizer, scheduler, meta)
     _barrier()
@@ -113,24 +127,21 @@ def save(root: Path, step: int, model, optimizer, scheduler, keep_last: int, met
     return final
 
 
+TOKENIZER = "tokenizer"  # a checkpoint's copy of the run's tokenizer files
+
+
 def model_record(model_cfg, attention_cfg, data_cfg) -> dict[str, str]:
-    # What a checkpoint says of the model it holds, for commands/export.py to rebuild it with no config at
-    # hand: the model's and the attention option's fields (JSON), and the run's tokenizer directory, if any.
+    # What a checkpoint says of the model it holds, for commands/export.py and commands/sample.py to rebuild it with
+    # no config at hand: the model's and the attention option's fields (JSON), the tokens it was trained on (bytes,
+    # a tokenizer's ids, or synthetic ones), and where the tokenizer's files are (its own copy, tokenizer/).
     model = OmegaConf.to_container(model_cfg, resolve=True)
     attention = OmegaConf.to_container(attention_cfg, resolve=True)
+    source = tokenizer_source(data_cfg)
     return {
         "model_config": json.dumps({"model": model, "attention": attention}),
-        "tokenizer_dir": tokenizer_dir(data_cfg),
+        "tokenizer_dir": TOKENIZER if source else "",
+        "tokens": "synthetic" if data_cfg.name == "synthetic" else "tokenizer" if source else "bytes",
     }
-
-
-def tokenizer_dir(data_cfg) -> str:
-    # data=text's data.tokenizer, or the tokenizer a prepared token directory was written with ("": bytes).
-    if data_cfg.name == "text" and data_cfg.tokenizer:
-        return str(Path(data_cfg.tokenizer).expanduser().absolute())
-    if data_cfg.name == "tokens" and data_cfg.path and (Path(data_cfg.path) / "tokenizer").is_dir():
-        return str((Path(data_cfg.path) / "tokenizer").expanduser().absolute())
-    return ""
 
 
 def checkpoint_root(ckpt_cfg, run_dir: Path) -> Path:
@@ -195,12 +206,14 @@ def check_below_max_steps(path: Path, step: int, max_steps: int) -> None:
         )
 
 
-def maybe_save(ckpt_cfg, root: Path, step: int, max_steps: int, model, optimizer, scheduler, meta):
+def maybe_save(
+    ckpt_cfg, root: Path, step: int, max_steps: int, model, optimizer, scheduler, meta, tokenizer=None
+):
     # meta: a function returning the extra train state, called only on the steps that save (the fp16 loss
     # scale is read from the device, a sync that other steps should not pay).
     every = ckpt_cfg.every_n_steps
     if (every > 0 and step % every == 0) or (ckpt_cfg.save_final and step == max_steps):
-        return save(root, step, model, optimizer, scheduler, ckpt_cfg.keep_last, meta())
+        return save(root, step, model, optimizer, scheduler, ckpt_cfg.keep_last, meta(), tokenizer)
     return None
 
 

@@ -130,9 +130,8 @@ def save_files(state: dict, tmp: Path) -> None:
         dist.all_gather_object(parts, mine)
     if rank == 0:
         files = {name: entry for part in parts for name, entry in part.items()}
-        files.update(
-            integrity.record(tmp, [p.name for p in tmp.iterdir() if p.is_file() and p.name not in files])
-        )
+        rest = [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]  # the tokenizer's copy too
+        files.update(integrity.record(tmp, [name for name in rest if name not in files]))
         integrity.write_manifest(tmp, files)
 
 
@@ -172,9 +171,10 @@ _verified: set[tuple] = set()  # checkpoints read through by this process, as th
 
 def _state_of(path: Path) -> tuple:
     # A checkpoint as its files stand (names, sizes, modification times): verified once per process unless they change.
+    files = (p for p in path.rglob("*") if p.is_file())
     return (
         str(path),
-        *sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()),
+        *sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files),
     )
 
 

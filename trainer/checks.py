@@ -8,13 +8,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from models import build_model, build_model_args, parallel_plan
+from models import MODEL_PRESETS, build_model, build_model_args, parallel_plan
 from models.attention import check_attention_supported
 from trainer import checkpoint, optim
 from trainer.config import batch_layout, check_schema, one_of
-from trainer.data import data_facts
+from trainer.data import data_facts, read_meta
 from trainer.dist import device_type as resolve_device
-from trainer.evaluate import check_held_out
+from trainer.evaluate import PROMPT_TOKENS, check_held_out
 from trainer.loggers import BACKENDS
 from trainer.precision import Precision, build_precision, require_convertible
 
@@ -23,8 +23,21 @@ NONFINITE_POLICIES = ("error", "skip")  # trainer.on_nonfinite
 
 def model_args(cfg: DictConfig):
     # The model's arguments as the config gives them, with the attention option's kernel and K/V heads.
+    vocab_from_data(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("lr", None)  # what optim.lr defaults to, not a model argument
     return build_model_args(model.pop("name"), model, OmegaConf.to_container(cfg.attention, resolve=True))
+
+
+def vocab_from_data(cfg: DictConfig) -> None:
+    # A prepared token directory knows its vocabulary (meta.json): a native model trained on it takes that size
+    # where model.vocab_size is unset, written into the config, so that the workers and the checkpoint's record
+    # of the model have it (a size the user set is kept, and refused in validate() if too small). A pretrained
+    # Hugging Face model keeps its own: its embedding is its checkpoint's.
+    family = MODEL_PRESETS.get(cfg.model.name, ("",))[0]
+    if cfg.data.name != "tokens" or cfg.model.vocab_size is not None or family == "hf":
+        return
+    cfg.model.vocab_size = read_meta(cfg.data.path)["vocab_size"]  # sizes only: data_facts reads it through
 
 
 def check_capability(precision: Precision, capability) -> None:
@@ -95,6 +108,7 @@ def validate(cfg: DictConfig, world_size: int, available: str, capability=None, 
         )
     if cfg.eval.every_n_steps or cfg.eval.at_end:
         check_held_out(held_out, t.seq_len, cfg.eval.batches, t.global_batch_size, cfg.eval.every_n_steps)
+    check_samples(cfg, held_out, args)
     checkpoint.preflight(cfg, args)
     if cfg.metrics.memory_breakdown and cfg.strategy.compile:
         raise ValueError(
@@ -102,6 +116,27 @@ def validate(cfg: DictConfig, world_size: int, available: str, capability=None, 
             "run under compile): set strategy.compile=false for the measured run"
         )
     return args
+
+
+def check_samples(cfg: DictConfig, held_out: int | None, args) -> None:
+    # eval.samples: greedy continuations of held-out prompts at each validation (trainer/evaluate.samples).
+    e = cfg.eval
+    if not e.samples:
+        return
+    if strategies.get_strategy(cfg.strategy.name).pipelined:
+        raise ValueError(
+            f"eval.samples={e.samples} with strategy={cfg.strategy.name}: a pipeline runs its stages through its "
+            "schedule, never the whole model in one forward, which sampling needs: set eval.samples=0"
+        )
+    if held_out is not None and e.samples > held_out:
+        raise ValueError(
+            f"eval.samples={e.samples} needs as many held-out windows, but the data holds {held_out}: lower eval.samples"
+        )
+    if PROMPT_TOKENS >= min(cfg.trainer.seq_len, args.max_seq_len):
+        raise ValueError(
+            f"eval.samples continue the first {PROMPT_TOKENS} tokens of a held-out window, which trainer.seq_len="
+            f"{cfg.trainer.seq_len} does not exceed: raise trainer.seq_len, or set eval.samples=0"
+        )
 
 
 def run_dims(strategy_cfg, world_size: int, per_node: int | None = None, rank: int = 0):

@@ -55,6 +55,9 @@ class ModelConfig:
     # config fields (model_type when there is no directory); the generic fields above override them.
     name_or_path: str | None = None
     hf_config: dict[str, Any] = field(default_factory=dict)
+    # the learning rate this model trains well at, which optim.lr defaults to (each preset sets its own, as
+    # nanoGPT's and litgpt's do); not a model argument
+    lr: float = ranged(3e-4, "> 0")
 
 
 @dataclass
@@ -89,7 +92,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = ranged(3e-4, "> 0")
+    lr: float = ranged("${model.lr}", "> 0")  # unless set: the model preset's learning rate (model.lr)
     weight_decay: float = ranged(0.1, ">= 0")
     beta1: float = ranged(0.9, "[0, 1)")
     beta2: float = ranged(0.95, "[0, 1)")
@@ -135,6 +138,7 @@ class TrainerConfig:
     log_every: int = ranged(10, ">= 1")
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: bool = True
+    print_summary: bool = True  # the table at the end (tune's trials say one line each instead)
     on_nonfinite: str = "error"  # a NaN/inf loss: error (stop, keep the last good checkpoint) | skip the step
 
 
@@ -167,6 +171,10 @@ class EvalConfig:
         8, ">= 1"
     )  # held-out batches of trainer.global_batch_size sequences, the same each time
     at_end: bool = True  # evaluate after the last step
+    # at each validation, this many greedy continuations of held-out prompts (their first tokens), printed and kept
+    # in samples.jsonl and the loggers: what the model writes, beside its loss
+    samples: int = ranged(0, ">= 0")
+    sample_tokens: int = ranged(32, ">= 1")  # new tokens per sample
 
 
 @dataclass
@@ -219,6 +227,13 @@ class SweepConfig:
 
 
 @dataclass
+class RunConfig:
+    # run.name=exp1: the run's directory is outputs/exp1 (not a new time-stamped one), so the same command run
+    # again finds its checkpoints and resumes (checkpoint.resume=auto), as output_dir does in transformers
+    name: str | None = None
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     attention: Any = MISSING
@@ -235,6 +250,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     run_dir: str | None = None  # set by the launcher: where this run's outputs go
     choices: dict[str, str] = field(default_factory=dict)  # set by the launcher: the option of each group
 

@@ -19,13 +19,26 @@ class ProgressBar:
         self._bar = tqdm(
             total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True
         )
+        self._val: float | None = None
+        self.enabled = enabled
+
+    def write(self, line: str) -> None:
+        # A line above the bar, where it would otherwise be drawn over (or printed anyway, with no bar).
+        if self.enabled:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
 
     def update(self, step: int, row: dict | None = None) -> None:
         # Follow the step number rather than counting calls, so a resumed run starts where it was.
         self._bar.update(max(0, step - self._bar.n))
         if row is None:
             return
+        if row.get("val_loss") is not None:  # the latest validation, shown from then on
+            self._val = row["val_loss"]
         postfix = {"loss": _num(row.get("loss"), ".4f"), "tok/s": _num(row.get("tokens_per_s"))}
+        if self._val is not None:
+            postfix["val"] = _num(self._val, ".4f")
         if row.get("mem_reserved_peak_gb") is not None:
             postfix["mem"] = f"{row['mem_reserved_peak_gb']:.1f}GB"
         elif row.get("peak_rss_gb") is not None:

@@ -307,6 +307,26 @@ def data_facts(data_cfg, seq_len: int = 1) -> tuple[int | None, int | None]:
     return None, None
 
 
+def tokenizer_source(data_cfg) -> Path | None:
+    # data=text's data.tokenizer, or the tokenizer a prepared token directory was written with (None: bytes, or
+    # synthetic tokens).
+    if data_cfg.name == "text" and data_cfg.tokenizer:
+        return Path(data_cfg.tokenizer).expanduser().absolute()
+    if data_cfg.name == "tokens" and data_cfg.path and (Path(data_cfg.path) / "tokenizer").is_dir():
+        return (Path(data_cfg.path) / "tokenizer").expanduser().absolute()
+    return None
+
+
+def decoder(data_cfg):
+    # ids -> the text they stand for: the data's tokenizer, UTF-8 bytes, or (synthetic) the ids themselves.
+    if (source := tokenizer_source(data_cfg)) is not None:
+        tokenizer = load_tokenizer(str(source))
+        return lambda ids: tokenizer.decode(ids)
+    if data_cfg.name == "synthetic":
+        return lambda ids: " ".join(map(str, ids))
+    return lambda ids: bytes(ids).decode("utf-8", errors="replace")
+
+
 def micro_batches(source, step: int, dp_rank: int, dp_size: int, micro_batch_size: int, accum: int):
     # Data-parallel rank r holds rows [r * per_rank, (r + 1) * per_rank) of the global batch; yields (x, y) per
     # micro-step.

@@ -80,3 +80,32 @@ def evaluate(
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float beyond ~709
+
+
+PROMPT_TOKENS = 16  # a sample continues the first this-many tokens of a held-out window
+
+
+@torch.no_grad()
+def samples(model, data, precision: Precision, dims, device, n: int, new_tokens: int, max_seq_len: int):
+    # -> [(prompt ids, continuation ids)] for the first n held-out windows, greedy and exactly new_tokens long, the
+    # same on every rank: every rank runs every forward, as a sharded model needs (FSDP gathers, TP's sharded
+    # logits are gathered whole). Eval mode, the run's precision.
+    from models.generate import generate
+    from strategies.base import as_tensor
+
+    prompts = data.val_rows(0, range(n), n)[:, :PROMPT_TOKENS].to(device)
+
+    def forward(ids):
+        # Sequence parallelism splits the sequence over the tensor-parallel ranks, evenly or not at all (gloo): the
+        # window is padded on the right to a multiple of tp, which no earlier position sees (causal attention).
+        T = ids.shape[1]
+        ids = torch.nn.functional.pad(ids, (0, -T % dims.tp))
+        with precision.context():
+            return as_tensor(model(ids))[:, :T]
+
+    model.eval()
+    try:
+        out = generate(forward, prompts, new_tokens, max_seq_len)
+    finally:
+        model.train()
+    return [(row[:PROMPT_TOKENS], row[PROMPT_TOKENS:]) for row in out.tolist()]

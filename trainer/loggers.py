@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import one_of
+from trainer.paths import as_shared
 
 
 def _jsonable(value):
@@ -53,6 +54,7 @@ def write_json_atomic(path: Path, obj) -> None:
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
+        as_shared(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -81,6 +83,14 @@ class _Wandb:
     def summary(self, summary: dict) -> None:
         self.run.summary.update(_jsonable(summary))
 
+    def samples(self, rows: list[dict], step: int) -> None:
+        import wandb
+
+        table = wandb.Table(columns=["step", "prompt", "continuation"])
+        for r in rows:
+            table.add_data(step, r["prompt"], r["continuation"])
+        self.run.log({"samples": table}, step=step)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -96,6 +106,10 @@ class _TensorBoard:
         for k, v in _scalars(row).items():
             if k != "step":
                 self.writer.add_scalar(k, v, global_step=step)
+
+    def samples(self, rows: list[dict], step: int) -> None:
+        text = "\n\n".join(f"**{r['prompt']}**{r['continuation']}" for r in rows)
+        self.writer.add_text("samples", text, global_step=step)
 
     def summary(self, summary: dict) -> None:
         step = summary.get("steps") or 0
@@ -124,6 +138,7 @@ def keep_rows_up_to(path: Path, step: int) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.writelines(kept)
+    as_shared(tmp)
     os.replace(tmp, path)
 
 
@@ -150,6 +165,15 @@ class Loggers:
         self._jsonl.write(json.dumps(_jsonable(row)) + "\n")
         if self._backend is not None:
             self._backend.log(row, step)
+
+    def samples(self, rows: list[dict], step: int) -> None:
+        # eval.samples' texts: samples.jsonl (a row each, with its step) and the backend.
+        if not self.enabled:
+            return
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": step, **r}) + "\n" for r in rows)
+        if self._backend is not None:
+            self._backend.samples(rows, step)
 
     def summary(self, summary) -> None:
         # summary: the run's RunSummary (trainer/summary.py), written as summary.json and given to the backend.

@@ -17,9 +17,9 @@ from strategies.common import clip_grad_norm
 from trainer import checkpoint, preempt
 from trainer.config import batch_layout
 from trainer.console import ProgressBar, format_summary
-from trainer.data import build_data, micro_batches
+from trainer.data import build_data, decoder, micro_batches, tokenizer_source
 from trainer.dist import DistEnv, mean_across_ranks
-from trainer.evaluate import check_held_out, eval_steps, evaluate, no_validation_note
+from trainer.evaluate import check_held_out, eval_steps, evaluate, no_validation_note, samples
 from trainer.loggers import build_loggers
 from trainer.memory import plan_for_run, spec_from_config
 from trainer.metrics import Metrics
@@ -107,6 +107,9 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
     def ckpt_meta() -> dict:  # what a checkpoint keeps besides model, optimizer, step and rng
         return {**checkpoint.model_record(cfg.model, cfg.attention, cfg.data), **precision.state_tensors()}
 
+    tokenizer = tokenizer_source(cfg.data)  # copied into each checkpoint
+    text_of = decoder(cfg.data) if e.samples and env.is_rank0 else None
+
     done = start  # the last step finished, for an interruption to name
     try:
         metrics.start()
@@ -131,15 +134,35 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
                     model, data, precision, env, dims, strategy, e.batches, t.global_batch_size, micro
                 )
                 metrics.record_eval(step, val, time.perf_counter() - began)
+                if e.samples:
+                    texts = samples(model, data, precision, dims, env.device, e.samples, e.sample_tokens,
+                                    args.max_seq_len)  # fmt: skip
+                    if env.is_rank0:
+                        show_samples(texts, step, text_of, bar, loggers)
             if (row := metrics.log(step, final=step == t.max_steps)) is not None:
                 loggers.log(row, step)
             bar.update(step, row)
             saved = checkpoint.maybe_save(
-                cfg.checkpoint, ckpt_root, step, t.max_steps, model, optimizer, scheduler, ckpt_meta
+                cfg.checkpoint,
+                ckpt_root,
+                step,
+                t.max_steps,
+                model,
+                optimizer,
+                scheduler,
+                ckpt_meta,
+                tokenizer,
             )
             if step < t.max_steps and (sig := preempt.requested(env)) is not None:
                 saved = saved or checkpoint.save(
-                    ckpt_root, step, model, optimizer, scheduler, cfg.checkpoint.keep_last, ckpt_meta()
+                    ckpt_root,
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    cfg.checkpoint.keep_last,
+                    ckpt_meta(),
+                    tokenizer,
                 )
                 return RunSummary(status=PREEMPTED, signal=sig, step=step, checkpoint=str(saved))
             done = step
@@ -165,7 +188,7 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
     finally:
         bar.close()
         loggers.close()
-    if env.is_rank0:
+    if env.is_rank0 and t.print_summary:
         print(format_summary(summary), flush=True)
     return summary
 
@@ -197,6 +220,13 @@ def measured_step(enabled: bool, start: int, max_steps: int) -> int | None:
     # then the optimizer state exists and DDP has rebuilt its buckets, as in every later step. Default
     # metrics.warmup_steps (3) keeps the slower, tracked step out of the throughput figures.
     return start + min(3, max_steps - start) if enabled and max_steps > start else None
+
+
+def show_samples(texts, step: int, text_of, bar: ProgressBar, loggers) -> None:
+    rows = [{"prompt": text_of(prompt), "continuation": text_of(new)} for prompt, new in texts]
+    for i, r in enumerate(rows, 1):
+        bar.write(f"shardlab: sample {i} at step {step}: {r['prompt']!r} -> {r['continuation']!r}")
+    loggers.samples(rows, step)
 
 
 def check_nonfinite(loss: float, step: int, policy: str, ckpt_root: Path, start: int, resumed_from) -> None:

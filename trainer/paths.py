@@ -30,6 +30,17 @@ def unwritable_reason(path) -> str | None:
     return None
 
 
+# The process's umask, read once (reading it means setting it): files written through a temporary file
+# (tempfile.mkstemp, safetensors) are created 0600, and take the mode an ordinary open() would have given them.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def as_shared(path) -> None:
+    # A file a user shares (summary.json, an export): the mode the user's umask gives new files, not 0600.
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 BINARY_SNIFF = 8000  # bytes: git's buffer_is_binary looks for a NUL byte in as many, and so does this
 
 

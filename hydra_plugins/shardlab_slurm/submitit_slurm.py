@@ -14,6 +14,7 @@
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,7 @@ class SlurmLauncher(PluginSlurmLauncher):
             f"shardlab: submitted SLURM job(s) {', '.join(j.job_id for j in jobs)}; sweep dir {sweep_dir}",
             flush=True,
         )
+        watch(jobs, [a[2] for a in args])
         return [self._result(job, a[0], a[2]) for job, a in zip(jobs, args, strict=True)]
 
     def _result(self, job, overrides: list[str], num: int) -> JobReturn:
@@ -156,6 +158,45 @@ class SlurmLauncher(PluginSlurmLauncher):
             print(f"shardlab: failed: {run_dir}: {reason}", flush=True)
             ret.return_value = RunSummary(status=FAILED, error=reason)
             return ret
+
+
+WATCH_S = 2.0  # how often a sweep asks SLURM for its jobs' states (submitit caches squeue/sacct between asks)
+SETTLE_S = 30.0  # how long a finished sweep waits for SLURM's accounting to give each job's final state
+UNSETTLED = {
+    "UNKNOWN",
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "COMPLETING",
+    "CONFIGURING",
+    "SUSPENDED",
+    "RESIZING",
+}
+
+
+def watch(jobs, nums: list[int]) -> None:
+    # A sweep says each job's state as it changes (PENDING, RUNNING, COMPLETED ...), so that the wait after the
+    # submission is not silent; it returns once every job has ended (their time limits bound how long that is).
+    seen: dict[str, str] = {}
+
+    def say(mode: str) -> None:
+        for num, job in zip(nums, jobs, strict=True):
+            state = job.watcher.get_state(job.job_id, mode=mode)
+            if state != "UNKNOWN" and seen.get(job.job_id) != state:  # UNKNOWN: not yet in squeue's answer
+                seen[job.job_id] = state
+                print(f"shardlab: #{num}: SLURM job {job.job_id} {state}", flush=True)
+
+    while not all(job.done() for job in jobs):
+        say("standard")
+        time.sleep(WATCH_S)
+    # done() sees a job's result file before SLURM's accounting (sacct) has its end: each job's final state, waited
+    # for a bounded while.
+    until = time.monotonic() + SETTLE_S
+    while True:
+        say("force")
+        if all(seen.get(job.job_id, "UNKNOWN") not in UNSETTLED for job in jobs) or time.monotonic() > until:
+            return
+        time.sleep(WATCH_S)
 
 
 def _read_summary(run_dir: Path) -> RunSummary:

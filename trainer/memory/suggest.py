@@ -13,8 +13,6 @@ from strategies.tp import indivisible
 from trainer.memory.plan import MemoryPlan, plan_memory
 from trainer.memory.spec import PlanSpec
 
-MAX_NPROC = 8  # GPUs per node the "more ranks" candidate grows to before it adds nodes
-
 
 @dataclass(frozen=True)
 class Setup:
@@ -154,19 +152,28 @@ def _gqa(s: Setup) -> list[Setup]:
     return [s.change(["attention=gqa"], args=gqa)]
 
 
+def _single(s: Setup) -> list[Setup]:
+    # A replicating strategy with buckets (DDP) in a world of one: its buckets are a second copy of the gradients
+    # that no other rank needs.
+    if not s.spec.layout.grad_buckets or s.spec.dims.world_size != 1:
+        return []
+    layout = _layout(s, "single", s.nproc, s.nnodes, s.spec.micro_batch)
+    return [s.change(["strategy=single"], **layout)] if layout else []
+
+
 def _more_ranks(s: Setup) -> list[Setup]:
-    # Sharded over more ranks (FSDP, where the state was replicated): GPUs per node up to MAX_NPROC, then nodes,
-    # doubled, up to 16x the ranks. The strategy lays out each world (HSDP: a shard group per node unless set).
+    # Sharded over more machines (FSDP, where the state was replicated): launcher.nproc_per_node is the GPUs a node
+    # has, so the world grows by nodes of that size, doubled, up to 16x (not by more processes on the GPUs there
+    # are). The strategy lays out each world (HSDP: a shard group per node unless set).
     out, nproc, nnodes = [], s.nproc, s.nnodes
     sharded = s.spec.sharded
     strategy = s.spec.strategy if sharded else "fsdp"
     for _ in range(4):
-        nproc, nnodes = (nproc * 2, nnodes) if nproc < MAX_NPROC else (nproc, nnodes * 2)
+        nnodes *= 2
         layout = _layout(s, strategy, nproc, nnodes, s.micro_batch_size)
         if layout is None:
             continue
-        overrides = ([] if sharded else ["strategy=fsdp"]) + [f"launcher.nproc_per_node={nproc}"]
-        overrides += [f"launcher.nnodes={nnodes}"] if nnodes != s.nnodes else []
+        overrides = ([] if sharded else ["strategy=fsdp"]) + [f"launcher.nnodes={nnodes}"]
         spec = {} if sharded else {"reshard_after_forward": True}
         out.append(dataclasses.replace(s.change(overrides, **spec, **layout), nproc=nproc, nnodes=nnodes))
     return out
@@ -183,6 +190,7 @@ def _offload(s: Setup) -> list[Setup]:
 
 
 CANDIDATES: list[tuple[str, Callable[[Setup], list[Setup]]]] = [
+    ("one process, no DDP buckets", _single),
     ("bf16 mixed precision", _bf16),
     ("flash attention", _flash),
     ("FSDP full shard", _full_shard),
@@ -192,7 +200,7 @@ CANDIDATES: list[tuple[str, Callable[[Setup], list[Setup]]]] = [
     ("full activation checkpointing", _ac("full")),
     ("a smaller micro-batch", _smaller_micro_batch),
     ("GQA (4 query heads per K/V head)", _gqa),
-    ("FSDP over more ranks", _more_ranks),
+    ("FSDP over more nodes (more GPUs)", _more_ranks),
     ("CPU offload", _offload),
 ]
 
@@ -222,7 +230,10 @@ def suggestions(setup: Setup, limit: float) -> list[tuple[str, Setup, MemoryPlan
     for label, candidate in CANDIDATES:
         found = _first_fit(candidate(combined), limit)
         if found is not None and found[1].peak < best.peak:
-            (combined, best), labels = found, [*labels, label]
+            added = set(found[0].overrides) - set(combined.overrides)
+            (combined, best), labels = found, [*labels, (label, added)]
         if best.peak <= limit:
             break
-    return [(" + ".join(labels), combined, best)] if labels and best.peak <= limit else []
+    # A change a later one replaced (strategy=single, then strategy=fsdp_offload) is not named.
+    named = [label for label, added in labels if added & set(combined.overrides)]
+    return [(" + ".join(named), combined, best)] if labels and best.peak <= limit else []
