@@ -90,12 +90,12 @@ def _safe_state(state: dict) -> dict:
 EXPORT_FIX = "give export another checkpoint (an older step_XXXXXXXX of the same run, say)"
 
 
-def source(checkpoint: str) -> Path:
+def source(checkpoint: str, command: str = "export") -> Path:
     path = find_checkpoint(Path(checkpoint).expanduser())
     if path is None:
         raise ValueError(
             f"{checkpoint} is not a checkpoint (no .metadata in it, and no step_XXXXXXXX directory under it or its "
-            "checkpoints/): give export a checkpoint directory, a run directory or its checkpoints/"
+            f"checkpoints/): give {command} a checkpoint directory, a run directory or its checkpoints/"
         )
     return path
 

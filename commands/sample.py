@@ -21,7 +21,7 @@ FIX = "give sample another checkpoint (an older step_XXXXXXXX of the same run, s
 def load(checkpoint: str, device: str):
     # -> (the model in eval mode on the device, its tokenizer (bytes: the byte-level one), its arguments, the
     # checkpoint)
-    path = source(checkpoint)
+    path = source(checkpoint, "sample")
     say_which(path, checkpoint)
     try:
         verify(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from commands import export, plan, sbatch, tune
+from commands import export, plan, sample, sbatch, tune
 from commands import prepare as prepare_cli
 from commands.prepare import prepare
 from launcher import report
@@ -196,6 +196,10 @@ CHECK_ROWS = {
                            ["records token ids up to", "but a vocabulary of 100: it no longer matches its files"]),
     "tokens_vocab": (["data=tokens", "data.path={inp}/tokens", "model.vocab_size=100"], 1,
                      ["data needs a vocabulary of 256 tokens (its meta.json) but model.vocab_size is 100"]),
+    # eval.samples: a pipeline cannot run the model in one forward; prompts need a window longer than themselves.
+    "eval_samples_pp": (["strategy=pp", "eval.samples=1"], 2, ["eval.samples=1 with strategy=pp", "set eval.samples=0"]),
+    "eval_samples_window": (["eval.samples=1", "trainer.seq_len=16"], 1,
+                            ["eval.samples continue the first 16 tokens", "trainer.seq_len=16 does not exceed"]),
     "flipped_checkpoint": (["checkpoint.resume={ckpt}/flipped"], 1,
                            ["checkpoint {ckpt}/flipped fails verification: __0_0.distcp does not match the digest",
                             "set checkpoint.resume to an older checkpoint"]),
@@ -266,6 +270,14 @@ COMMAND_ROWS = {
     "sbatch_log_dir": ("sbatch", ["--output", "{file}/x.out"], ["the job's log directory {file} cannot be created"]),
     "sbatch_model": ("sbatch", ["model=nope", "--run-root", "{tmp}/slurm"], ["model=nope is not an option of model"]),
     "sbatch_flag": ("sbatch", ["--nodes", "2", "--run-root", "{tmp}/slurm"], ["unknown option --nodes"]),
+    # sample
+    "sample_missing": ("sample", ["{tmp}/nothing"], ["{tmp}/nothing is not a checkpoint", "give sample a checkpoint directory"]),
+    "sample_flipped": ("sample", ["{ckpt}/flipped"], ["fails verification: __0_0.distcp", "give sample another checkpoint"]),
+    "sample_synthetic": ("sample", ["{ckpt}/good"], ["was trained on synthetic tokens: there is no text to sample"]),
+    "sample_temperature": ("sample", ["{ckpt}/good", "--temperature", "-1"], ["--temperature must be 0 (greedy) or more, got -1.0"]),
+    "sample_tokens": ("sample", ["{ckpt}/good", "--max-new-tokens", "0"], ["--max-new-tokens must be at least 1, got 0"]),
+    "sample_top_k": ("sample", ["{ckpt}/good", "--top-k", "-5"], ["--top-k must be 0 (off) or more, got -5"]),
+    "sample_device": ("sample", ["{ckpt}/good", "--device", "tpu"], ["unknown trainer.device 'tpu'"]),
     # report
     "report_missing": ("report", ["{tmp}/sweep"], ["{tmp}/sweep is not a directory"]),
     "report_file": ("report", ["{file}"], ["{file} is not a directory"]),
@@ -431,6 +443,7 @@ COMMANDS = {
     "tune": tune.main,
     "sbatch": sbatch.main,
     "report": report.main,
+    "sample": sample.main,
 }
 
 
