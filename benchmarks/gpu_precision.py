@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from trainer.precision import PRECISIONS
+from trainer.precision import FULL_TRAINING
 from trainer.summary import RunSummary
 
 REPO = Path(__file__).resolve().parent.parent
 # name -> overrides; adamw8bit is an optimizer, measured against fp32 + adamw.
-RUNS = {name: (f"precision={name}",) for name in PRECISIONS}
+RUNS = {name: (f"precision={name}",) for name in FULL_TRAINING}  # nf4: benchmarks/finetune_memory.py
 RUNS["adamw8bit"] = ("precision=fp32", "optim=adamw8bit")
 COMPILED = ("bf16-mixed", "fp8", "fp8-rowwise", "int8")  # --compile: these again, compiled
 

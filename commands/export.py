@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from commands.adapters import base_state, finetune_of, merged_state, write_peft
 from commands.cli import Parser
 from launcher.errors import command_errors
 from models import build_model_args, hf_export
 from trainer.checkpoint import find_checkpoint
 from trainer.checkpoint_io import CheckpointError, read_metadata, read_model_state, read_train_state, verify
+from trainer.config import NOT_MODEL_ARGS
 from trainer.paths import as_shared, staged, unwritable_reason
 from trainer.tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer
 
@@ -36,8 +38,9 @@ def consolidated_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def model_record(path: Path):
-    # -> (the model's arguments, the tokenizer it was trained with, or None for synthetic tokens), as the checkpoint
-    # recorded them: the tokenizer from the checkpoint's own copy (tokenizer/), the byte-level one for bytes.
+    # -> (the model's arguments, the tokenizer it was trained with, or None for synthetic tokens, and the model's
+    # config as recorded), as the checkpoint recorded them: the tokenizer from the checkpoint's own copy
+    # (tokenizer/), the byte-level one for bytes.
     md = read_metadata(path).state_dict_metadata
     if "train.model_config" not in md:
         raise ValueError(
@@ -48,11 +51,22 @@ def model_record(path: Path):
         path, {k: "" for k in ("model_config", "tokenizer_dir", "tokens") if f"train.{k}" in md}
     )
     record = json.loads(train["model_config"])
-    model = {
-        k: v for k, v in record["model"].items() if k != "lr"
-    }  # lr: the preset's learning rate, no argument
+    model = {k: v for k, v in record["model"].items() if k not in NOT_MODEL_ARGS}
     args = build_model_args(model.pop("name"), model, record["attention"])
-    return args, run_tokenizer(path, train.get("tokenizer_dir", ""), train.get("tokens"), args)
+    return (
+        args,
+        run_tokenizer(path, train.get("tokenizer_dir", ""), train.get("tokens"), args),
+        record["model"],
+    )
+
+
+def model_state(path: Path, args, model_cfg: dict) -> dict[str, torch.Tensor]:
+    # The model's whole state: the checkpoint's own, or for a LoRA checkpoint (adapters only) its base with the
+    # adapters merged in (commands/adapters.py).
+    state = consolidated_model_state(path)
+    if (ft := finetune_of(path)) is None:
+        return state
+    return merged_state(base_state(args, model_cfg, ft), state, ft)
 
 
 def run_tokenizer(path: Path, where: str, tokens: str | None, args):
@@ -106,7 +120,22 @@ def say_which(path: Path, checkpoint: str) -> None:
         print(f"shardlab: {path.name}, the newest checkpoint under {checkpoint}", flush=True)
 
 
-def check_target(path: Path, out: str, overwrite: bool) -> Path:
+def export_adapters(path: Path, target: Path) -> Path:
+    ft = finetune_of(path)
+    if ft is None:
+        raise ValueError(
+            f"checkpoint {path} is not a LoRA checkpoint (finetune=full: every weight trained): export it without "
+            "--adapters"
+        )
+    args, tokenizer, _ = model_record(path)
+    with staged(target) as tmp:
+        write_peft(tmp, consolidated_model_state(path), ft, args)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+    return target
+
+
+def check_target(path: Path, out: str, overwrite: bool, adapters: bool = False) -> Path:
     # -> the target, once it is one that export may write: never the checkpoint or what holds it, a file replaced
     # only with --overwrite, a directory replaced only where it holds an earlier export (a Hugging Face model, no
     # subdirectories), so a mistyped out can never take a run with it.
@@ -139,7 +168,13 @@ def check_target(path: Path, out: str, overwrite: bool) -> Path:
         raise ValueError(
             f"{target} already exists and is not empty: choose another directory, or pass --overwrite"
         )
-    if held and (not (target / "config.json").is_file() or any(p.is_dir() for p in held)):
+    if adapters and (target / "config.json").is_file():
+        raise ValueError(
+            f"out {target} holds a model (config.json): peft's adapters go in a directory of their own, which "
+            "PeftModel.from_pretrained(<the base>, dir) reads: choose another directory"
+        )
+    ours = "adapter_config.json" if adapters else "config.json"
+    if held and (not (target / ours).is_file() or any(p.is_dir() for p in held)):
         other = next((p.name for p in held if p.is_dir()), held[0].name)
         raise ValueError(
             f"out {target} holds more than an earlier export (e.g. {other}): --overwrite replaces only a directory "
@@ -148,16 +183,20 @@ def check_target(path: Path, out: str, overwrite: bool) -> Path:
     return target
 
 
-def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
+def export(checkpoint: str, out: str, overwrite: bool = False, adapters: bool = False) -> Path:
+    # adapters: a LoRA checkpoint's adapters in peft's format (else the merged model).
     path = source(checkpoint)
     say_which(path, checkpoint)
-    target = check_target(path, out, overwrite)
+    target = check_target(path, out, overwrite, adapters)
     hf = target.suffix not in FILE_FORMATS
     try:
         verify(path)
     except CheckpointError as e:
         raise e.with_fix(EXPORT_FIX) from None
-    state = consolidated_model_state(path)
+    if adapters:
+        return export_adapters(path, target)
+    args, tokenizer, model_cfg = model_record(path)
+    state = model_state(path, args, model_cfg)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if not hf:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +207,6 @@ def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
         as_shared(tmp)  # safetensors writes 0600
         tmp.replace(target)
         return target
-    args, tokenizer = model_record(path)
     config, hf_state = hf_export(args, state)
     ids = special_ids(tokenizer)
     for key, value in ids.items():
@@ -200,10 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--overwrite", action="store_true", help="replace a file, or a directory that export wrote before"
     )
+    ap.add_argument(
+        "--adapters",
+        action="store_true",
+        help="a LoRA checkpoint: its adapters in peft's format (default: merged)",
+    )
     ap.add_argument("--debug", action="store_true", help="a traceback instead of one line on bad input")
     opts = ap.parse_args(sys.argv[1:] if argv is None else argv)
     with command_errors(opts.debug):
-        target = export(opts.checkpoint, opts.out, opts.overwrite)
+        target = export(opts.checkpoint, opts.out, opts.overwrite, opts.adapters)
     print(f"shardlab: wrote {target}")
     return 0
 

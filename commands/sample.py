@@ -8,7 +8,7 @@ import sys
 import torch
 
 from commands.cli import Parser
-from commands.export import consolidated_model_state, model_record, say_which, source
+from commands.export import model_record, model_state, say_which, source
 from launcher.errors import command_errors
 from models import build_model
 from models.generate import generate
@@ -27,12 +27,12 @@ def load(checkpoint: str, device: str):
         verify(path)
     except CheckpointError as e:
         raise e.with_fix(FIX) from None
-    args, tokenizer = model_record(path)
+    args, tokenizer, model_cfg = model_record(path)
     if tokenizer is None:
         raise ValueError(f"checkpoint {path} was trained on synthetic tokens: there is no text to sample")
     with torch.device(device):
         model = build_model(args)
-    model.load_state_dict(consolidated_model_state(path), strict=True)
+    model.load_state_dict(model_state(path, args, model_cfg), strict=True)  # LoRA: its base, adapters merged
     return model.eval(), tokenizer, args, path
 
 

@@ -16,6 +16,7 @@ from .llama import (
     SeededInit,
     canonical_name,
     check_heads,
+    fill_adapter_,
     is_residual_projection,
     seeded_generator,
 )
@@ -220,9 +221,12 @@ class GPT2(SeededInit, nn.Module):
         return self.output(self.norm(h))  # (B, T, vocab)
 
     def fill_param_(self, name: str, tensor: torch.Tensor, seed: int) -> None:
-        if tensor.is_meta:
+        if tensor.is_meta or fill_adapter_(name, tensor, seed):
             return
         name = canonical_name(name)
+        if self.weight_source is not None:  # pretrained (model.init_from): the source's tensor
+            self.weight_source(name, tensor)
+            return
         if name == "output.weight":
             name = "tok_embeddings.weight"  # tied: one matrix, one stream
         if name.endswith("bias"):

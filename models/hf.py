@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import ATTENTION, one_of
 from .flops import num_params
-from .llama import canonical_name, seeded_generator
+from .llama import LORA_A, LORA_B, canonical_name, fill_adapter_, seeded_generator
 from .plan import ParallelPlan
 
 # shardlab's generic model fields -> the names every transformers config answers to (GPT2Config maps
@@ -229,6 +229,44 @@ def checkpoint_files(name_or_path: str | None) -> dict[str, Path] | None:
     return None
 
 
+def local_rows(t) -> slice | None:
+    # The rows of a parameter that a DTensor's local shard holds when the DTensor is split along dim 0 on one mesh
+    # dimension and replicated on the rest, as FSDP2 (and HSDP) shards: torch.chunk's split, ceil(n / ranks) rows
+    # each, the last shards shorter or empty. None for any other layout (or a plain tensor).
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(t, DTensor):
+        return None
+    split = [i for i, p in enumerate(t.placements) if not isinstance(p, Replicate)]
+    if len(split) != 1 or t.placements[split[0]] != Shard(0):
+        return None
+    n, ranks = t.shape[0], t.device_mesh.size(split[0])
+    step = -(-n // ranks)
+    start = min(t.device_mesh.get_local_rank(split[0]) * step, n)
+    return slice(start, min(start + step, n))
+
+
+def read_safetensor_into(path: Path, key: str, target: torch.Tensor) -> None:
+    # Fills target (a full tensor, or a DTensor parameter: its local shard) with tensor `key` of a safetensors file.
+    # A shard split along dim 0 reads only its own rows (safetensors slices the file without reading the rest), so a
+    # sharded model never holds another rank's part of any weight; other layouts read the whole tensor and keep
+    # their part.
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with safe_open(str(path), framework="pt") as f:
+        if not isinstance(target, DTensor):
+            target.copy_(f.get_tensor(key))
+            return
+        if (rows := local_rows(target)) is not None:
+            target.to_local().copy_(f.get_slice(key)[rows])
+            return
+        full = f.get_tensor(key).to(target.device)
+    # src_data_rank=None: every rank read the same full tensor, so each keeps its part locally.
+    part = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+    target.to_local().copy_(part.to_local())
+
+
 _SHAPES: dict[str, tuple] = {}
 _PLANS: dict[str, ParallelPlan] = {}  # config -> its module's parallel plan
 
@@ -387,11 +425,11 @@ class HFCausalLM(nn.Module):
     def fill_param_(self, name: str, tensor: torch.Tensor, seed: int) -> None:
         # The checkpoint's tensor when name_or_path holds weights; else seeded from (seed, name) alone, so
         # every rank and every sharding gets the same numbers.
-        if tensor.is_meta:
+        if tensor.is_meta or fill_adapter_(name, tensor, seed):
             return
         name = self._tied.get(self._hf_name(name), self._hf_name(name))
         if self._checkpoint is not None:
-            tensor.copy_(self._load(name))
+            read_safetensor_into(*self._where(name), tensor)
             return
         if name in self._norm_params:
             tensor.fill_(1.0 if name.endswith("weight") else 0.0)
@@ -403,16 +441,23 @@ class HFCausalLM(nn.Module):
                 std /= math.sqrt(2 * self.args.n_layers)
             tensor.normal_(0.0, std, generator=seeded_generator(name, seed, tensor.device))
 
-    def _load(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def load_pretrained_(self, name: str, target: torch.Tensor) -> bool:
+        # A sharded strategy's materialize: fills target (the parameter's DTensor) from name_or_path's weights,
+        # reading this rank's rows only. False when there is nothing to read (no weights there, or an adapter).
+        if self._checkpoint is None or LORA_A in name or LORA_B in name:
+            return False
+        name = self._tied.get(self._hf_name(name), self._hf_name(name))
+        read_safetensor_into(*self._where(name), target)
+        return True
 
+    def _where(self, name: str) -> tuple[Path, str]:
+        # -> (the safetensors file, the key) of a parameter's pretrained tensor.
         prefix = f"{self.hf.base_model_prefix}."
         # Base-model checkpoints (GPT-2's own) name tensors without the causal-LM wrapper's prefix.
         key = name if name in self._checkpoint else name.removeprefix(prefix)
         if key not in self._checkpoint:
             raise ValueError(f"{self.args.name_or_path} has no tensor {name!r} for this model")
-        with safe_open(self._checkpoint[key], framework="pt") as f:
-            return f.get_tensor(key)
+        return self._checkpoint[key], key
 
     @torch.no_grad()
     def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:

@@ -205,7 +205,8 @@ def build_args(preset: str, **overrides) -> ModelArgs:
 # ---------------------------------------------------------------- deterministic initialisation
 # Wrappers that strategies put around modules add these segments to parameter names; dropping them
 # makes the init of a parameter independent of whether it was checkpointed, compiled or wrapped.
-_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+# peft's LoRA layer holds the Linear it adapts as base_layer: the base weight keeps its own name's init and source.
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module", "base_layer")
 
 
 def canonical_name(name: str) -> str:
@@ -221,6 +222,26 @@ def seeded_generator(name: str, seed: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
 
 
+# LoRA adapters as peft lays them out on a Linear (`<linear>.lora_A.<adapter>.weight`, rank x in_features, and
+# `<linear>.lora_B.<adapter>.weight`, out_features x rank; the Linear itself becomes `<linear>.base_layer`) start,
+# like every other parameter here, as a function of (seed, name), so that every strategy and every sharding starts
+# from the same adapters. The values follow peft's default: A uniform in +-1/sqrt(in_features) (kaiming_uniform_
+# with a = sqrt(5)), B zero, so that the adapted model starts as its base.
+LORA_A, LORA_B = ".lora_A.", ".lora_B."
+
+
+def fill_adapter_(name: str, tensor: torch.Tensor, seed: int) -> bool:
+    # -> whether name is an adapter's (and tensor, its full value, is filled).
+    if LORA_A in name:
+        bound = 1.0 / math.sqrt(tensor.shape[1])
+        tensor.uniform_(-bound, bound, generator=seeded_generator(canonical_name(name), seed, tensor.device))
+        return True
+    if LORA_B in name:
+        tensor.zero_()
+        return True
+    return False
+
+
 def is_residual_projection(name: str) -> bool:
     # The projections that write into the residual stream; GPT-2 scales them by 1/sqrt(2 * n_layers)
     # so the residual's variance does not grow with depth.
@@ -230,7 +251,18 @@ def is_residual_projection(name: str) -> bool:
 # ---------------------------------------------------------------- modules
 class SeededInit:
     # For models whose every parameter is a function of (seed, name): the model supplies fill_param_ and
-    # reset_buffers; this fills every parameter in place.
+    # reset_buffers; this fills every parameter in place. weight_source: where pretrained weights come from
+    # (name -> the full tensor; set by the trainer for model.init_from), else None: seeded.
+    weight_source = None
+
+    def load_pretrained_(self, name: str, target: torch.Tensor) -> bool:
+        # A sharded strategy's materialize: fills target (the parameter's DTensor) from the pretrained source, which
+        # reads this rank's part only. False when there is nothing to read (no source, or an adapter): seeded.
+        if self.weight_source is None or LORA_A in name or LORA_B in name:
+            return False
+        self.weight_source(canonical_name(name), target)
+        return True
+
     @torch.no_grad()
     def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
         for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings
@@ -375,9 +407,12 @@ class Transformer(SeededInit, nn.Module):
     def fill_param_(self, name: str, tensor: torch.Tensor, seed: int) -> None:
         # Fills a full-size tensor for parameter `name` from (seed, name) alone, so every rank and
         # every sharding gets the same numbers on the same device type.
-        if tensor.is_meta:
+        if tensor.is_meta or fill_adapter_(name, tensor, seed):
             return
         name = canonical_name(name)
+        if self.weight_source is not None:  # pretrained (model.init_from): the source's tensor
+            self.weight_source(name, tensor)
+            return
         if self.args.tie_embeddings and name == "output.weight":
             name = "tok_embeddings.weight"  # one matrix, one stream, whichever name it is reached by
         if name.endswith("norm.weight"):

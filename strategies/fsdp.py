@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strategies.base import Strategy, StrategyConfig
+from strategies.base import Strategy, StrategyConfig, instance_of
 from strategies.parallel_dims import ParallelDims
 
 # Wrapper prefixes that AC and compile add to parameter names; initialisation uses the model's own names.
@@ -97,15 +97,49 @@ def materialize(model, device, seed: int, cpu_offload: bool) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=torch.device("cpu") if cpu_offload else device)
+    quantized = {}
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for key, p in model.named_parameters():
+            name = key
             for prefix in _WRAPPER_PREFIXES:
                 name = name.replace(prefix, "")
             local = p.to_local() if isinstance(p, DTensor) else p
+            nf4 = instance_of(local, NF4_MODULE, "NF4Tensor")
+            if not nf4 and model.load_pretrained_(name, p):  # pretrained weights: this rank's rows only
+                continue
             full = torch.empty(p.shape, dtype=p.dtype, device=device)
             model.fill_param_(name, full, seed)
+            if nf4:
+                quantized[key] = nf4_shard(full, p, local)
+                continue
             if isinstance(p, DTensor):
                 # src_data_rank=None: every rank holds the same full tensor, so each keeps its slice locally.
                 full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
             local.copy_(full)  # to the CPU shard under offload
+    if quantized:  # precision=nf4: the base's 4-bit shards replace their meta placeholders
+        model.load_state_dict(quantized, strict=False, assign=True)
     model.reset_buffers(device)  # RoPE tables live where compute runs, even when parameters are offloaded
+
+
+NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+
+
+def nf4_shard(full, param, meta_local):
+    # precision=nf4 under FSDP2: the full weight quantized as one process quantizes it (torchao's blocks run along
+    # its rows; its double quantization subtracts the mean of all the weight's block scales, so a shard's 4-bit
+    # values depend on the whole weight: this is why NF4, pretrained or not, reads each full weight, one at a
+    # time, as torchtune's FSDP2 QLoRA does), then this rank's rows, which FSDP2 shards along dim 0 as torch.chunk does (the check before launch
+    # made them whole blocks). NF4 has no to_empty: the placeholder on the meta device is replaced, not filled
+    # (FSDP2 picks the new tensor up on load_state_dict(assign=True), as torchtune loads NF4).
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torchao.quantization import to_nf4
+
+    nf4 = to_nf4(full, meta_local.block_size, meta_local.scaler_block_size)
+    mesh, placements = param.device_mesh, param.placements
+    rank = mesh.get_local_rank(0) if mesh.ndim == 1 else mesh.get_coordinate()[-1]
+    chunk = list(torch.chunk(nf4, mesh.size(mesh.ndim - 1), dim=0))[rank]
+    shard = DTensor.from_local(
+        chunk, mesh, placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+    return torch.nn.Parameter(shard, requires_grad=False)

@@ -200,6 +200,22 @@ CHECK_ROWS = {
     "eval_samples_pp": (["strategy=pp", "eval.samples=1"], 2, ["eval.samples=1 with strategy=pp", "set eval.samples=0"]),
     "eval_samples_window": (["eval.samples=1", "trainer.seq_len=16"], 1,
                             ["eval.samples continue the first 16 tokens", "trainer.seq_len=16 does not exceed"]),
+    # Fine-tuning (finetune=lora, precision=nf4, model.init_from).
+    "lora_targets": (["finetune=lora", "finetune.target_modules=[q_proj]"], 1,
+                     ["finetune.target_modules: q_proj match no Linear layer", "its linear layers are w1, w2, w3, wk, wo, wq, wv"]),
+    "lora_rank": (["finetune=lora", "finetune.rank=0"], 1, ["finetune.rank must be at least 1, got 0"]),
+    "nf4_full": (["precision=nf4"], 1, ["precision=nf4 freezes the base in 4 bits, and with finetune=full nothing would train",
+                                        "add finetune=lora"]),
+    "nf4_shape": (["finetune=lora", "precision=nf4"], 1,
+                  ["precision=nf4 cannot store layers.0.feed_forward.w1 (352 x 128)", "multiple of NF4's 16384 weights"]),
+    "lora_tp": (["finetune=lora", "strategy=tp"], 2, ["finetune=lora with strategy=tp", "use strategy=fsdp"]),
+    "lora_fp8": (["finetune=lora", "precision=fp8"], 1, ["finetune=lora with precision=fp8", "nf4 (QLoRA)"]),
+    "lora_other_base": (["finetune=lora", "checkpoint.resume={ckpt}/lora", "trainer.seed=7", "trainer.max_steps=6"], 1,
+                        ["holds adapters trained on the base random, trainer.seed=1234, not this run's random, trainer.seed=7"]),
+    "init_from_nothing": (["model.init_from={tmp}/nothing"], 1,
+                          ["model.init_from={tmp}/nothing is neither a Hugging Face Llama directory", "nor a shardlab checkpoint"]),
+    "init_from_shapes": (["model.init_from={ckpt}/good", "model.dim=64"], 1,
+                         ["does not hold this model's weights: tok_embeddings.weight is [256, 128] there, [256, 64] here"]),
     "flipped_checkpoint": (["checkpoint.resume={ckpt}/flipped"], 1,
                            ["checkpoint {ckpt}/flipped fails verification: __0_0.distcp does not match the digest",
                             "set checkpoint.resume to an older checkpoint"]),
@@ -248,6 +264,10 @@ COMMAND_ROWS = {
     "export_dir_as_file": ("export", ["{ckpt}/good", "{inp}/src.pt"], ["out {inp}/src.pt is a directory, not a .pt file"]),
     "export_file_as_dir": ("export", ["{ckpt}/good", "{file}"], ["out {file} is a file: give a directory for a Hugging Face model"]),
     "export_no_out": ("export", ["{ckpt}/good"], ["the following arguments are required: out"]),
+    "export_adapters_full": ("export", ["{ckpt}/good", "{tmp}/adapters", "--adapters"],
+                             ["is not a LoRA checkpoint", "export it without --adapters"]),
+    "export_adapters_into_model": ("export", ["{ckpt}/lora", "{inp}/hfdir", "--adapters", "--overwrite"],
+                                   ["out {inp}/hfdir holds a model (config.json)", "a directory of their own"]),
     # plan
     "plan_memory": ("plan", ["plan.device_memory_gb=-1"], ["plan.device_memory_gb must be positive, got -1.0"]),
     "plan_device": ("plan", ["plan.device=tpu"], ["plan.device must be cpu or cuda, got 'tpu'"]),
@@ -321,6 +341,8 @@ def inp(tmp_path_factory) -> Path:
     (root / "other" / "notes.txt").write_text("someone's notes\n")
     (root / "model.safetensors").write_bytes(b"an earlier export")
     (root / "src.pt").mkdir()
+    (root / "hfdir").mkdir()
+    (root / "hfdir" / "config.json").write_text("{}\n")
     prepare(str(root / "src"), str(root / "tokens"), val_fraction=0.34, num_proc=1)
     shutil.copytree(root / "tokens", root / "tokens_flipped")
     flip_byte(root / "tokens_flipped" / "train.bin")
@@ -350,6 +372,13 @@ def ckpt(tmp_path_factory) -> Path:
         f.truncate(4096)
     shutil.copytree(root / "good", root / "flipped")
     flip_byte(root / "flipped" / "__0_0.distcp")
+    torch.set_num_threads(1)
+    try:  # a LoRA checkpoint: adapters only, on a random base of trainer.seed=1234
+        lora = compose_config("finetune=lora", "checkpoint=periodic", "checkpoint.every_n_steps=3")
+        train_in_process(lora, root / "lora-run")
+    finally:
+        torch.set_num_threads(threads)
+    shutil.copytree(root / "lora-run" / "checkpoints" / "step_00000003", root / "lora")
     return root
 
 

@@ -26,11 +26,16 @@ TRAINED_MODELS = {"debug", "gpt2_debug"}
 # Options another file trains already, so the walk only composes and validates them: every precision and
 # optimizer (tests/test_precision.py), the HF presets (tests/test_hf.py), llama_20m (tests/test_memory.py,
 # tests/test_checkpoint.py), data=text (tests/test_train.py), data=tokens (tests/test_prepare.py),
-# checkpoint=periodic (tests/test_checkpoint.py).
-TRAINED_ELSEWHERE = {"precision", "optim", ("data", "text"), ("data", "tokens"), ("checkpoint", "periodic")}
+# checkpoint=periodic (tests/test_checkpoint.py), finetune=lora (tests/test_finetune.py).
+TRAINED_ELSEWHERE = {"precision", "optim", ("data", "text"), ("data", "tokens"), ("checkpoint", "periodic"),
+                     ("finetune", "lora")}  # fmt: skip
 # Options that need one more value to compose: bare model=hf needs a local path or an inline model_type
 # (LlamaConfig's defaults are Llama-2-7B shapes, so it stays compose-only).
-NEEDS = {("model", "hf"): ["+model.hf_config.model_type=llama"]}
+NEEDS = {
+    ("model", "hf"): ["+model.hf_config.model_type=llama"],
+    # a 4-bit base needs adapters to train, and Linears of whole NF4 blocks (64 x 256 weights)
+    ("precision", "nf4"): ["finetune=lora", "model.dim=256", "model.multiple_of=128"],
+}
 TRAINED_STRATEGIES = {"single"}
 # Published sizes of the big presets, to 1%.
 PUBLISHED_PARAMS = {"gpt2_124m": 124.4e6, "llama_160m": 162e6, "llama_1b": 1.236e9, "llama3_8b": 8.03e9}
@@ -109,6 +114,7 @@ def test_default_config_composes_to_the_documented_defaults():
         "launcher": "local",
         "trainer": "default",
         "checkpoint": "none",
+        "finetune": "full",
     }
     assert cfg.data.path == sysconfig.get_paths()["stdlib"]
     assert validate(cfg, 1, "cpu").vocab_size == 256

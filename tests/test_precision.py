@@ -21,7 +21,7 @@ from trainer.data import build_data, micro_batches
 from trainer.dist import init_distributed
 from trainer.loop import train_step
 from trainer.optim import build_optimizer
-from trainer.precision import PRECISIONS, build_precision
+from trainer.precision import FULL_TRAINING, build_precision
 from trainer.summary import RunSummary
 
 # Real text, a high constant learning rate: four steps take the loss well down from ln(256).
@@ -46,7 +46,7 @@ def _assert_reported(summary: RunSummary, name: str) -> None:
 
 
 # ---------------------------------------------------------------- one process
-@pytest.mark.parametrize("name", list(PRECISIONS))
+@pytest.mark.parametrize("name", FULL_TRAINING)  # nf4 (QLoRA): tests/test_finetune.py
 def test_every_precision_trains_in_one_process(name, tmp_path, one_thread, text_corpus):
     summary = train_in_process(compose_config(*_text(text_corpus), f"precision={name}"), tmp_path)
     _assert_learns([r["loss"] for r in read_rows(tmp_path)])
@@ -247,7 +247,9 @@ def _fp16_steps(cfg, env, inject_at: int | None) -> list:
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory, text_corpus):
-    jobs = [("train", f"fsdp-{p}", _cfg(text_corpus, "strategy=fsdp", f"precision={p}")) for p in PRECISIONS]
+    jobs = [
+        ("train", f"fsdp-{p}", _cfg(text_corpus, "strategy=fsdp", f"precision={p}")) for p in FULL_TRAINING
+    ]
     jobs.append(("train", "ddp-fp16-mixed", _cfg(text_corpus, "strategy=ddp", "precision=fp16-mixed")))
     jobs.append(("dtypes", "dtypes", _cfg(text_corpus, "strategy=fsdp", "precision=bf16-mixed")))
     jobs.append(("inf", "inf", _cfg(text_corpus, "strategy=fsdp", "precision=fp16-mixed")))
@@ -262,7 +264,7 @@ def _cfg(corpus, *overrides) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(PRECISIONS))
+@pytest.mark.parametrize("name", FULL_TRAINING)  # nf4 (QLoRA): tests/test_finetune.py
 def test_every_precision_trains_under_fsdp(group, name):
     results, out = group
     summary = results[0][f"fsdp-{name}"]

@@ -17,7 +17,7 @@ from launcher.sweep import config_key, fill_sweep_logger, swept_keys
 from tests.helpers.reports import assert_png, csv_rows, md_rows
 from tests.helpers.run import compose_config
 from trainer.checks import validate
-from trainer.precision import PRECISIONS
+from trainer.precision import FULL_TRAINING
 
 PRESETS = sorted(p.stem for p in (Path(config_dir()) / "sweep").glob("*.yaml"))
 
@@ -37,8 +37,9 @@ def test_every_preset_cell_validates(preset):
     assert cfg.sweep.resume is True and cfg.sweep.resume_dir == "multirun"
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     assert params and all(len(v) > 1 for v in params.values())
-    # The precisions preset lists every precision; the others compare fp32 with bf16-mixed.
-    expected = set(PRECISIONS) if preset == "precisions" else {"fp32", "bf16-mixed"}
+    # The precisions preset lists every precision that trains every weight (nf4 freezes its base: finetune=lora);
+    # the others compare fp32 with bf16-mixed.
+    expected = set(FULL_TRAINING) if preset == "precisions" else {"fp32", "bf16-mixed"}
     assert set(params.get("precision", expected)) == expected
     for cell in itertools.product(*params.values()):
         cell_cfg = compose_config(

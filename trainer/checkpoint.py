@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from models import build_model
 from trainer.data import tokenizer_source
 from trainer.environments import current
+from trainer.finetune import apply_finetune, base_record
 from trainer.paths import publish, unwritable_reason
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -247,6 +248,29 @@ def preflight(cfg, args) -> None:
     from trainer import checkpoint_io
 
     checkpoint_io.verify(path)
-    with torch.device("meta"):  # shapes only
-        checkpoint_io.check_compatible(path, build_model(args).state_dict())
+    with torch.device(
+        "meta"
+    ):  # shapes only; under finetune=lora, what trains (the adapters) is what was saved
+        model = apply_finetune(build_model(args), cfg.finetune, t.seed)
+        trains = {n for n, p in model.named_parameters() if p.requires_grad}
+        checkpoint_io.check_compatible(path, {n: v for n, v in model.state_dict().items() if n in trains})
     check_below_max_steps(path, checkpoint_io.read_train_state(path)["step"], t.max_steps)
+    check_same_base(path, cfg)
+
+
+def check_same_base(path: Path, cfg) -> None:
+    # Adapters belong to the base they were trained on: resuming them on another would train nonsense quietly.
+    from trainer import checkpoint_io
+
+    if "train.finetune" not in checkpoint_io.read_metadata(path).state_dict_metadata:
+        return
+    saved = json.loads(checkpoint_io.read_train_state(path, {"finetune": ""})["finetune"])["base"]
+    here = base_record(cfg.model, cfg.trainer.seed)
+    if saved != here:
+        raise ValueError(
+            f"checkpoint {path} holds adapters trained on the base {saved['source']}"
+            + (f" (digest {saved['digest']})" if saved["digest"] else "")
+            + f", not this run's {here['source']}"
+            + (f" (digest {here['digest']})" if here["digest"] else "")
+            + ": resume with the base it was trained on, or set checkpoint.resume=none"
+        )

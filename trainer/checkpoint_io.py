@@ -6,6 +6,7 @@
 # loads DTensor and FSDP) is imported only by a run that reads or writes a checkpoint; trainer/checkpoint.py
 # decides which and when.
 import contextlib
+import dataclasses
 import pickle
 import sys
 import warnings
@@ -105,7 +106,8 @@ def _rng_states() -> dict:
 
 # The optimizer's hyper-parameters keyed by each parameter's name (param_groups.<name>.lr), not by group index: a
 # pipeline rank's groups hold other parameters than rank 0's, and DCP keeps one copy of each key.
-FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+# Frozen parameters are left out (finetune=lora: the base; a checkpoint holds the adapters, and records which base).
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
 
 
 def write(tmp: Path, step: int, model, optimizer, scheduler, meta: dict) -> None:
@@ -263,8 +265,12 @@ def load(path: Path, model, optimizer, scheduler, extra: dict | None = None) -> 
     train_template = {"step": 0, "last_epoch": 0, **optional}  # the model record is export's, not a resume's
     state = {"model": model_sd, "optim": optim_sd, "train": train_template}
     _read(state, path, no_dist=not dist.is_initialized())
+    # The frozen parameters (finetune=lora's base) are not in it: loaded without them (check_compatible held the
+    # keys it does have to this model's).
+    frozen = any(not p.requires_grad for p in model.parameters())
+    options = dataclasses.replace(FLAT, strict=False) if frozen else FLAT
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=FLAT
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
     )
     # The schedule is a function of the step: recompute the lr from this run's schedule (which may have a
     # new max_steps) rather than trusting the saved one.

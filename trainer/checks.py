@@ -11,12 +11,14 @@ import strategies
 from models import MODEL_PRESETS, build_model, build_model_args, parallel_plan
 from models.attention import check_attention_supported
 from trainer import checkpoint, optim
-from trainer.config import batch_layout, check_schema, one_of
+from trainer.config import NOT_MODEL_ARGS, batch_layout, check_schema, one_of
 from trainer.data import data_facts, read_meta
 from trainer.dist import device_type as resolve_device
 from trainer.evaluate import PROMPT_TOKENS, check_held_out
+from trainer.finetune import FINETUNES, targets
 from trainer.loggers import BACKENDS
-from trainer.precision import Precision, build_precision, require_convertible
+from trainer.precision import Precision, build_precision, nf4_refusal, require_convertible
+from trainer.pretrained import check_source
 
 NONFINITE_POLICIES = ("error", "skip")  # trainer.on_nonfinite
 
@@ -25,7 +27,8 @@ def model_args(cfg: DictConfig):
     # The model's arguments as the config gives them, with the attention option's kernel and K/V heads.
     vocab_from_data(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("lr", None)  # what optim.lr defaults to, not a model argument
+    for key in NOT_MODEL_ARGS:  # how it trains (its learning rate, its starting weights), not what it is
+        model.pop(key, None)
     return build_model_args(model.pop("name"), model, OmegaConf.to_container(cfg.attention, resolve=True))
 
 
@@ -98,6 +101,7 @@ def validate(cfg: DictConfig, world_size: int, available: str, capability=None, 
     if precision.linear is not None:
         with torch.device("meta"):  # shapes only
             require_convertible(build_model(args), precision.name)
+    check_finetune(cfg, args, precision, dims)
     check_attention_supported(args.attention, device_type, precision.compute_dtype, capability)
     need, held_out = data_facts(cfg.data, t.seq_len)
     if need is not None and need > args.vocab_size:
@@ -116,6 +120,44 @@ def validate(cfg: DictConfig, world_size: int, available: str, capability=None, 
             "run under compile): set strategy.compile=false for the measured run"
         )
     return args
+
+
+def check_finetune(cfg: DictConfig, args, precision: Precision, dims) -> None:
+    # finetune=lora and precision=nf4 (QLoRA), and model.init_from, against the model and the layout.
+    f, strategy = cfg.finetune, strategies.get_strategy(cfg.strategy.name)
+    one_of("finetune", f.name, FINETUNES)
+    if precision.quantize and f.name != "lora":
+        raise ValueError(
+            f"precision={precision.name} freezes the base in 4 bits, and with finetune={f.name} nothing would train: "
+            "add finetune=lora (QLoRA), or use precision=bf16-true"
+        )
+    if cfg.model.get("init_from"):
+        check_source(cfg.model.init_from, args)
+    if f.name == "full":
+        return
+    # Not composed here. Tensor layouts: the parallel plans name the block Linears (attention.wq, ...) that peft
+    # replaces with its LoraLayer, and ColwiseParallel / RowwiseParallel shard an nn.Linear's weight only; each
+    # adapter's A and B would need placements of their own (A split as its base's input, B as its output) and the
+    # plan a second set of names. Pipeline layouts: the stages are views onto the model's modules and save their
+    # state by single-process names, which the adapters' checkpoint, the base record and export have not been
+    # checked against. Both are refused rather than run untested.
+    if strategy.splits_tensors or strategy.pipelined:
+        raise ValueError(
+            f"finetune={f.name} with strategy={cfg.strategy.name}: adapters are trained under single, ddp and the "
+            "FSDP strategies (fsdp, fsdp_grad_op, hsdp), not split over tensor or pipeline ranks: use strategy=fsdp"
+        )
+    if precision.linear is not None:
+        raise ValueError(
+            f"finetune={f.name} with precision={precision.name}: its Linear swap and peft's adapters do not "
+            "compose here: use precision=bf16-true, bf16-mixed, fp32, or nf4 (QLoRA)"
+        )
+    with torch.device("meta"):  # shapes only
+        model = build_model(args)
+    targets(model, f)  # names that match no layer: one line
+    if precision.quantize and (why := nf4_refusal(model, dims.dp_shard if strategy.shards_state else 1)):
+        raise ValueError(
+            f"precision={precision.name} cannot store {why}: use precision=bf16-true (plain LoRA)"
+        )
 
 
 def check_samples(cfg: DictConfig, held_out: int | None, args) -> None:

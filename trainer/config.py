@@ -37,6 +37,10 @@ def _phrase(rule: str) -> str:
     return f"be in {rule}"
 
 
+# Fields of the model config that say how it trains, not what it is: never passed to a model's arguments.
+NOT_MODEL_ARGS = ("lr", "init_from")
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING  # a preset of models.MODEL_PRESETS; the fields below override it when set
@@ -58,6 +62,9 @@ class ModelConfig:
     # the learning rate this model trains well at, which optim.lr defaults to (each preset sets its own, as
     # nanoGPT's and litgpt's do); not a model argument
     lr: float = ranged(3e-4, "> 0")
+    # native models: start from these weights (a Hugging Face Llama directory, or a shardlab checkpoint or run
+    # directory) instead of a random initialisation; not a model argument
+    init_from: str | None = None
 
 
 @dataclass
@@ -87,6 +94,18 @@ class DataConfig:
     # tokens: read the token files through before training, against the digests and largest token id meta.json
     # records (null: where they total under 4 GB; false: sizes only; true: always)
     verify: bool | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "full"  # full | lora
+    # lora: adapters of this rank on each target Linear, scaled by alpha / rank (peft's LoraConfig)
+    rank: int = ranged(8, ">= 1")
+    alpha: float = ranged(16.0, "> 0")
+    dropout: float = ranged(0.0, "[0, 1)")
+    # the Linear layers' names (their last part: wq, q_proj, ...) that get adapters; None: every Linear of the
+    # transformer blocks, as QLoRA does
+    target_modules: list[str] | None = None
 
 
 @dataclass
@@ -198,6 +217,7 @@ class TuneConfig:
     attentions: list[str] | None = None  # default: sdpa, flash
     activation_checkpointing: list[str] | None = None  # default: none, selective, full
     compile: list[bool] | None = None  # default: [false]
+    finetunes: list[str] | None = None  # default: the config's finetune (e.g. [full, lora] to compare them)
     # tensor-parallel degrees for the strategies that split tensors (tp, fsdp_tp, ...); default: the divisors
     # (above 1) of the ranks of a node that the model's heads, K/V heads, dim, MLP and vocabulary allow
     tp: list[int] | None = None
@@ -236,6 +256,7 @@ class RunConfig:
 @dataclass
 class Config:
     model: Any = MISSING
+    finetune: Any = MISSING
     attention: Any = MISSING
     precision: Any = MISSING
     strategy: Any = MISSING
@@ -257,6 +278,7 @@ class Config:
 
 SCHEMAS = {
     "model": ModelConfig,
+    "finetune": FinetuneConfig,
     "attention": AttentionConfig,
     "precision": PrecisionConfig,
     "strategy": StrategyConfig,

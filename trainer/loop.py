@@ -20,24 +20,41 @@ from trainer.console import ProgressBar, format_summary
 from trainer.data import build_data, decoder, micro_batches, tokenizer_source
 from trainer.dist import DistEnv, mean_across_ranks
 from trainer.evaluate import check_held_out, eval_steps, evaluate, no_validation_note, samples
+from trainer.finetune import apply_finetune, trainable_params
+from trainer.finetune import record as finetune_record
 from trainer.loggers import build_loggers
 from trainer.memory import plan_for_run, spec_from_config
 from trainer.metrics import Metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.precision import Precision, build_precision
+from trainer.pretrained import weight_source
 from trainer.summary import PREEMPTED, RunSummary
 
 
-def build_parallel_model(args, strategy_cfg, dims: ParallelDims, device, seed: int, precision: Precision):
+def build_parallel_model(
+    args,
+    strategy_cfg,
+    dims: ParallelDims,
+    device,
+    seed: int,
+    precision: Precision,
+    finetune_cfg=None,
+    source=None,
+):
     # -> (the model to train, the precision as the strategy leaves it). Strategies that shard build on the meta
     # device, shard, then materialise only their local shards, so a model larger than one device can be built;
-    # the others build in place on the device.
+    # the others build in place on the device. source: pretrained weights of a native model (model.init_from).
     strategy = strategies.get_strategy(strategy_cfg.name)
     with torch.device("meta" if strategy.on_meta else device):
         model = build_model(args)
+    if source is not None:
+        model.weight_source = weight_source(source, args)
     if not strategy.on_meta:
         model.init_weights(seed)
-    model = precision.prepare_model(model)  # bf16-true cast, fp8/int8 Linear swap: before any wrapper
+    model = precision.prepare_model(
+        model
+    )  # bf16-true cast, NF4 base, fp8/int8 Linear swap: before any wrapper
+    model = apply_finetune(model, finetune_cfg, seed)  # LoRA adapters on the frozen base
     model = strategy.apply(model, dims, strategy_cfg, device=device, precision=precision)
     if strategy.on_meta:
         strategy.materialize(model, device, seed, strategy_cfg)
@@ -77,7 +94,10 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
     micro, accum = batch_layout(t, dims)
     data = build_data(cfg.data, t.seq_len, t.seed, args.vocab_size)
     precision = build_precision(cfg.precision.name, env.device)
-    model, precision = build_parallel_model(args, cfg.strategy, dims, env.device, t.seed, precision)
+    source = cfg.model.get("init_from")
+    model, precision = build_parallel_model(
+        args, cfg.strategy, dims, env.device, t.seed, precision, cfg.finetune, source
+    )
     optimizer = build_optimizer(model, cfg.optim, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     ckpt_root = checkpoint.checkpoint_root(cfg.checkpoint, run_dir)
@@ -88,6 +108,7 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
     run = RunSummary(
         run_dir=str(run_dir), choices=dict(cfg.get("choices") or {}), micro_batch_size=micro, grad_accum_steps=accum,
         tokens_per_step=t.global_batch_size * t.seq_len, n_params=param_count(args),
+        n_params_trainable=trainable_params(model) if cfg.finetune.name != "full" else param_count(args),
         n_params_non_embedding=param_count(args, exclude_embedding=True), data=data.description,
         resumed_from=str(resumed_from) if resumed_from else None,
         strategy_applied=strategy.describe(model, cfg.strategy, dims), pipeline=strategy.pipeline_facts(model, accum),
@@ -105,7 +126,11 @@ def train(cfg: DictConfig, env: DistEnv, run_dir: Path, args) -> RunSummary:
             print(no_validation_note(t.seq_len), flush=True)
 
     def ckpt_meta() -> dict:  # what a checkpoint keeps besides model, optimizer, step and rng
-        return {**checkpoint.model_record(cfg.model, cfg.attention, cfg.data), **precision.state_tensors()}
+        return {
+            **checkpoint.model_record(cfg.model, cfg.attention, cfg.data),
+            **finetune_record(cfg.finetune, cfg.model, t.seed, cfg.precision.name),
+            **precision.state_tensors(),
+        }
 
     tokenizer = tokenizer_source(cfg.data)  # copied into each checkpoint
     text_of = decoder(cfg.data) if e.samples and env.is_rank0 else None
@@ -210,7 +235,9 @@ def build_metrics(
         rank=env.rank,
         tokens_per_step=t.global_batch_size * t.seq_len,
     )
-    spec = spec_from_config(cfg.strategy, t, cfg.precision.name, cfg.optim, dims, env.device.type)
+    spec = spec_from_config(
+        cfg.strategy, t, cfg.precision.name, cfg.optim, dims, env.device.type, cfg.finetune
+    )
     metrics.describe_run(run, precision, plan_for_run(args, spec))
     return metrics
 

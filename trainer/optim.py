@@ -55,6 +55,9 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    # An empty group (LoRA's adapters are all matrices) is left out: DCP's flattened optimizer state cannot
+    # load one back (torch 2.13, state_dict._unflatten_optim_state_dict reads each group's first parameter).
+    groups = [g for g in groups if g["params"]]
     betas = (cfg.beta1, cfg.beta2)
     if (
         cfg.name == "adamw8bit"

@@ -36,7 +36,14 @@ PRECISIONS: dict[str, dict] = {
     "fp8": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True, linear="float8_tensorwise"),
     "fp8-rowwise": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True, linear="float8_rowwise"),
     "int8": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True, linear="int8"),
+    # QLoRA: the frozen base in bf16, the Linear weights of its blocks stored in torchao's NF4 (4-bit NormalFloat,
+    # blocks of 64 with double-quantised scalers) and dequantized to bf16 per matmul; only with finetune=lora,
+    # whose adapters stay fp32.
+    "nf4": dict(param_dtype=_BF16, compute_dtype=_BF16, autocast=False, quantize="nf4"),
 }
+# The precisions every weight can train in (precision=nf4 freezes its base: finetune=lora only).
+FULL_TRAINING = tuple(name for name, fields in PRECISIONS.items() if not fields.get("quantize"))
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # torchao's defaults (QLoRA's): 64 weights a scale, 256 scales a factor
 _CLASS = {_F32: "fp32", _BF16: "bf16", _F16: "fp16"}
 
 
@@ -112,6 +119,7 @@ class Precision:
     tf32: bool = False  # CUDA: fp32 matmuls on TF32 tensor cores (10-bit mantissa); nothing on CPU
     loss_scaling: bool = False
     linear: str | None = None  # float8_tensorwise | float8_rowwise | int8
+    quantize: str | None = None  # nf4: the blocks' Linear weights stored in 4 bits (frozen)
     scaler: LossScaler | None = None
 
     @property
@@ -145,6 +153,8 @@ class Precision:
             with torch.no_grad():
                 for p in model.parameters():
                     p.data = p.data.to(self.param_dtype)
+        if self.quantize == "nf4":
+            quantize_nf4(model)
         if self.linear is not None:
             require_convertible(model, self.name)
             convert_linears(model, self.linear, emulate=self.emulated)
@@ -189,6 +199,7 @@ class Precision:
             "autocast": self.autocast,
             "tf32": self.tf32 and self.device_type == "cuda",
             "linear": self.linear,
+            "quantize": self.quantize,
             "emulated": self.emulated,
             "loss_scaler": type(self.scaler.scaler).__name__ if self.scaler is not None else None,
             "loss_scale": self.scaler.scaler.get_scale() if self.scaler is not None else None,
@@ -198,6 +209,39 @@ class Precision:
 def build_precision(name: str, device: torch.device) -> Precision:
     # Touches no device: whether a GPU can run it is checks.check_device_capabilities' question.
     return Precision(name, device_type=device.type, **precision_fields(name)).with_scaler(sharded=False)
+
+
+def nf4_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    # What precision=nf4 stores in 4 bits: the Linear layers of the transformer blocks (embeddings, norms and the
+    # output head stay bf16, as in QLoRA).
+    from strategies.common import blocks
+
+    inside = {id(m) for m in blocks(model).modules()}
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
+
+
+def nf4_refusal(model: nn.Module, shards: int = 1) -> str | None:
+    # -> why NF4 cannot store some Linear weight, else None. torchao quantizes in blocks of 64 weights and
+    # double-quantizes their scales in blocks of 256, so a weight (and under FSDP each rank's slice of its rows)
+    # must hold a multiple of 64 x 256 elements.
+    unit = NF4_BLOCK * NF4_SCALER_BLOCK
+    for name, m in nf4_linears(model):
+        rows, cols = m.weight.shape
+        if rows % shards or (rows // shards) * cols % unit:
+            where = f" split over {shards} FSDP ranks" if shards > 1 else ""
+            return (
+                f"{name} ({rows} x {cols}){where} is not a multiple of NF4's {unit} weights (blocks of "
+                f"{NF4_BLOCK}, scales in blocks of {NF4_SCALER_BLOCK})"
+            )
+    return None
+
+
+def quantize_nf4(model: nn.Module) -> None:
+    # In place, on the meta device too (FSDP materializes the real NF4 shards: strategies/fsdp.py).
+    from torchao.quantization import to_nf4
+
+    for _, m in nf4_linears(model):
+        m.weight = nn.Parameter(to_nf4(m.weight.data, NF4_BLOCK, NF4_SCALER_BLOCK), requires_grad=False)
 
 
 def is_convertible(module: nn.Module, fqn: str) -> bool:

@@ -73,6 +73,7 @@ class RunSummary:
     tokens_per_step: int | None = None
     n_params: int | None = None
     n_params_non_embedding: int | None = None
+    n_params_trainable: int | None = None  # finetune=lora: the adapters' (the base is frozen)
     data: str | None = None
     resumed_from: str | None = None
     strategy_applied: dict[str, Any] | None = None

@@ -30,7 +30,7 @@ def compose_config(*overrides: str, tiny: bool = True) -> DictConfig:
     return compose([*(TINY if tiny else ()), *overrides])
 
 
-def build_for(cfg: DictConfig, env, args=None, precision=None):
+def build_for(cfg: DictConfig, env, args=None, precision=None, finetune_cfg=None):
     # -> (the model as train() builds it for cfg's strategy on this process group, the precision as it leaves it)
     from trainer.checks import model_args, run_dims
     from trainer.loop import build_parallel_model
@@ -39,7 +39,14 @@ def build_for(cfg: DictConfig, env, args=None, precision=None):
     dims = run_dims(cfg.strategy, env.world_size, env.per_node, env.rank)
     precision = precision or build_precision(cfg.precision.name, env.device)
     return build_parallel_model(
-        args or model_args(cfg), cfg.strategy, dims, env.device, cfg.trainer.seed, precision
+        args or model_args(cfg),
+        cfg.strategy,
+        dims,
+        env.device,
+        cfg.trainer.seed,
+        precision,
+        finetune_cfg,
+        cfg.model.get("init_from"),
     )
 
 
