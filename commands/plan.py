@@ -49,7 +49,9 @@ def setup_of(cfg: DictConfig) -> Setup:
         )
     return Setup(
         args=args,
-        spec=spec_from_config(cfg.strategy, cfg.trainer, cfg.precision.name, cfg.optim, dims, device_of(cfg)),
+        spec=spec_from_config(
+            cfg.strategy, cfg.trainer, cfg.precision.name, cfg.optim, dims, device_of(cfg), cfg.finetune
+        ),
         nproc=nproc,
         nnodes=cfg.launcher.nnodes,
         micro_batch_size=cfg.trainer.micro_batch_size,

@@ -59,6 +59,7 @@ AXES = {
     "attentions": ("attention", "attention"),
     "activation_checkpointing": ("strategy.activation_checkpointing", None),
     "compile": ("strategy.compile", None),
+    "finetunes": ("finetune", "finetune"),
 }
 
 
@@ -80,7 +81,7 @@ class Candidate:
         return max(ok, key=lambda t: (t["steps"], t["summary"].tokens_per_s_median)) if ok else None
 
 
-def default_axes(device: str, world: int, nnodes: int, tp_degrees: list[int]) -> dict:
+def default_axes(device: str, world: int, nnodes: int, tp_degrees: list[int], finetune: str = "full") -> dict:
     # Each strategy names the conf/strategy options worth trying at this size (single alone on one device); those
     # that split tensors only where some tensor-parallel degree can split the model.
     return {
@@ -94,6 +95,9 @@ def default_axes(device: str, world: int, nnodes: int, tp_degrees: list[int]) ->
         "attentions": ["sdpa", "flash"],
         "activation_checkpointing": ["none", "selective", "full"],
         "compile": [False],
+        "finetunes": [
+            finetune
+        ],  # what the run trains: the config's (tune.finetunes=[full,lora] compares them)
     }
 
 
@@ -140,7 +144,7 @@ def pp_layouts(cfg, world: int) -> list[tuple[str, ...]]:
 
 def axes_of(cfg, device: str, world: int, tp: list[int]) -> dict:
     # The space as the user restricted it: an empty axis or an unknown value is refused, naming the axis.
-    axes = default_axes(device, world, cfg.launcher.nnodes, tp)
+    axes = default_axes(device, world, cfg.launcher.nnodes, tp, cfg.finetune.name)
     for axis, (key, group) in AXES.items():
         given = cfg.tune.get(axis)
         if given is None:

@@ -19,6 +19,7 @@ COLUMNS = {
     "strategy.pp": "pp",
     "strategy.pp_schedule": "schedule",
     "strategy.pp_stages_per_rank": "stages_per_rank",
+    "finetune": "finetune",
 }
 AXIS_NAMES = tuple(COLUMNS.values())
 

@@ -196,6 +196,18 @@ def test_the_verdict_names_the_shape_it_planned_and_one_device_gets_one_device_c
     assert re.search(r"FSDP over more nodes \(more GPUs\) +strategy=fsdp launcher.nnodes=2 ", out), out
 
 
+def test_qlora_is_proposed_where_full_fine_tuning_does_not_fit(capsys):
+    # llama3_8b on one 24 GB device: full fine-tuning needs 130 GB; QLoRA (4-bit base, fp32 adapters) fits at a
+    # smaller micro-batch, and plain LoRA on a bf16 base at a smaller one still.
+    plan_cli.main(["model=llama3_8b", "plan.device_memory_gb=24"])
+    out = capsys.readouterr().out.split("cheapest changes that fit")[1]
+    qlora = next(
+        line for line in out.splitlines() if line.strip().startswith("QLoRA: LoRA on a 4-bit (NF4) base")
+    )
+    assert "finetune=lora precision=nf4 trainer.micro_batch_size=" in qlora and float(qlora.split()[-2]) < 24
+    assert "LoRA adapters on a frozen bf16 base" in out
+
+
 def test_a_change_that_still_does_not_fit_is_no_suggestion(capsys):
     # llama3_70b in fp32 on one 8 GB device: the planner's cheapest combination (bf16, 8-bit states, checkpointing,
     # a smaller micro-batch, more ranks, offload ...) still needs more than 8 GB per device, so it is not offered.

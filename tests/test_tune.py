@@ -188,7 +188,8 @@ def test_tensor_parallel_degrees_are_an_axis_with_each_rows_mesh():
     assert tune_cli.tp_degrees(compose_config([*base, "attention=mqa"]), 4) == []
     cands = tune_cli.plan_candidates(base, cfg, 4, "cpu", None)
     found = {
-        c.overrides[0].split("=")[1] + "".join(o.split("=")[1] for o in c.overrides[5:]): c for c in cands
+        (o := dict(x.split("=", 1) for x in c.overrides))["strategy"] + o.get("strategy.tp", ""): c
+        for c in cands
     }
     assert sorted(found) == ["fsdp", "fsdp_tp2", "fsdp_tp4", "tp2", "tp4"]
     assert found["fsdp_tp2"].mesh == {"shard": 2, "tp": 2} and found["tp4"].mesh == {"tp": 4}
@@ -209,9 +210,10 @@ def test_pipeline_degrees_and_schedules_are_axes():
             "launcher.nproc_per_node=4", "plan.device=cpu", "tune.precisions=[fp32]", "tune.attentions=[sdpa]",
             "tune.activation_checkpointing=[none]", "tune.strategies=[pp]", "tune.pp_schedules=[1f1b,zbv]"]  # fmt: skip
     cands = tune_cli.plan_candidates(base, compose_config(base), 4, "cpu", None)
-    found = {tuple(o.split("=")[1] for o in c.overrides[5:7]): c for c in cands}
+    over = [dict(x.split("=", 1) for x in c.overrides) for c in cands]
+    found = {(o["strategy.pp"], o["strategy.pp_schedule"]): c for c, o in zip(cands, over, strict=True)}
     assert sorted(found) == [("2", "1f1b"), ("2", "zbv"), ("4", "1f1b"), ("4", "zbv")]
-    assert found[("2", "zbv")].overrides[7] == "strategy.pp_stages_per_rank=2"
+    assert "strategy.pp_stages_per_rank=2" in found[("2", "zbv")].overrides
     assert (
         found[("2", "1f1b")].mesh == {"pp": 2, "shard": 2, "tp": 1}
         and found[("2", "1f1b")].status == "pending"
@@ -221,3 +223,27 @@ def test_pipeline_degrees_and_schedules_are_axes():
     assert found[("4", "zbv")].status == "pruned" and "makes 8 stages" in found[("4", "zbv")].reason
     with pytest.raises(ValueError, match="tune.pp_schedules holds 'pipedream'"):
         tune_cli.pp_layouts(compose_config([*base, "tune.pp_schedules=[pipedream]"]), 4)
+
+
+def test_fine_tuning_is_an_axis_and_nf4_needs_adapters():
+    # tune.finetunes=[full,lora] x tune.precisions=[fp32,nf4]: full in nf4 is pruned by the check (a frozen 4-bit
+    # model has nothing to train), the others planned with the adapters' memory. No trial.
+    from launcher.compose import compose_config
+
+    base = ["model=debug", "model.dim=256", "model.multiple_of=128", "data=synthetic", "trainer.device=cpu",
+            "trainer.global_batch_size=4", "plan.device=cpu", "tune.precisions=[fp32,nf4]", "tune.attentions=[sdpa]",
+            "tune.activation_checkpointing=[none]", "tune.finetunes=[full,lora]"]  # fmt: skip
+    cands = tune_cli.plan_candidates(base, compose_config(base), 1, "cpu", None)
+    found = {
+        (dict(o.split("=", 1) for o in c.overrides)["finetune"], c.overrides[1].split("=")[1]): c
+        for c in cands
+    }
+    assert sorted(found) == [("full", "fp32"), ("full", "nf4"), ("lora", "fp32"), ("lora", "nf4")]
+    assert (
+        found[("full", "nf4")].status == "pruned" and "nothing would train" in found[("full", "nf4")].reason
+    )
+    assert all(found[k].status == "pending" for k in (("full", "fp32"), ("lora", "fp32"), ("lora", "nf4")))
+    full, lora, qlora = (
+        min(found[k].predicted_gb.values()) for k in (("full", "fp32"), ("lora", "fp32"), ("lora", "nf4"))
+    )
+    assert qlora < lora < full

@@ -93,6 +93,14 @@ def _with_own_peak(base: type[MemTracker]) -> type[MemTracker]:
                     reftype = _MemRefType.OTH
             super()._track(reftype, t)
 
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            # MemTracker hooks every parameter's gradient, and a frozen one (finetune=lora's base) refuses a hook:
+            # it is entered as hooked already, with nothing to remove (it never gets a gradient).
+            for p in module.parameters():
+                if not p.requires_grad and self._param_to_grad_hook_handles.get(p, None) is None:
+                    self._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
         def _update_peak_stats(self, peak_state) -> None:
             super()._update_peak_stats(peak_state)
             snap = _ours(self._curr_mem_snap.get(self.device, {}))
@@ -105,6 +113,12 @@ def _with_own_peak(base: type[MemTracker]) -> type[MemTracker]:
     return Tracker
 
 
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+_NO_HOOK = _NoHook()
 _Tracker = _with_own_peak(MemTracker)
 _FSDPTracker = _with_own_peak(FSDPMemTracker)
 

@@ -31,6 +31,7 @@ from trainer.memory.activations import (
     root_shapes,
     widths,
 )
+from trainer.memory.lora import adapter_shapes, gathered_block, lora_layer_terms, lora_state
 from trainer.memory.pipeline import plan_stages
 from trainer.memory.result import MemoryPlan, optimizer_scratch, reduce_scatter_bytes
 from trainer.memory.spec import PlanSpec, precision_bytes
@@ -39,7 +40,10 @@ from trainer.optim import state_bytes
 
 def model_state(args, spec: PlanSpec) -> dict[str, float]:
     # Bytes per rank of weights, gradients and optimizer state, and this rank's element count: each parameter's
-    # tensor-parallel shard (activations.local_shapes), sharded again by FSDP over its group.
+    # tensor-parallel shard (activations.local_shapes), sharded again by FSDP over its group. Under LoRA: the frozen
+    # base and the adapters (trainer/memory/lora.py); the element count is what trains.
+    if spec.lora_rank:
+        return lora_state(args, spec)
     p = precision_bytes(spec.precision)
     shapes = all_shapes(args, spec)
     local = sum(elements(s, spec.shard) for s in shapes)
@@ -76,7 +80,8 @@ def _gathered(args, spec: PlanSpec) -> tuple[float, float, int]:
         return 0.0, 0.0, numel
     p = precision_bytes(spec.precision)
     width = p.compute if p.autocast else p.weights
-    return width * sum(map(elements, root)), width * numel, numel
+    block_g = gathered_block(args, spec, width) if spec.lora_rank else width * numel
+    return width * sum(map(elements, root)), block_g, numel
 
 
 def peak_events(args, spec: PlanSpec, state: dict, layer_bytes: list[float], head: dict) -> dict:
@@ -153,6 +158,9 @@ def _backward_events(args, spec, base, held, layer_bytes, logits) -> dict:
     # from the start of backward until the root's post-backward at its end.
     head_grad = (root_g / sum(map(elements, root)) if spec.sharded else p.grads) * head_numel
     block_grad = 0.0 if off else p.grads * sum(elements(s, spec.shard) for s in block)
+    if spec.lora_rank:  # the head and the base are frozen: the adapters' fp32 gradients only
+        head_grad = 0.0
+        block_grad = 0.0 if off else 4.0 * sum(elements(s, spec.shard) for s in adapter_shapes(args, spec))
     events = {}
     for i in reversed(range(args.n_layers)):
         done = max(held, head_grad + block_grad * (args.n_layers - 1 - i))
@@ -216,10 +224,15 @@ def plan_memory(args, spec: PlanSpec) -> MemoryPlan:
         return plan
     state = model_state(args, spec)
     layer_bytes = [
-        sum(layer_terms(args, spec, k).values())
+        sum(block_terms(args, spec, k).values())
         for k in checkpointed(spec.activation_checkpointing, spec.ac_every, args.n_layers)
     ]
     head = head_terms(args, spec)
+    if spec.lora_rank and is_llama(
+        args
+    ):  # the final norm's weight and the head frozen: neither keeps its input
+        e = spec.micro_batch * spec.seq_len
+        head["final norm"] = 4.0 * e * args.dim + 4.0 * e  # its fp32 input and rsqrt
     events = peak_events(args, spec, state, layer_bytes, head)
     off = spec.offloaded
     return MemoryPlan(
@@ -230,12 +243,18 @@ def plan_memory(args, spec: PlanSpec) -> MemoryPlan:
         optimizer=0.0 if off else state["optimizer"],
         buffers=events["optimizer step"]["buffers"],
         host=state["params"] + state["grads"] + state["optimizer"] if off else 0.0,
-        layer_terms=layer_terms(args, spec),
+        layer_terms=block_terms(args, spec),
         layer_bytes=layer_bytes,
         head_terms=head,
         events=events,
         peak_event=max(events, key=lambda k: sum(events[k].values())),
     )
+
+
+def block_terms(args, spec: PlanSpec, checkpointed: bool = False) -> dict[str, float]:
+    # A block's saved activations: activations.layer_terms, as LoRA changes them (trainer/memory/lora.py).
+    terms = layer_terms(args, spec, checkpointed)
+    return lora_layer_terms(args, spec, terms) if spec.lora_rank and not checkpointed else terms
 
 
 def plan_for_run(args, spec: PlanSpec) -> MemoryPlan | None:

@@ -55,6 +55,10 @@ class PlanSpec:
     ac_every: int = 2
     optim_impl: str = "auto"  # auto | fused | foreach | for_loop
     device: str = "cuda"  # cuda | cpu: which AdamW kernel "auto" picks; on cpu, offload stays on the device
+    # finetune=lora: adapters of this rank on the blocks' Linears named lora_targets (empty: every one), the base
+    # frozen (trainer/memory/lora.py); 0: full fine-tuning
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, strategy: str, world_size: int = 1, per_node: int | None = None, **fields) -> "PlanSpec":
@@ -92,10 +96,16 @@ class PlanSpec:
         return self.sharded and self.cpu_offload and self.device != "cpu"
 
 
-def spec_from_config(s, t, precision: str, optim_cfg, dims: ParallelDims, device: str) -> PlanSpec:
-    # A run's strategy and trainer sub-configs, precision, optim sub-config and layout -> PlanSpec.
+def spec_from_config(
+    s, t, precision: str, optim_cfg, dims: ParallelDims, device: str, finetune_cfg=None
+) -> PlanSpec:
+    # A run's strategy and trainer sub-configs, precision, optim sub-config and layout (and its finetune
+    # sub-config) -> PlanSpec.
     micro, accum = batch_layout(t, dims)
+    lora = finetune_cfg is not None and finetune_cfg.name == "lora"
     return PlanSpec(
+        lora_rank=finetune_cfg.rank if lora else 0,
+        lora_targets=tuple(finetune_cfg.target_modules or ()) if lora else (),
         precision=precision,
         optim=optim_cfg.name,
         strategy=s.name,

@@ -7,11 +7,14 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from models import ModelArgs, parallel_plan
+import torch
+
+from models import ModelArgs, build_model, parallel_plan
 from strategies import get_strategy
 from strategies.tp import indivisible
 from trainer.memory.plan import MemoryPlan, plan_memory
 from trainer.memory.spec import PlanSpec
+from trainer.precision import nf4_refusal
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,25 @@ def _single(s: Setup) -> list[Setup]:
     return [s.change(["strategy=single"], **layout)] if layout else []
 
 
+def _adapters(precision: str):
+    # LoRA adapters on the frozen base (the default rank), bf16 or in 4 bits (QLoRA): for when every weight cannot
+    # train in the memory there is. NF4 needs whole blocks of 64 x 256 weights per Linear (and per FSDP shard).
+    def change(s: Setup) -> list[Setup]:
+        if s.spec.lora_rank or s.spec.layout.splits_tensors or s.spec.layout.pipelined:
+            return []
+        if precision == "nf4":
+            with torch.device("meta"):
+                if nf4_refusal(build_model(s.args), s.spec.shard) is not None:
+                    return []
+        lora = s.change(["finetune=lora", f"precision={precision}"], lora_rank=LORA_RANK, precision=precision)
+        return [
+            lora,
+            *_smaller_micro_batch(lora),
+        ]  # the adapters' inputs are activations too: then less of them
+
+    return change
+
+
 def _more_ranks(s: Setup) -> list[Setup]:
     # Sharded over more machines (FSDP, where the state was replicated): launcher.nproc_per_node is the GPUs a node
     # has, so the world grows by nodes of that size, doubled, up to 16x (not by more processes on the GPUs there
@@ -202,7 +224,11 @@ CANDIDATES: list[tuple[str, Callable[[Setup], list[Setup]]]] = [
     ("GQA (4 query heads per K/V head)", _gqa),
     ("FSDP over more nodes (more GPUs)", _more_ranks),
     ("CPU offload", _offload),
+    # Fine-tuning adapters instead of every weight changes what trains: offered last, when nothing else fits.
+    ("LoRA adapters on a frozen bf16 base", _adapters("bf16-true")),
+    ("QLoRA: LoRA on a 4-bit (NF4) base", _adapters("nf4")),
 ]
+LORA_RANK = 8  # conf/finetune/lora.yaml's (trainer/config.FinetuneConfig.rank)
 
 
 def _first_fit(tries: list[Setup], limit: float) -> tuple[Setup, MemoryPlan] | None:
