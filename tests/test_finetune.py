@@ -1,11 +1,11 @@
 # Fine-tuning a pretrained model with LoRA (peft's adapters) and QLoRA (torchao's NF4 base), on a Hugging Face Llama
 # built and saved here (nothing downloaded). LoRA with an fp32 base follows peft's own LoRA, trained by a plain loop
-# on the same weights and batches, to 1e-5, in one process and under fsdp on 2 ranks; QLoRA's base dequantizes
-# exactly as torchao's own (its FSDP shards included) and stays within 2e-2 of bf16 LoRA; only the adapters train
-# and are checkpointed, a resume is bit-exact; the adapters exported in peft's format (loaded by
+# on the same weights and batches, to 1e-5, in one process and under ddp and fsdp on 2 ranks; QLoRA's base
+# dequantizes exactly as torchao's own (its FSDP shards included) and stays within 2e-2 of bf16 LoRA; only the
+# adapters train and are checkpointed, a resume is bit-exact; the adapters exported in peft's format (loaded by
 # PeftModel.from_pretrained on the base) and the merged model give shardlab's logits to 1e-5, QLoRA's over the base
-# as its 4 bits dequantize; model.init_from starts a native model from an export or a checkpoint, and under fsdp each
-# rank reads only its own rows of every pretrained weight.
+# as its 4 bits dequantize; model.init_from starts a native model from an export or a checkpoint, and under fsdp
+# each rank reads only its own rows of every pretrained weight.
 import json
 import math
 
@@ -97,6 +97,7 @@ def runs(tmp_path_factory, base_dir, text_corpus):
         "model=debug", "data=text", f"data.path={text_corpus}", "trainer.max_steps=1", "strategy=fsdp",
         f"model.init_from={out / source}", *PLAIN), resolve=True) for source in ("native-hf", "native")}  # fmt: skip
     jobs = [("train", "lora-fsdp", _cfg(base_dir, text_corpus, "strategy=fsdp")),
+            ("train", "lora-ddp", _cfg(base_dir, text_corpus, "strategy=ddp")),
             ("train", "qlora-fsdp", _cfg(base_dir, text_corpus, "strategy=fsdp", "precision=nf4")),
             ("nf4", "nf4-shards", _cfg(base_dir, text_corpus, "strategy=fsdp", "precision=nf4")),
             ("train", "from-hf-fsdp", native_fsdp["native-hf"]),
@@ -190,10 +191,12 @@ def _close(a: list[float], b: list[float], rtol: float) -> float:
     return worst
 
 
-def test_lora_follows_pefts_own_lora_in_one_process_and_under_fsdp(runs, base_dir, text_corpus, one_thread):
+def test_lora_follows_pefts_own_lora_in_one_process_under_ddp_and_under_fsdp(
+    runs, base_dir, text_corpus, one_thread
+):
     out, _ = runs
     reference = peft_reference(base_dir, text_corpus)
-    worst = {run: _close(_losses(out / run), reference, 1e-5) for run in ("lora", "lora-fsdp")}
+    worst = {run: _close(_losses(out / run), reference, 1e-5) for run in ("lora", "lora-ddp", "lora-fsdp")}
     print(f"LoRA against peft's, worst relative loss difference over {STEPS} steps: {worst}")
     assert reference[0] - reference[-1] > 0.05  # a trajectory that moves
 
