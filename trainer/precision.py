@@ -38,7 +38,12 @@ PRECISIONS: dict[str, dict] = {
     "int8": dict(param_dtype=_F32, compute_dtype=_BF16, autocast=True, linear="int8"),
     # QLoRA: the frozen base in bf16, the Linear weights of its blocks stored in torchao's NF4 (4-bit NormalFloat,
     # blocks of 64 with double-quantised scalers) and dequantized to bf16 per matmul; only with finetune=lora,
-    # whose adapters stay fp32.
+    # whose adapters stay fp32. torchao's NF4Tensor rather than bitsandbytes' Params4bit: NF4Tensor is a tensor
+    # subclass that implements the ops FSDP2 shards with (split and view along dim 0) and FSDP2's all-gather hooks
+    # (fsdp_pre_all_gather / fsdp_post_all_gather), on CPU and CUDA alike, so fully_shard keeps it as 4-bit DTensor
+    # shards (tests/test_finetune.py checks them against torchao's whole-weight quantization). Params4bit keeps its
+    # scales in a separate quant_state that FSDP2's sharding drops (the local shard becomes a plain tensor), which is
+    # why accelerate leaves Params4bit out of fully_shard.
     "nf4": dict(param_dtype=_BF16, compute_dtype=_BF16, autocast=False, quantize="nf4"),
 }
 # The precisions every weight can train in (precision=nf4 freezes its base: finetune=lora only).
