@@ -46,10 +46,18 @@ $(STAMP): pyproject.toml $(TORCH_STAMP)
 
 install: $(STAMP) ## create .venv and install the dependencies from pyproject.toml
 
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): pyproject.toml $(STAMP)
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['ray']))" > $(VENV)/requirements-ray.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements-ray.txt
+	touch $(RAY_STAMP)
+
+install-ray: $(RAY_STAMP) ## the optional Ray extra (hydra/launcher=ray): Ray Train and Hydra's Ray launcher
+
 train: $(STAMP) ## train the default config (native Llama, embedded text corpus) and print a summary
 	$(PY) train.py $(ARGS)
 
-test: $(STAMP) ## run the test suite (two workers, whole files each: see README)
+test: $(STAMP) $(RAY_STAMP) ## run the test suite (two workers, whole files each: see README)
 	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 sweep: $(STAMP) ## a CPU-sized sweep (strategy x precision x attention); report in multirun/<date>/<time>/
@@ -85,4 +93,4 @@ format: $(STAMP) ## ruff format and autofix
 clean: ## remove run outputs (outputs/, multirun/)
 	rm -rf outputs multirun
 
-.PHONY: help install train test sweep bench gpu-check gpu-check-dry gpu-wheels lint format clean
+.PHONY: help install install-ray train test sweep bench gpu-check gpu-check-dry gpu-wheels lint format clean

@@ -10,16 +10,18 @@ import hydra
 from hydra.core.plugins import Plugins
 from omegaconf import DictConfig
 
+from hydra_plugins.shardlab_ray.ray_launcher import register as register_ray_launcher
 from hydra_plugins.shardlab_slurm.submitit_slurm import register as register_slurm_launcher
 from launcher.compose import check_output_dirs, setup_hydra
 from launcher.errors import one_line_errors
 from launcher.prefork import warm_workers, will_launch
 
 setup_hydra()
-# hydra/launcher=submitit_slurm: shardlab's subclass of Hydra's submitit launcher, stored over the plugin's own
-# entry once Hydra's plugin scan (which runs the plugin's module, and so its store) is done.
+# hydra/launcher=submitit_slurm and hydra/launcher=ray: shardlab's subclasses of Hydra's submitit and Ray launchers,
+# stored over the plugins' own entries once Hydra's plugin scan (which runs their modules, and so their stores) is done.
 Plugins.instance()
 register_slurm_launcher()
+register_ray_launcher()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -148,7 +148,11 @@ def short_reason(error: str, last_step: int | None) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def record_failure(run_dir: Path, reason: str, slurm_job_id: str | None = None) -> None:
+def record_failure(run_dir: Path, reason: str, **job) -> None:
+    # job: the scheduler's id for it where the caller knows it (slurm_job_id=, ray_run_id=); else where this
+    # process runs says it (inside a SLURM job, a Ray Train worker).
     run_dir.mkdir(parents=True, exist_ok=True)
-    job = slurm_job_id or current().job_id()  # inside a SLURM job
-    RunSummary(status=FAILED, error=reason, run_dir=str(run_dir), slurm_job_id=job).write(run_dir)
+    where = current()
+    if not job and (job_id := where.job_id()) is not None:
+        job = {where.job_field: job_id}
+    RunSummary(status=FAILED, error=reason, run_dir=str(run_dir), **job).write(run_dir)

@@ -73,16 +73,23 @@ def main(cfg: DictConfig) -> RunSummary | None:
     if not where.creates_processes:  # torchrun (or an operator) started every rank
         return main_torchrun(cfg)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    by_ray = where.workers_by == "ray"  # a job of hydra/launcher=ray: its workers are a Ray Train run
+    if by_ray:
+        from launcher import ray_train  # ray: only where it runs the job
     try:
         where.fill_launcher(cfg.launcher)  # several nodes of a SLURM job or of pods: from their variables
         nproc = resolve_nproc(cfg.launcher.nproc_per_node, cfg.trainer.device)
-        check_gpus(nproc, cfg.trainer.device)
-        # The device the workers will use, not merely whether a GPU is present: trainer.device=cpu on a
-        # GPU machine must be checked as a CPU run. The GPUs' compute capability comes from NVML: the
-        # parent never creates a CUDA context.
-        args = validate(
-            cfg, nproc * cfg.launcher.nnodes, available_device(), gpus.capability(), per_node=nproc
-        )
+        if (
+            by_ray
+        ):  # the workers' device is the cluster's, not this task's (hydra_plugins/shardlab_ray checked it)
+            available, capability = ray_train.worker_device(HydraConfig.get().launcher), None
+        else:
+            check_gpus(nproc, cfg.trainer.device)
+            # The device the workers will use, not merely whether a GPU is present: trainer.device=cpu on a
+            # GPU machine must be checked as a CPU run. The GPUs' compute capability comes from NVML: the
+            # parent never creates a CUDA context.
+            available, capability = available_device(), gpus.capability()
+        args = validate(cfg, nproc * cfg.launcher.nnodes, available, capability, per_node=nproc)
     except (ValueError, OmegaConfBaseException) as e:
         reason = describe_error(e)
         if not multirun:
@@ -95,7 +102,7 @@ def main(cfg: DictConfig) -> RunSummary | None:
     if (reused := reuse_previous_success(cfg, run_dir, nproc * cfg.launcher.nnodes)) is not None:
         return reused
     print(f"shardlab: run directory {run_dir}", flush=True)
-    in_process = nproc * cfg.launcher.nnodes == 1 and not multirun
+    in_process = nproc * cfg.launcher.nnodes == 1 and not multirun and not by_ray
     try:
         if in_process:  # this process is the worker: it asks its own GPU what validate() could not
             from launcher.worker import run_worker  # the trainer: only where it trains
@@ -107,7 +114,7 @@ def main(cfg: DictConfig) -> RunSummary | None:
                 stopped(run_dir, summary, [])
         else:  # a sweep job always runs in its own processes, so one job's crash cannot take the sweep down
             with slurm.held_signals() as got:
-                summary = launch(cfg, nproc, args)
+                summary = (ray_train.launch if by_ray else launch)(cfg, nproc, args)
             if got or (summary is not None and summary.status == PREEMPTED):
                 stopped(run_dir, summary, got)
     except (KeyboardInterrupt, Interrupted, SignalException) as e:

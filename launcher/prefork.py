@@ -26,7 +26,7 @@ def will_launch(cfg, multirun: bool) -> bool:
     # Whether this process will start workers (styles 2 and 3), as far as the config and the environment say
     # before torch loads: nproc_per_node=auto counts as more than one. Not where the workers exist (style 1).
     where = current()
-    if not where.creates_processes:
+    if not where.creates_processes or where.workers_by != "elastic":
         return False
     launcher = cfg.launcher
     return multirun or str(launcher.nproc_per_node) != "1" or launcher.nnodes > 1 or where.multi_node()

@@ -71,7 +71,7 @@ def _world_size(config: dict) -> int | None:
 PASS_THROUGH = (
     "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "tokens_per_s_std", "tokens_per_s_per_device",
     "tflops_per_device", "mfu", "mfu_peak_source", "memory_kind", "final_loss", "val_loss",
-    "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "slurm_job_id",
+    "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "slurm_job_id", "ray_run_id",
 )  # fmt: skip
 # Predicted (trainer/planner.py, every run) and, with metrics.memory_breakdown=true, measured (PyTorch's
 # MemTracker, one step) peak memory per rank.
@@ -273,7 +273,13 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
         ("val loss", 1),
     ]
     slurm = any(r["slurm_job_id"] for r in rows)  # run by SLURM (hydra/launcher=submitit_slurm)
-    head += [("tokens/step", 1)] * unequal + [("SLURM job", 0)] * slurm + [("run dir", 0)]
+    ray = any(r["ray_run_id"] for r in rows)  # run by Ray Train (hydra/launcher=ray)
+    head += (
+        [("tokens/step", 1)] * unequal
+        + [("SLURM job", 0)] * slurm
+        + [("Ray run", 0)] * ray
+        + [("run dir", 0)]
+    )
     lines = [
         "| " + " | ".join(h for h, _ in head) + " |",
         "|" + "|".join("---:" if r else "---" for _, r in head) + "|",
@@ -292,6 +298,7 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
         ]
         cells += [f"{r['tokens_per_step']:,}" if r["tokens_per_step"] else "?"] * unequal
         cells += [str(r["slurm_job_id"] or "-")] * slurm
+        cells += [str(r["ray_run_id"] or "-")] * ray
         cells.append(f"`{r['run_dir']}`")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
@@ -354,7 +361,7 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
 CSV_COLUMNS = (
     "world_size", "tp", "status", "reason", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
     "tokens_per_s_std", "tokens_per_s_per_device", "tflops_per_device", "mfu", "peak_mem_gb", "memory_kind",
-    "final_loss", "val_loss", "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "tokens_per_step", "steps", "warmup_steps", "reused_from", "slurm_job_id", "run_dir",
+    "final_loss", "val_loss", "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "tokens_per_step", "steps", "warmup_steps", "reused_from", "slurm_job_id", "ray_run_id", "run_dir",
 )  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 # config saved, train(), and a failure recorded in summary.json before it propagates.
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def _raise_terminated(signum, frame):
     raise Terminated(f"stopped by {signal.Signals(signum).name} (a launcher stops all ranks when one fails)")
 
 
+def _handle(sig: signal.Signals, handler) -> None:
+    # Python runs signal handlers in the main thread only, and a Ray Train worker's function runs in another
+    # (Ray ends those workers itself): there, signals keep the meaning Ray gives them.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(sig, handler)
+
+
 def run_worker(cfg: DictConfig, env: DistEnv, args, say_first_failure: bool = False) -> RunSummary:
     # args: the model's arguments, computed once where the config was checked. A failure is recorded in
     # summary.json (rank 0: the run's first failure, whichever rank had it) before it propagates;
@@ -38,7 +46,7 @@ def run_worker(cfg: DictConfig, env: DistEnv, args, say_first_failure: bool = Fa
     # a launcher's SIGTERM after another rank failed is caught the same way: the others then fail in the
     # failed rank's collectives (gloo), or are killed by the agent after its shutdown timeout (nccl).
     if not preempt.arm(current().preemption_signals) and env.world_size > 1:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        _handle(signal.SIGTERM, _raise_terminated)
     try:
         if env.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +54,7 @@ def run_worker(cfg: DictConfig, env: DistEnv, args, say_first_failure: bool = Fa
         summary = train(cfg, env, run_dir, args)
     except (Interrupted, KeyboardInterrupt) as e:
         # Ctrl-C reaches every process: rank 0 records where the run stopped; the launcher says it in one line.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _handle(signal.SIGINT, signal.SIG_IGN)
         if env.is_rank0:
             record_failure(run_dir, str(e) or "interrupted before the first step")
         if env.world_size > 1:
@@ -54,7 +62,7 @@ def run_worker(cfg: DictConfig, env: DistEnv, args, say_first_failure: bool = Fa
         raise
     except BaseException as e:
         if env.world_size > 1:  # a launcher's SIGTERM must not cut the record short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _handle(signal.SIGTERM, signal.SIG_IGN)
         mine = f"rank {env.rank} failed: {first_line(e)}"
         cause = first_failure(env, mine)
         if say_first_failure and cause == mine:

@@ -6,7 +6,18 @@ import signal
 import pytest
 from omegaconf import OmegaConf
 
-from trainer.environments import Local, Pods, Slurm, Torchrun, detect
+from trainer.environments import (
+    RAY_ATTEMPT,
+    RAY_JOB,
+    RAY_RUN_ID,
+    Local,
+    Pods,
+    RayJob,
+    RayWorker,
+    Slurm,
+    Torchrun,
+    detect,
+)
 
 # A PyTorchJob of one master and one worker replica as the training operator sets them, without nprocPerNode
 # (WORLD_SIZE and RANK count the pods) and with nprocPerNode=2 (WORLD_SIZE counts processes; PET_* added).
@@ -110,3 +121,28 @@ def test_slurm_nnodes_must_match_the_tasks_of_the_step():
     assert cfg.rdzv_endpoint == "" and cfg.rdzv_id == ""
     array = detect({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "8", "SLURM_ARRAY_TASK_ID": "1"})
     assert array.job_id() == "8_1" and not array.restarted() and array.rank() == 0
+
+
+def test_ray_job_and_its_workers():
+    # hydra/launcher=ray: the job's Ray task starts its workers through Ray Train; each worker has the ranks Ray Train
+    # set (its MASTER_ADDR and WORLD_SIZE are not a pod's), catches no signal, and counts Ray's restarts.
+    job = detect({RAY_JOB: "10.0.0.1:6379"})
+    assert isinstance(job, RayJob) and job.creates_processes and job.workers_by == "ray"
+    assert job.job_field == "ray_run_id" and job.preemption_signals == ()
+    with pytest.raises(
+        ValueError, match="launcher.nproc_per_node=auto counts the GPUs of the machine it runs on"
+    ):
+        job.fill_launcher(launcher(nproc="auto"))
+    ray_vars = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.2",
+                "MASTER_PORT": "4321", RAY_JOB: "10.0.0.1:6379", RAY_RUN_ID: "abc"}  # fmt: skip
+    first = detect({**ray_vars, RAY_ATTEMPT: "0"})
+    assert isinstance(first, RayWorker) and not first.creates_processes and first.preemption_signals == ()
+    assert (
+        first.ranks() == (3, 1, 4, 2)
+        and first.rank() == 3
+        and first.job_id() == "abc"
+        and not first.restarted()
+    )
+    assert detect({**ray_vars, RAY_ATTEMPT: "1"}).restarted()
+    # without the worker's own variable, those are a pod's (the Ray task itself is the job)
+    assert isinstance(detect({k: v for k, v in ray_vars.items() if k != RAY_JOB}), Pods)

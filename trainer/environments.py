@@ -8,6 +8,8 @@
 #             SageMaker and other platforms alike): MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, and PET_NNODES /
 #             PET_NODE_RANK / PET_NPROC_PER_NODE (PET_MASTER_ADDR / PET_MASTER_PORT). A pod is a node: its
 #             launcher starts the pod's workers, unless LOCAL_RANK says each process is a worker already.
+#   RayWorker a worker of a Ray Train run (hydra/launcher=ray): Ray Train made the process group and its ranks
+#   RayJob    a job's Ray task (hydra/launcher=ray): its workers are a Ray Train run, not an elastic launch
 #   Local     none of these: this machine, the config says the rest
 # detect() is the one place that decides, in that order of precedence; current() is this process's answer.
 # Under torchrun the scheduler around it (SLURM, pods) still says what preemption and a requeue are.
@@ -21,9 +23,18 @@ from datetime import datetime
 PORT_BASE, PORT_SPAN = 20000, 20000  # a SLURM job's rendezvous port: the same on every node, from its id
 
 
+# Set by hydra_plugins/shardlab_ray for a job's Ray task (the cluster's address), and by launcher/ray_train.py in each
+# worker of its Ray Train run (the attempt: 0, then one more for each restart of the worker group), with the run's id.
+RAY_JOB, RAY_ATTEMPT, RAY_RUN_ID = "SHARDLAB_RAY_ADDRESS", "SHARDLAB_RAY_ATTEMPT", "SHARDLAB_RAY_RUN_ID"
+
+
 class Environment:
     name = "local"
     creates_processes = True  # False: the worker processes exist already
+    workers_by = (
+        "elastic"  # who starts them where creates_processes: torch's elastic agent, or "ray" (Ray Train)
+    )
+    job_field = "slurm_job_id"  # summary.json's name for job_id()
     preemption_signals: tuple[signal.Signals, ...] = ()  # caught by the workers: checkpoint, then stop
 
     def __init__(self, environ):
@@ -269,7 +280,65 @@ class Torchrun(Environment):
         return int(self.env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or self.scheduler.restarted()
 
 
-SCHEDULERS = (Slurm, Pods, Local)  # in order of precedence; Torchrun comes first, inside whichever holds
+class RayJob(Environment):
+    # A job of a sweep on a Ray cluster, in the Ray task that hydra_plugins/shardlab_ray starts for it: the job's
+    # launcher starts its workers as one Ray Train run (launcher/ray_train.py) on whichever nodes Ray places them.
+    name = "ray"
+    workers_by = "ray"
+    job_field = "ray_run_id"
+
+    @classmethod
+    def detect(cls, environ) -> bool:
+        return RAY_JOB in environ
+
+    def job_id(self) -> str | None:
+        # Known once the job's run has started (launcher/ray_train.py sets it): a failed row names its run.
+        return os.environ.get(RAY_RUN_ID)
+
+    def fill_launcher(self, launcher_cfg) -> None:
+        if not str(launcher_cfg.nproc_per_node).isdigit():
+            raise ValueError(
+                f"launcher.nproc_per_node={launcher_cfg.nproc_per_node} counts the GPUs of the machine it runs on, "
+                "but under hydra/launcher=ray the workers are placed by Ray: give workers per node as a number"
+            )
+
+
+class RayWorker(Environment):
+    # A worker of a job's Ray Train run. Ray Train set RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and
+    # MASTER_ADDR/PORT and made the process group before the worker's function runs; that function runs in a thread
+    # of Ray's worker process, not its main thread, so no signal handler can be set there, and none is needed: Ray
+    # ends the workers itself.
+    name = "ray"
+    creates_processes = False
+    job_field = "ray_run_id"
+
+    @classmethod
+    def detect(cls, environ) -> bool:
+        return RAY_ATTEMPT in environ
+
+    def rank(self) -> int:
+        return int(self.env["RANK"])
+
+    def ranks(self) -> tuple[int, int, int, int]:
+        world = int(self.env["WORLD_SIZE"])
+        local_world = int(self.env.get("LOCAL_WORLD_SIZE", world))
+        return int(self.env["RANK"]), int(self.env.get("LOCAL_RANK", "0")), world, local_world
+
+    def job_id(self) -> str | None:
+        return self.env.get(RAY_RUN_ID)
+
+    def restarted(self) -> bool:
+        # Ray Train's FailureConfig(max_failures) started the worker group again after a worker died.
+        return int(self.env[RAY_ATTEMPT]) > 0
+
+
+SCHEDULERS = (
+    RayWorker,
+    RayJob,
+    Slurm,
+    Pods,
+    Local,
+)  # in order of precedence; Torchrun comes first, inside whichever holds
 
 
 def detect(environ=None) -> Environment:
@@ -287,3 +356,10 @@ def current() -> Environment:
     if _current is None or _current[0] != os.getpid():
         _current = (os.getpid(), detect())
     return _current[1]
+
+
+def redetect() -> Environment:
+    # After this process's variables changed (a Ray Train worker learns what it is only once its function runs).
+    global _current
+    _current = None
+    return current()

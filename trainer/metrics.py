@@ -371,7 +371,7 @@ class Metrics:
             "flops_per_token": self.flops_per_token,
         }
         if (job := current().job_id()) is not None:
-            out["slurm_job_id"] = job
+            out[current().job_field] = job  # slurm_job_id, ray_run_id
         if self._evals:  # the last validation, and the best with its step
             (step, loss), (best_step, best) = self._evals[-1], min(self._evals, key=lambda e: (e[1], e[0]))
             out |= {"val_loss": loss, "val_ppl": perplexity(loss), "val_step": step, "best_val_loss": best}

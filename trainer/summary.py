@@ -67,6 +67,7 @@ class RunSummary:
     precision: str | None = None
     flops_per_token: float | None = None
     slurm_job_id: str | None = optional()
+    ray_run_id: str | None = optional()  # hydra/launcher=ray: the job's Ray Train run
     choices: dict[str, str] | None = None  # the option of each config group
     micro_batch_size: int | None = None
     grad_accum_steps: int | None = None
