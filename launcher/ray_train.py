@@ -122,7 +122,10 @@ def describe(e, run_id: str | None, record: dict) -> str:
         rank, error = min(failures.items())
         return f"{run}: rank {rank} failed: {_ray_reason(error, rank, record)}"
     cause = getattr(e, "controller_failure", e)
-    return f"{run} failed: {type(cause).__name__}: {_first_sentence(str(cause))}"
+    why = f"{run} failed: {type(cause).__name__}: {_first_sentence(str(cause))}"
+    if type(cause).__name__ == "WorkerGroupStartupTimeoutError":  # placement: the cluster's, not the job's
+        why += " The cluster had no room for them: free some, or raise hydra.launcher.start_timeout_s"
+    return why
 
 
 def _ray_reason(error: BaseException, rank: int, record: dict) -> str:
