@@ -18,6 +18,9 @@ from trainer.config import batch_layout, check_schema
 from trainer.memory import GB, MemoryPlan, precision_bytes, spec_from_config
 from trainer.memory.suggest import Setup, suggestions
 from trainer.optim import OPTIMIZERS
+from trainer.speed import calibration
+from trainer.speed.calibrate import calibrate
+from trainer.speed.model import predict_setup
 
 
 def device_of(cfg: DictConfig) -> str:
@@ -147,6 +150,50 @@ def verdict(setup: Setup, plan: MemoryPlan, limit: float | None) -> str:
     return "\n".join(lines)
 
 
+def local_devices(device: str) -> int:
+    # How many ranks this machine can calibrate: its GPUs, or (a CPU) any number, as the workers share its cores.
+    return len(gpus.visible_gpus()) if device == "cuda" else 1 << 10
+
+
+def calibration_of(device: str, world: int, say=print) -> tuple[dict | None, str]:
+    # This machine's calibration of the planned device at this world size: cached, or measured now (about a minute)
+    # where this machine has the device; else None and why.
+    record = calibration.load(device, world)
+    if record is not None and "collectives" in record:
+        return record, "cached"
+    if world > local_devices(device):
+        have = (
+            "no GPU"
+            if device == "cuda" and not local_devices(device)
+            else f"{local_devices(device)} {device} device(s)"
+        )
+        return None, (
+            f"no calibration of {device} x {world} here ({have}): run `python -m commands.calibrate "
+            f"launcher.nproc_per_node={world} trainer.device={device}` where the run will run"
+        )
+    say(
+        f"shardlab: calibrating {device} x {world} for the time model (about a minute, then cached)...",
+        flush=True,
+    )
+    return calibrate(device, world), "measured now"
+
+
+def speed(cfg: DictConfig, setup: Setup, say=print) -> str:
+    # The predicted step time and tokens/s beside the memory, each term of trainer/speed/model.py's.
+    record, how = calibration_of(device_of(cfg), setup.nproc * setup.nnodes, say)
+    if record is None:
+        return f"predicted speed: {how}"
+    t = predict_setup(setup, record)
+    k = record["key"]
+    lines = [
+        f"predicted speed: {t.total_s:.4g} s per step, {t.tokens_per_s:,.0f} tokens/s "
+        f"({t.tokens_per_step:,} tokens per step), at the calibration of {k['device']} x {k['count']} ({how}, "
+        f"{record['measured_at']})"
+    ]
+    lines += [f"  {name:32s}{seconds:10.4g} s" for name, seconds in t.terms().items() if seconds]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     overrides, debug = overrides_and_debug(
         argv,
@@ -160,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         plan = setup.plan()
         limit = device_bytes(cfg)
     print(describe(cfg, plan))
+    with command_errors(debug):
+        print(speed(cfg, setup), flush=True)
     print(verdict(setup, plan, limit), flush=True)
 
 

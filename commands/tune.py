@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from commands.cli import overrides_and_debug
-from commands.plan import device_bytes, setup_of
+from commands.plan import calibration_of, device_bytes, setup_of
 from commands.tune_report import write_report
 from launcher.compose import compose_config
 from launcher.elastic import WorkerFailed, launch, resolve_nproc
@@ -49,6 +49,7 @@ from trainer.dist import device_type
 from trainer.memory import GB
 from trainer.memory.suggest import suggestions
 from trainer.paths import unwritable_reason
+from trainer.speed.model import predict_setup
 from trainer.summary import FAILED, RunSummary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +75,7 @@ class Candidate:
     mesh: dict[str, int] = field(
         default_factory=dict
     )  # the layout's named dimensions (none: data parallel only)
+    predicted_tps: dict[int, float] = field(default_factory=dict)  # micro-batch -> the time model's tokens/s
 
     @property
     def best(self) -> dict | None:
@@ -360,6 +362,46 @@ def tokens_per_s(trial: dict | None) -> float:
     return (trial["summary"].tokens_per_s_median if trial else None) or 0.0
 
 
+def predict_candidates(cands: list[Candidate], base: list[str], cal: dict) -> None:
+    # The time model's tokens/s for every candidate that fits, at each micro-batch it fits at.
+    for c in cands:
+        if c.status != "pending":
+            continue
+        for m in c.micro_batches:
+            try:
+                setup = setup_of(compose_config([*base, *c.overrides, f"trainer.micro_batch_size={m}"]))
+            except ValueError:  # a model the planner does not cover (model=hf): the trials decide
+                break
+            c.predicted_tps[m] = predict_setup(setup, cal).tokens_per_s
+
+
+def predicted(c: Candidate) -> float:
+    return max(c.predicted_tps.values(), default=0.0)
+
+
+def within(cands: list[Candidate], margin: float) -> list[Candidate]:
+    # The candidates predicted within `margin` of the best prediction (all where nothing is predicted).
+    pending = [c for c in cands if c.status == "pending"]
+    best = max((predicted(c) for c in pending), default=0.0)
+    if not best:
+        return pending
+    return [c for c in pending if predicted(c) >= (1 - margin) * best]
+
+
+def model_error(cands: list[Candidate]) -> float:
+    # How far the time model ranks wrongly, from the trials so far: a bias common to every candidate changes no
+    # ranking, so the error is each candidate's measured/predicted ratio against their median, at its worst.
+    ratios = [
+        tokens_per_s(c.best) / c.predicted_tps[c.best["micro"]]
+        for c in cands
+        if c.best and c.predicted_tps.get(c.best["micro"])
+    ]
+    if len(ratios) < 2:
+        return 0.0
+    mid = sorted(ratios)[len(ratios) // 2]
+    return max(abs(r / mid - 1) for r in ratios)
+
+
 def first_trial(cand: Candidate, trials: Trials, steps: int) -> None:
     # The largest micro-batch the planner lets fit; after an out-of-memory (or another failure), the next
     # smaller one, until a trial runs.
@@ -369,15 +411,35 @@ def first_trial(cand: Candidate, trials: Trials, steps: int) -> None:
 
 
 def search(cands: list[Candidate], trials: Trials, cfg) -> list[Candidate]:
-    # Stage 2. -> the candidates still in the running after the last round, best first.
-    alive = [c for c in cands if c.status == "pending"]
+    # Stage 2. -> the candidates still in the running after the last round, best first. First trials go to the
+    # candidates the time model predicts within tune.margin of the best; then, the margin widened by the model's
+    # error on those trials, to any more it now covers; the rest are not tried, with their prediction as reason.
     steps = cfg.tune.trial_steps
-    for c in alive:
-        first_trial(c, trials, steps)
-        c.status = "measured" if c.best else ("failed" if c.trials else "pending")
-        if c.status == "failed":
-            c.reason = c.trials[-1]["summary"].error or ""
-    alive = sorted((c for c in alive if c.status == "measured"), key=lambda c: -tokens_per_s(c.best))
+    tried: list[Candidate] = []
+    margin = cfg.tune.margin
+    while True:
+        batch = [c for c in within(cands, margin) if c not in tried]
+        if not batch:
+            break
+        for c in batch:
+            first_trial(c, trials, steps)
+            c.status = "measured" if c.best else ("failed" if c.trials else "pending")
+            if c.status == "failed":
+                c.reason = c.trials[-1]["summary"].error or ""
+        tried += batch
+        widened = min(1.0, cfg.tune.margin + model_error(tried))
+        if widened <= margin:
+            break
+        margin = widened
+    best = max((predicted(c) for c in tried), default=0.0)
+    for c in cands:
+        if c.status == "pending" and c not in tried and predicted(c):
+            c.status = "predicted"
+            c.reason = (
+                f"not tried: predicted {predicted(c):,.0f} tokens/s, {1 - predicted(c) / best:.0%} below the best "
+                f"prediction (beyond tune.margin {cfg.tune.margin:.0%}, widened to {margin:.0%} by the model's error)"
+            )
+    alive = sorted((c for c in tried if c.status == "measured"), key=lambda c: -tokens_per_s(c.best))
     for _ in range(1, cfg.tune.rounds):
         if len(alive) <= 1 or trials.out_of_time():
             break
@@ -463,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         f"shardlab: tune {root}: {sum(c.status == 'pending' for c in cands)} of {len(cands)} candidates to try",
         flush=True,
     )
+    with command_errors(debug):
+        cal, how = calibration_of(device, world)
+    if cal is not None:
+        predict_candidates(cands, base, cal)
+    else:
+        print(f"shardlab: no time model ({how}): every candidate that fits gets a trial", flush=True)
     alive = search(cands, trials, cfg)
     winner = alive[0] if alive else None
     command, config_file = winner_files(root, trials.base, winner) if winner else ("", None)

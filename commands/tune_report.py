@@ -49,6 +49,7 @@ def rows_of(cands, alive) -> list[dict]:
             "bubble": (s.pipeline or {}).get("bubble_fraction"),
             "peak_mem_gb": memory,
             "predicted_gb": c.predicted_gb.get(micro) if micro is not None else None,
+            "predicted_tps": c.predicted_tps.get(micro) if micro is not None else None,
             "trials": len(c.trials),
             "steps": best["steps"] if best else None,
             "world_size": s.world_size,
@@ -102,14 +103,16 @@ def _bubble(b: dict | None) -> str:
 
 def write_report(root: Path, cands, alive, command: str, preset, seconds: float, trials, cfg) -> str:
     rows = rows_of(cands, alive)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "pruned", "pending")}
-    head = ["#", *AXIS_NAMES, "mesh", "micro-batch", "status", "tokens/s median (p10-p90)", "MFU", "bubble (measured)", "predicted peak GB/rank",
+    counts = {
+        s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "pruned", "pending", "predicted")
+    }
+    head = ["#", *AXIS_NAMES, "mesh", "micro-batch", "status", "tokens/s median (p10-p90)", "predicted tokens/s", "MFU", "bubble (measured)", "predicted peak GB/rank",
             "measured peak GB", "trials", "reason"]  # fmt: skip
     lines = [
         f"# Tune report: {root}",
         "",
         f"{len(rows)} candidates: {counts['ok']} measured, {counts['failed']} failed, {counts['pruned']} pruned before any "
-        f"trial, {counts['pending']} not reached; {trials.ran} trials run, {trials.reused} reused from an earlier tune, "
+        f"trial, {counts['predicted']} not tried (predicted too slow), {counts['pending']} not reached; {trials.ran} trials run, {trials.reused} reused from an earlier tune, "
         f"{seconds / 60:.1f} min.",
         "",
         *verdict(rows),
@@ -131,7 +134,7 @@ def write_report(root: Path, cands, alive, command: str, preset, seconds: float,
         if r["tokens_per_s_p10"] is not None:
             tps += f" ({r['tokens_per_s_p10']:,.0f}-{r['tokens_per_s_p90']:,.0f})"
         cells = [str(r["rank"]), *(str(r["settings"][k]) for k in AXIS_NAMES), r["mesh"], str(r["settings"]["micro_batch"] or "-"),
-                 r["status"], tps, _num(r["mfu"], ".1%"), _bubble(r["bubble"]), _num(r["predicted_gb"], ".3f"), _num(r["peak_mem_gb"], ".3f"),
+                 r["status"], tps, _num(r["predicted_tps"], ",.0f"), _num(r["mfu"], ".1%"), _bubble(r["bubble"]), _num(r["predicted_gb"], ".3f"), _num(r["peak_mem_gb"], ".3f"),
                  str(r["trials"]), r["reason"].replace("|", "\\|")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -143,6 +146,9 @@ def write_report(root: Path, cands, alive, command: str, preset, seconds: float,
         f"- **Trials**: {cfg.tune.warmup_steps} warm-up steps kept out, then {cfg.tune.trial_steps} measured steps, at the "
         "largest micro-batch the planner lets fit (halved after a failure); the better half goes on with twice the "
         f"steps, for tune.rounds={cfg.tune.rounds} rounds. Tokens/s is the median over a trial's measured steps.",
+        f"- **predicted**: the time model's tokens/s (trainer/speed/model.py, at this machine's calibration). First "
+        f"trials go only to the candidates predicted within tune.margin={cfg.tune.margin} of the best, the margin "
+        "widened by the model's error on those trials; **predicted** rows were not tried.",
         "",
         "![tokens/s against peak memory](report.png)",
         "",
@@ -151,7 +157,7 @@ def write_report(root: Path, cands, alive, command: str, preset, seconds: float,
     (root / "report.md").write_text(text)
     with open(root / "report.csv", "w", newline="") as f:
         w = csv.writer(f)
-        keys = ["tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "mfu", "bubble_arithmetic", "bubble_measured", "predicted_gb", "peak_mem_gb", "trials", "steps", "reason", "run_dir"]  # fmt: skip
+        keys = ["tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "predicted_tps", "mfu", "bubble_arithmetic", "bubble_measured", "predicted_gb", "peak_mem_gb", "trials", "steps", "reason", "run_dir"]  # fmt: skip
         w.writerow(["rank", *AXIS_NAMES, "mesh", "micro_batch", "status", *keys])
         for r in rows:
             w.writerow([r["rank"], *(r["settings"][k] for k in AXIS_NAMES), r["mesh"], r["settings"]["micro_batch"], r["status"],

@@ -72,6 +72,7 @@ PASS_THROUGH = (
     "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "tokens_per_s_std", "tokens_per_s_per_device",
     "tflops_per_device", "mfu", "mfu_peak_source", "memory_kind", "final_loss", "val_loss",
     "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "slurm_job_id", "ray_run_id",
+    "mfu_measured", "mfu_measured_peak_tflops", "tokens_per_s_predicted", "step_time_s_predicted",
 )  # fmt: skip
 # Predicted (trainer/planner.py, every run) and, with metrics.memory_breakdown=true, measured (PyTorch's
 # MemTracker, one step) peak memory per rank.
@@ -173,6 +174,7 @@ BEST = {
     "tokens_per_s_per_device": (max, "{:,.0f}"),
     "tflops_per_device": (max, "{:.3g}"),
     "mfu": (max, "{:.1%}"),
+    "mfu_measured": (max, "{:.1%}"),
     "peak_mem_gb": (min, "{:.3f}"),
     "final_loss": (min, "{:.4f}"),
     "val_loss": (min, "{:.4f}"),
@@ -263,10 +265,13 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
     mesh = any(r["tp"] > 1 for r in rows)  # a layout with tensor parallelism: say how the world splits
     head = [("#", 1), *((c, 0) for c in cols), ("world", 1), *[("dp x tp", 1)] * mesh, ("status", 0)]
     head += [("tokens/s median (p10-p90)", 1)]
+    predicted = any(r["tokens_per_s_predicted"] for r in rows)  # the time model, where calibrated
+    head += [("predicted tokens/s", 1)] * predicted
     head += [
         ("tokens/s/device", 1),
         ("TFLOP/s/device", 1),
         ("MFU", 1),
+        ("MFU vs measured peak", 1),
         (memory_label(rows), 1),
         *MEMORY_COLUMNS[: memory_columns(rows)],
         ("final loss", 1),
@@ -291,7 +296,9 @@ def _table(rows: list[dict], cols: list[str], unequal: bool) -> list[str]:
         cells = [str(r["rank"]), *(str(r["settings"].get(k, "-")) for k in cols), str(r["world_size"] or "?")]
         cells += [f"{r['world_size'] // r['tp']} x {r['tp']}" if r["world_size"] else "?"] * mesh
         # BEST's columns in order, with the memory columns before the two losses
-        cells += [status_text(r), tps, *(_cell(r, c, best) for c in list(BEST)[1:-2])]
+        cells += [status_text(r), tps]
+        cells += [f"{r['tokens_per_s_predicted']:,.0f}" if r["tokens_per_s_predicted"] else "-"] * predicted
+        cells += [_cell(r, c, best) for c in list(BEST)[1:-2]]
         cells += _memory_cells(r, memory_columns(rows)) + [
             _cell(r, "final_loss", best),
             _cell(r, "val_loss", best),
@@ -318,7 +325,8 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
     notes = [
         f"- {warm}",
         "- **TFLOP/s** = FLOPs per token (6 N_non-embedding + 12 L H d_head T, PaLM appendix B) x tokens/s per "
-        f"device; **MFU** {mfu}.",
+        f"device; **MFU** {mfu}; **MFU vs measured peak** against the dense matmul rate this machine measured "
+        "(python -m commands.calibrate, or a probe at the run's start).",
         f"- **Memory:** {memory_label(rows)}.",
     ]
     if memory_columns(rows):
@@ -360,7 +368,8 @@ def render_markdown(rows: list[dict], cols: list[str], title: str) -> str:
 
 CSV_COLUMNS = (
     "world_size", "tp", "status", "reason", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
-    "tokens_per_s_std", "tokens_per_s_per_device", "tflops_per_device", "mfu", "peak_mem_gb", "memory_kind",
+    "tokens_per_s_std", "tokens_per_s_per_device", "tflops_per_device", "mfu", "mfu_measured", "mfu_measured_peak_tflops",
+    "tokens_per_s_predicted", "step_time_s_predicted", "peak_mem_gb", "memory_kind",
     "final_loss", "val_loss", "memory_predicted_peak_gb", "memory_measured_peak_gb", "memory_peak_ratio", "tokens_per_step", "steps", "warmup_steps", "reused_from", "slurm_job_id", "ray_run_id", "run_dir",
 )  # fmt: skip
 

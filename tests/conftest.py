@@ -1,5 +1,7 @@
 # Fixtures only; the helpers the tests share live in tests/helpers/.
+import os
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,17 @@ import torch
 
 from tests.helpers.tokenizer import build_tokenizer
 from tests.helpers.wandb import wandb_env
+
+# Calibrations and matmul probes (trainer/speed/calibration.py) go to a cache of this test run's own, shared by its
+# xdist workers and the processes they start, never the developer's ~/.cache/shardlab.
+os.environ.setdefault(
+    "SHARDLAB_CACHE_DIR",
+    str(
+        Path(tempfile.gettempdir())
+        / "shardlab-test-cache"
+        / os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+    ),
+)
 
 
 @pytest.fixture

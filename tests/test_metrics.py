@@ -151,7 +151,7 @@ def test_console_format_and_progress_bar():
     assert "val=2.5000" in bar._bar.postfix
     bar.close()
     text = format_summary(m.summary())
-    assert "n/a (unknown peak; set metrics.peak_tflops)" in text
+    assert "n/a (no datasheet peak for this device; set metrics.peak_tflops)" in text
     assert "peak RSS" in text and "1 warm-up steps excluded" in text
     assert "first loss" in text and "final loss" in text
     with_peak = make_metrics(peak_tflops=1.0)

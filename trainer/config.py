@@ -233,6 +233,9 @@ class TuneConfig:
     trial_steps: int = ranged(6, ">= 1")  # measured steps of a first trial (doubled for each later round)
     warmup_steps: int = ranged(2, ">= 0")  # per trial, kept out of its tokens/s
     rounds: int = ranged(2, ">= 1")  # successive halving: the better half goes on, with twice the steps
+    # The time model (trainer/speed/model.py) ranks the candidates that fit; trials go only to those predicted within
+    # this fraction of the best (widened by the model's own error on the first trials). 1: every candidate.
+    margin: float = ranged(0.15, "[0, 1]")
     budget_minutes: float | None = ranged(None, "> 0")  # stop and report the best so far
     then_train: bool = False  # train the winner at once, with the trainer.max_steps given
     dir: str | None = (

@@ -6,7 +6,7 @@ from tqdm import tqdm
 
 from trainer.summary import RunSummary
 
-_NA_MFU = "n/a (unknown peak; set metrics.peak_tflops)"
+_NA_MFU = "n/a (no datasheet peak for this device; set metrics.peak_tflops)"
 
 
 def _num(x, fmt: str = ",.0f") -> str:
@@ -91,6 +91,16 @@ def _throughput_lines(s: RunSummary) -> list[tuple[str, str]]:
     if s.mfu_low_precision is not None:  # fp8 / int8: against their own tensor cores' peak too
         low = f"{100 * s.mfu_low_precision:.1f}% of {s.mfu_low_precision_peak_tflops:g} TFLOP/s"
         lines.append(("MFU vs the fp8/int8 peak", low))
+    if s.mfu_measured is not None:  # against this machine's measured matmul peak, on every device
+        measured = f"{100 * s.mfu_measured:.1f}% of {s.mfu_measured_peak_tflops:.3g} TFLOP/s ({s.mfu_measured_source})"
+        lines.append(("MFU vs measured peak", measured))
+    if s.step_time_s_predicted is not None:
+        lines.append(
+            (
+                "step time (predicted)",
+                f"{s.step_time_s_predicted:.4f} s, {_num(s.tokens_per_s_predicted)} tokens/s",
+            )
+        )
     return lines
 
 

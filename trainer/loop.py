@@ -26,8 +26,10 @@ from trainer.loggers import build_loggers
 from trainer.memory import plan_for_run, spec_from_config
 from trainer.metrics import Metrics
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.precision import Precision, build_precision
+from trainer.precision import Precision, build_precision, peak_class
 from trainer.pretrained import weight_source
+from trainer.speed import calibration
+from trainer.speed.model import model_costs, predict
 from trainer.summary import PREEMPTED, RunSummary
 
 
@@ -238,7 +240,17 @@ def build_metrics(
     spec = spec_from_config(
         cfg.strategy, t, cfg.precision.name, cfg.optim, dims, env.device.type, cfg.finetune
     )
-    metrics.describe_run(run, precision, plan_for_run(args, spec))
+    plan = plan_for_run(args, spec)
+    metrics.describe_run(run, precision, plan)
+    # Every rank at once: MFU against this machine's measured matmul peak (cached, or probed now), and, where the
+    # cache holds a full calibration of this device and world size, the time model's prediction of a step.
+    metrics.measured_peak(
+        *calibration.run_matmul_peak(env.device, peak_class(cfg.precision.name), dims.world_size)
+    )
+    record = calibration.load(env.device.type, dims.world_size)
+    if plan is not None and record is not None and "collectives" in record:
+        costs = model_costs(args, spec.micro_batch, spec.seq_len)
+        metrics.predicted(predict(args, spec, plan, record, costs))
     return metrics
 
 

@@ -151,12 +151,23 @@ class Metrics:
         self._evals: list[tuple[int, float]] = []  # (step, validation loss)
         self._eval_time_s = 0.0
         self._eval_row: dict = {}  # the last evaluation, for the next logged row
+        # MFU against this machine's measured matmul peak (trainer/speed/calibration.py), on every device; and the
+        # time model's prediction of a step, where this machine's calibration covers the run
+        self.measured_peak_tflops: float | None = None
+        self.measured_peak_source: str | None = None
+        self._predicted = None  # trainer/speed/model.py's StepTime
 
     def describe_run(self, run: RunSummary, precision, plan) -> None:
         # A training run: what it is (run: the loop's record of its layout, data and model), the precision as
         # applied, and the memory planner's MemoryPlan for it (None: a model the planner does not cover). The
         # summary is then that record with what was measured filled in.
         self._run, self._precision, self._plan = run, precision, plan
+
+    def measured_peak(self, tflops: float, source: str) -> None:
+        self.measured_peak_tflops, self.measured_peak_source = tflops, source
+
+    def predicted(self, step_time) -> None:
+        self._predicted = step_time
 
     def watch_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         # State bytes per rank, measured once, right after the first optimizer step that really stepped (an
@@ -256,6 +267,8 @@ class Metrics:
         }
         if self.low_peak_tflops:  # fp8 / int8: beside the bf16-peak MFU, the one against their own peak
             out["mfu_low_precision"] = tflops / self.low_peak_tflops
+        if self.measured_peak_tflops:
+            out["mfu_measured"] = tflops / self.measured_peak_tflops
         return out
 
     def _reduce_max_min(self, values: dict[str, float | None]) -> dict[str, float]:
@@ -360,6 +373,9 @@ class Metrics:
             "mfu_peak_source": self.peak_source,
             "mfu_low_precision": through.get("mfu_low_precision"),
             "mfu_low_precision_peak_tflops": self.low_peak_tflops,
+            "mfu_measured": through.get("mfu_measured"),
+            "mfu_measured_peak_tflops": self.measured_peak_tflops,
+            "mfu_measured_source": self.measured_peak_source,
             "step_time_s_median": local["step_time_s_median"],
             "memory_kind": "cuda" if self.device.type == "cuda" else "cpu_peak_rss",
             **reduced,
@@ -370,6 +386,12 @@ class Metrics:
             "precision": self.precision,
             "flops_per_token": self.flops_per_token,
         }
+        if (
+            self._predicted is not None
+        ):  # the time model at this machine's calibration, beside what was measured
+            p = self._predicted
+            out |= {"step_time_s_predicted": p.total_s, "tokens_per_s_predicted": p.tokens_per_s}
+            out["time_model"] = {k: v for k, v in p.terms().items() if v}
         if (job := current().job_id()) is not None:
             out[current().job_field] = job  # slurm_job_id, ray_run_id
         if self._evals:  # the last validation, and the best with its step

@@ -37,7 +37,17 @@ class RunSummary:
     mfu_peak_source: str | None = None
     mfu_low_precision: float | None = None  # fp8 / int8: against their own tensor cores' peak
     mfu_low_precision_peak_tflops: float | None = None
+    mfu_measured: float | None = (
+        None  # against this machine's measured matmul peak (trainer/speed/calibration.py)
+    )
+    mfu_measured_peak_tflops: float | None = None
+    mfu_measured_source: str | None = None  # calibration | probe
     step_time_s_median: float | None = None
+    step_time_s_predicted: float | None = (
+        optional()
+    )  # the time model (trainer/speed/model.py), where calibrated
+    tokens_per_s_predicted: float | None = optional()
+    time_model: dict[str, float] | None = optional()  # its terms, seconds per step
     step_time_s_median_max: float | None = optional()  # over ranks
     step_time_s_median_min: float | None = optional()
     throughput_note: str | None = optional()  # why there is no throughput (every step was warm-up)
