@@ -158,9 +158,6 @@ def local_devices(device: str) -> int:
 def calibration_of(device: str, world: int, say=print) -> tuple[dict | None, str]:
     # This machine's calibration of the planned device at this world size: cached, or measured now (about a minute)
     # where this machine has the device; else None and why.
-    record = calibration.load(device, world)
-    if record is not None and "collectives" in record:
-        return record, "cached"
     if world > local_devices(device):
         have = (
             "no GPU"
@@ -171,6 +168,9 @@ def calibration_of(device: str, world: int, say=print) -> tuple[dict | None, str
             f"no calibration of {device} x {world} here ({have}): run `python -m commands.calibrate "
             f"launcher.nproc_per_node={world} trainer.device={device}` where the run will run"
         )
+    record = calibration.load(device, world)  # only where the device is here: it names the device
+    if record is not None and "collectives" in record:
+        return record, "cached"
     say(
         f"shardlab: calibrating {device} x {world} for the time model (about a minute, then cached)...",
         flush=True,

@@ -26,8 +26,9 @@ BASE = (
     "model=debug", "data=synthetic", "trainer.device=cpu", "trainer.seq_len=256", "trainer.global_batch_size=4",
     "trainer.max_steps=3", "launcher.nproc_per_node=1", "plan.device=cpu", "tune.precisions=[fp32,bf16-mixed]",
     "tune.attentions=[flash,standard]", "tune.activation_checkpointing=[none,full]", "tune.micro_batch_sizes=[2]",
-    "tune.trial_steps=2", "tune.warmup_steps=1", "tune.rounds=2",
+    "tune.trial_steps=2", "tune.warmup_steps=1", "tune.rounds=2", "tune.margin=1",
 )  # fmt: skip
+# tune.margin=1: every candidate that fits gets a trial, whatever the time model predicts (its own test is below).
 
 
 def budget_gb() -> float:
@@ -247,3 +248,31 @@ def test_fine_tuning_is_an_axis_and_nf4_needs_adapters():
         min(found[k].predicted_gb.values()) for k in (("full", "fp32"), ("lora", "fp32"), ("lora", "nf4"))
     )
     assert qlora < lora < full
+
+
+def test_trials_go_only_to_candidates_predicted_within_the_margin(tmp_path):
+    # ddp and tp on 2 processes: the time model (at this machine's calibration, measured here on first use) predicts
+    # tp several times slower on the CPU, beyond tune.margin, so only ddp is tried; tp's row gives its prediction.
+    root = tmp_path / "t"
+    over = [o for o in BASE if not o.startswith(("tune.margin", "launcher.nproc_per_node", "tune.precisions",
+                                                  "tune.attentions", "tune.activation_checkpointing"))]  # fmt: skip
+    args = [sys.executable, "-m", "commands.tune", *over, "launcher.nproc_per_node=2", "tune.strategies=[ddp,tp]",
+            "tune.precisions=[fp32]", "tune.attentions=[flash]", "tune.activation_checkpointing=[none]",
+            "tune.margin=0.15", "tune.rounds=1", f"tune.dir={root}"]  # fmt: skip
+    proc = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by = {r["strategy"]: r for r in rows(root)}
+    assert by["ddp"]["status"] == "ok" and by["tp"]["status"] == "predicted", by
+    ddp_predicted, tp_predicted = float(by["ddp"]["predicted_tps"]), float(by["tp"]["predicted_tps"])
+    print(f"predicted tokens/s: ddp {ddp_predicted:,.0f} (measured {float(by['ddp']['tokens_per_s_median']):,.0f}), "
+          f"tp {tp_predicted:,.0f} (not tried)")  # fmt: skip
+    assert tp_predicted < 0.85 * ddp_predicted
+    assert (
+        by["tp"]["reason"].startswith("not tried: predicted ")
+        and "beyond tune.margin 15%" in by["tp"]["reason"]
+    )
+    assert [t.name for t in (root / "trials").iterdir()] and all(
+        "strategy=tp" not in (t / "overrides.json").read_text() for t in (root / "trials").iterdir()
+    )
+    report = (root / "report.md").read_text()
+    assert "| predicted tokens/s |" in report and "1 not tried (predicted too slow)" in report

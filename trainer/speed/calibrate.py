@@ -80,9 +80,17 @@ def layout_overheads(device: torch.device, world: int, record: dict) -> dict[str
 
 def measure(device: torch.device, rank: int, world: int) -> dict:
     # Every rank at once (inside a process group of `world` ranks, or alone): rank 0's record, each rate the mean
-    # over the ranks.
+    # over the ranks. On a CPU, with the threads per process the workers use (and this process's own after).
+    before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(threads(world))
+    try:
+        return _measure(device, rank, world)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(device: torch.device, rank: int, world: int) -> dict:
     record: dict = {"key": key(device.type, world), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     rates: dict = {}
     for dtype in dtypes_for(device.type):
