@@ -5,6 +5,10 @@
 #   3 attention memory, flash against standard at T = 2K and 4K, and their growth exponents
 #   4 the memory planner against torch.cuda.max_memory_allocated for 8 configs, and reserved - allocated
 #   5 ddp and fsdp over nccl (world size 1): the bf16 loss trajectory against single's
+#   6 the calibration (trainer/speed/, one GPU): the measured dense matmul peak per dtype against the datasheet's
+#   7 the time model against the measured step time of every run above (each run predicts its own, calibrated)
+#   8 QLoRA (precision=nf4 finetune=lora) on an 8B-shaped model on one GPU: peak memory against the planner, tokens/s.
+#     The new layouts (tp, pp and their meshes) need 2 GPUs or more: not on one.
 #     python -m benchmarks.gpu_check              # on the GPU machine (make gpu-check)
 #     python -m benchmarks.gpu_check --dry-run    # on a CPU: every step with tiny shapes; RESULTS.md untouched
 # Every training run is its own `python train.py` process (its peak memory and its settings its own).
@@ -204,6 +208,58 @@ def check_nccl(run: Runner, shape: dict) -> list[tuple]:
     return rows
 
 
+def check_calibration(dry: bool) -> list[tuple]:
+    # Before the runs: with this device's calibration cached, every run predicts its own step time (check 7).
+    from trainer.peaks import lookup_peak_tflops
+    from trainer.speed import calibration
+    from trainer.speed.calibrate import calibrate
+
+    device = "cpu" if dry else "cuda"
+    began = time.perf_counter()
+    record = calibrate(device, 1)
+    took = time.perf_counter() - began
+    name = "cpu" if dry else torch.cuda.get_device_name()
+    rows = []
+    for dtype, precision in (
+        ("bf16", "bf16-mixed"),
+        ("fp16", "fp16-mixed"),
+        ("tf32", "tf32"),
+        ("fp32", "fp32"),
+    ):
+        rates = record["matmul_tflops"].get(dtype)
+        if not rates:
+            continue
+        measured = max(rates.values())
+        sheet = None if dry else lookup_peak_tflops(name, precision)
+        ratio = _ratio(measured, sheet)
+        rows.append((f"6 calibration {dtype}", f"measured dense matmul peak {_fmt(measured, '.4g')} TFLOP/s (n = 256..2048) "
+                     f"against the datasheet's {_fmt(sheet, 'g')}; calibration {took:.0f} s, {calibration.path_of(record['key']).name}",
+                     _fmt(ratio, ".0%"), "reported", "n/a", None))  # fmt: skip
+    return rows
+
+
+def check_time_model(summaries: list[tuple[str, RunSummary]]) -> list[tuple]:
+    rows = []
+    for name, s in summaries:
+        ratio = _ratio(s.step_time_s_predicted, s.step_time_s_median)
+        rows.append((f"7 time model, {name}", f"predicted {_fmt(s.step_time_s_predicted, '.4f')} s / measured "
+                     f"{_fmt(s.step_time_s_median, '.4f')} s per step", _fmt(ratio, ".2f"), "0.5-2.0",
+                     _met(ratio, lambda v: 0.5 <= v <= 2.0), None))  # fmt: skip
+    return rows
+
+
+def check_qlora(run: Runner, shape: dict) -> list[tuple]:
+    s, _ = run.train(f"model={shape['qlora_model']}", "precision=nf4", "finetune=lora", "attention=flash",
+                     f"trainer.seq_len={shape['seq_len']}", "trainer.global_batch_size=1", "trainer.max_steps=6",
+                     "metrics.warmup_steps=2", "trainer.log_every=6", "eval.at_end=false")  # fmt: skip
+    measured = s.mem_allocated_peak_gb_max or s.peak_rss_gb_max
+    ratio = _ratio(s.memory_predicted_peak_gb, measured)
+    return [(f"8 QLoRA {shape['qlora_model']}", f"nf4 base + LoRA, micro-batch 1 x {shape['seq_len']}: "
+             f"{_fmt(s.tokens_per_s_median, ',.0f', ' tok/s')}, peak {_fmt(measured, '.2f')} GB, planner "
+             f"{_fmt(s.memory_predicted_peak_gb, '.2f')} GB", f"planner / measured {_fmt(ratio, '.3f')}", "0.85-1.15",
+             _met(ratio, lambda v: 0.85 <= v <= 1.15) if not run.dry else "n/a (CPU)", s)]  # fmt: skip
+
+
 def _fmt(v, spec: str, unit: str = "") -> str:
     return "n/a" if v is None else f"{v:{spec}}{unit}"
 
@@ -227,6 +283,7 @@ SHAPES = {
         extra=(),
         planner_model="llama_160m",
         wider=("model=llama3_8b", "model.n_layers=4"),
+        qlora_model="llama3_8b",
     ),  # fmt: skip
     # --dry-run: every step on a CPU in a few minutes.
     "dry": dict(
@@ -238,6 +295,7 @@ SHAPES = {
         extra=(),
         planner_model="debug",
         wider=("model=debug",),
+        qlora_model="debug",
     ),
 }
 
@@ -256,10 +314,14 @@ def main() -> int:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run = Runner(Path(tmp), opts.dry_run, opts.timeout)
-        rows = check_mfu_and_fp8(run, shape, memory)
+        rows = check_calibration(opts.dry_run)
+        rows += check_mfu_and_fp8(run, shape, memory)
         rows += check_attention(opts.dry_run)
         rows += check_planner(run, shape)
         rows += check_nccl(run, shape)
+        rows += check_qlora(run, shape)
+        ran = [(r[0], r[5]) for r in rows if r[5] is not None and r[5].step_time_s_predicted]
+        rows += check_time_model(ran)
     took = time.perf_counter() - began
     table = ["| check | what | result | goal | met |", "|---|---|---|---|---|"]
     table += [f"| {c} | {w} | {r} | {g} | {m} |" for c, w, r, g, m, _ in rows]

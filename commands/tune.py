@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -390,7 +391,8 @@ def within(cands: list[Candidate], margin: float) -> list[Candidate]:
 
 def model_error(cands: list[Candidate]) -> float:
     # How far the time model ranks wrongly, from the trials so far: a bias common to every candidate changes no
-    # ranking, so the error is each candidate's measured/predicted ratio against their median, at its worst.
+    # ranking, so the error is how far a candidate's measured/predicted ratio lies from their median, the median of
+    # those (one noisy trial does not widen the margin to everything).
     ratios = [
         tokens_per_s(c.best) / c.predicted_tps[c.best["micro"]]
         for c in cands
@@ -398,8 +400,8 @@ def model_error(cands: list[Candidate]) -> float:
     ]
     if len(ratios) < 2:
         return 0.0
-    mid = sorted(ratios)[len(ratios) // 2]
-    return max(abs(r / mid - 1) for r in ratios)
+    mid = statistics.median(ratios)
+    return statistics.median(abs(r / mid - 1) for r in ratios)
 
 
 def first_trial(cand: Candidate, trials: Trials, steps: int) -> None:

@@ -249,7 +249,7 @@ def build_metrics(
     )
     record = calibration.load(env.device.type, dims.world_size)
     if plan is not None and record is not None and "collectives" in record:
-        costs = model_costs(args, spec.micro_batch, spec.seq_len)
+        costs = model_costs(args, spec.micro_batch, spec.seq_len, spec.precision)
         metrics.predicted(predict(args, spec, plan, record, costs))
     return metrics
 

@@ -289,10 +289,10 @@ def collective_points(
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
 
-        fns = {
+        fns = {  # all_gather_single / reduce_scatter_single: torch 2.13's names for FSDP2's tensor forms
             "all_reduce": lambda full=full: dist.all_reduce(full, group=group),
-            "all_gather": lambda full=full, part=part: dist.all_gather_into_tensor(full, part, group=group),
-            "reduce_scatter": lambda full=full, part=part: dist.reduce_scatter_tensor(
+            "all_gather": lambda full=full, part=part: dist.all_gather_single(full, part, group=group),
+            "reduce_scatter": lambda full=full, part=part: dist.reduce_scatter_single(
                 part, full, group=group
             ),
             "send_recv": send_recv,

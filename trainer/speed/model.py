@@ -194,16 +194,18 @@ def predict(args, spec: PlanSpec, plan, cal: dict, costs: ModelCosts) -> StepTim
     return StepTime(compute, operators, memory, comm, exposed, bubble, tokens_step)
 
 
-def model_costs(args, micro: int, seq: int) -> ModelCosts:
+def model_costs(args, micro: int, seq: int, precision: str = "fp32") -> ModelCosts:
     # One micro-batch's forward, loss and backward of this model, dispatched on the meta device (no memory, no
-    # arithmetic: well under a second even for 8B parameters), operator by operator.
+    # arithmetic: well under a second even for 8B parameters), operator by operator, in the dtype its weights are
+    # held in (bf16-true and nf4's base: bf16, and so are their activations; autocast's casts are seconds()').
     import torch
     import torch.nn.functional as F
 
     from models import build_model
+    from trainer.precision import precision_fields
 
     with torch.device("meta"):
-        model = build_model(args)
+        model = build_model(args).to(precision_fields(precision)["param_dtype"])
     tokens = torch.zeros(micro, seq, dtype=torch.long, device="meta")
     forward = op_costs(lambda: model(tokens))
 
@@ -217,6 +219,5 @@ def model_costs(args, micro: int, seq: int) -> ModelCosts:
 def predict_setup(setup, cal: dict) -> StepTime:
     # A planner Setup (trainer/memory/suggest.py: the model's arguments and the PlanSpec) at a calibration.
     spec = setup.spec
-    return predict(
-        setup.args, spec, setup.plan(), cal, model_costs(setup.args, spec.micro_batch, spec.seq_len)
-    )
+    costs = model_costs(setup.args, spec.micro_batch, spec.seq_len, spec.precision)
+    return predict(setup.args, spec, setup.plan(), cal, costs)
