@@ -83,7 +83,11 @@ def main() -> None:
     )
     print(f"tune:  {tune_s:.0f} s = {tune_s / sweep_s:.0%} of the sweep (goal <= 15%); winner {' '.join(key(winner))}, "
           f"which the sweep measured at {measured} (goal >= 95%{', or within its noise: yes' if within else ''})")  # fmt: skip
-    errors = {k: float(r["tokens_per_s_predicted"]) / tps(r) - 1 for k, r in jobs.items() if r["tokens_per_s_predicted"]}
+    errors = {
+        k: float(r["tokens_per_s_predicted"]) / tps(r) - 1
+        for k, r in jobs.items()
+        if r["tokens_per_s_predicted"]
+    }
     worst = sorted(errors.items(), key=lambda x: -abs(x[1]))[:5]
     print(f"time model over the sweep's {len(errors)} jobs: error median {statistics.median(map(abs, errors.values())):.0%}, "
           f"worst {abs(worst[0][1]):.0%}; the 5 worst (predicted/measured - 1): "

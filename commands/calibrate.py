@@ -28,7 +28,12 @@ def describe(record: dict) -> str:
         ),
         f"  memory bandwidth          {record['copy_gbps']:.3g} GB/s per rank (copy, read + write)",
         f"  operator cost             {record['op_latency_us']:.3g} us beyond its arithmetic",
+        "  attention TFLOP/s         "
+        + ", ".join(f"{d} {r:.4g}" for d, r in record.get("attention_tflops", {}).items()),
     ]
+    if record.get("layout_overhead_s"):
+        lines.append("  layout overhead           " + ", ".join(
+            f"{name} {s * 1e3:.3g} ms" for name, s in record["layout_overhead_s"].items()) + " per block (pp: stage) and micro-batch")  # fmt: skip
     for size, kinds in record.get("collectives", {}).items():
         for kind, v in kinds.items():
             alpha, beta = v["fit"]

@@ -1,17 +1,16 @@
 # Time model: one optimizer step's time on one rank, from its parts, at the rates the calibration measured on this
-# machine (trainer/speed/calibration.py), as the memory planner predicts bytes from the config alone. Each term
-# says where it comes from:
-#   compute    the step's FLOPs on this rank (models/flops.py: 6N + attention, the same count MFU uses; every
-#              layout splits them evenly over its ranks), plus the forward that activation checkpointing runs
-#              again in backward for its checkpointed blocks (a third of their forward + backward), at the
-#              measured dense matmul rate of the precision's compute dtype, at the calibrated size nearest the
-#              model's matmuls (micro-batch tokens x width x FFN width)
-#   operators  the aten operators of one micro-batch's forward and backward, counted by dispatching the model on
-#              the meta device (torch's dispatch mode, as FlopCounterMode counts FLOPs), times the measured cost of an
-#              operator beyond its arithmetic: on a CPU and for small models this, not the FLOPs, is most of a step
-#   memory     the bytes elementwise work moves at the measured copy bandwidth: the saved activations written in
-#              forward and read in backward (the memory planner's), and the optimizer reading and writing the model
-#              state once
+# machine (trainer/speed/calibration.py), as the memory planner predicts bytes from the config alone. One
+# micro-batch of the model is dispatched once on the meta device (model_costs: shapes without arithmetic, operator
+# by operator, as FlopCounterMode counts FLOPs with a dispatch mode), and each term says where it comes from:
+#   compute    each matmul's FLOPs (2 m k n) at the calibrated dense rate of the precision's compute dtype at its
+#              size, and fused attention's at the calibrated attention rate; plus the forward that activation
+#              checkpointing runs again for its checkpointed blocks
+#   operators  every operator's count times the measured cost of an operator beyond its arithmetic (on a CPU and for
+#              small models most of a step), and the layout's own cost per block (or pipeline stage) and
+#              micro-batch as calibrated for it: DDP's reducer, FSDP's hooks, copies and casts, DTensor's dispatch
+#   memory     the bytes every other operator reads and writes (elementwise work, norms, softmax) and autocast's
+#              casts, at the measured copy bandwidth; and the optimizer reading and writing the model state once (the
+#              memory planner's bytes)
 #   collectives  each collective the layout issues per step, at the calibrated latency and bandwidth of its kind
 #              and group size (alpha + bytes x beta): DDP's all-reduce of the gradients in 25 MiB buckets, once per
 #              step (no_sync between micro-batches); FSDP's all-gather of each block's parameters (in the compute
@@ -20,6 +19,8 @@
 #              tensor parallelism's two collectives per block in forward and two in backward on the activations
 #              (all-reduce, or with sequence parallelism all-gather + reduce-scatter); a pipeline's sends of each
 #              micro-batch's activations forward and their gradients back, per stage boundary
+#   split      tensor parallelism splits each block's arithmetic and bytes over its degree, a pipeline stage holds
+#              1/pp of the blocks; data parallelism splits the batch (the micro-batches per rank)
 #   bubble     a pipeline rank idles the schedule's bubble fraction of the step (strategies/pp.py's arithmetic)
 #   overlap    on a CPU, gloo's collectives run on the same cores as the compute: nothing overlaps. On a GPU,
 #              DDP's and FSDP's collectives overlap the backward (two thirds of the compute) and hide up to it;
