@@ -183,7 +183,10 @@ def speed(cfg: DictConfig, setup: Setup, say=print) -> str:
     record, how = calibration_of(device_of(cfg), setup.nproc * setup.nnodes, say)
     if record is None:
         return f"predicted speed: {how}"
-    t = predict_setup(setup, record)
+    try:
+        t = predict_setup(setup, record)
+    except ValueError as e:
+        return f"predicted speed: n/a: {e}"
     k = record["key"]
     lines = [
         f"predicted speed: {t.total_s:.4g} s per step, {t.tokens_per_s:,.0f} tokens/s "

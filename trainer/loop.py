@@ -249,8 +249,14 @@ def build_metrics(
     )
     record = calibration.load(env.device.type, dims.world_size)
     if plan is not None and record is not None and "collectives" in record:
-        costs = model_costs(args, spec.micro_batch, spec.seq_len, spec.precision)
-        metrics.predicted(predict(args, spec, plan, record, costs))
+        try:
+            costs = model_costs(args, spec.micro_batch, spec.seq_len, spec.precision)
+        except (
+            ValueError
+        ):  # a model the meta device cannot run (a Hugging Face one): no prediction, the run goes on
+            costs = None
+        if costs is not None:
+            metrics.predicted(predict(args, spec, plan, record, costs))
     return metrics
 
 

@@ -208,13 +208,20 @@ def model_costs(args, micro: int, seq: int, precision: str = "fp32") -> ModelCos
     with torch.device("meta"):
         model = build_model(args).to(precision_fields(precision)["param_dtype"])
     tokens = torch.zeros(micro, seq, dtype=torch.long, device="meta")
-    forward = op_costs(lambda: model(tokens))
 
     def step():
         logits = model(tokens)
         F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
 
-    return ModelCosts(forward, op_costs(step))
+    try:
+        return ModelCosts(op_costs(lambda: model(tokens)), op_costs(step))
+    except (
+        RuntimeError,
+        NotImplementedError,
+    ) as e:  # e.g. a Hugging Face model reads a tensor's value (.item())
+        raise ValueError(
+            f"the time model cannot run this model on the meta device ({str(e).splitlines()[0]})"
+        ) from e
 
 
 def predict_setup(setup, cal: dict) -> StepTime:
