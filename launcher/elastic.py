@@ -15,7 +15,7 @@ from launcher.errors import describe_failure, failure_traceback
 from launcher.prefork import warm_workers
 from launcher.slurm import agent_signals
 from trainer.checks import check_device_capabilities
-from trainer.dist import broadcast_object, init_run
+from trainer.dist import broadcast_object, cpu_threads, init_run
 from trainer.summary import RunSummary
 
 CPU_DEFAULT_NPROC = 2  # nproc_per_node=auto without GPUs: enough to exercise the collectives
@@ -91,7 +91,7 @@ def worker_entry(cfg_container: dict, nproc: int, args) -> RunSummary:
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+        torch.set_num_threads(cpu_threads(nproc))
     cfg = OmegaConf.create(cfg_container)
     env = init_run(cfg)
     if cfg.launcher.nnodes > 1:

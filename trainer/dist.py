@@ -38,6 +38,14 @@ class DistEnv:
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def cpu_threads(processes: int) -> int:
+    # Threads per process on a CPU: OMP_NUM_THREADS, else the machine's cores over the processes sharing them (as the
+    # launcher's workers set it, and as a calibration measures them).
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def available_device() -> str:
     # What this machine offers; is_available() creates no CUDA context.
     return "cuda" if torch.cuda.is_available() else "cpu"

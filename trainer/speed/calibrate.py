@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trainer.dist import cpu_threads
 from trainer.speed.calibration import (
     KINDS,
     MATMUL_SIZES,
@@ -23,10 +24,8 @@ from trainer.speed.calibration import (
     fit,
     key,
     matmul_tflops,
-    mean_over_ranks,
     op_latency_us,
     save,
-    threads,
     timed,
     tiny_args,
 )
@@ -79,11 +78,11 @@ def layout_overheads(device: torch.device, world: int, record: dict) -> dict[str
 
 
 def measure(device: torch.device, rank: int, world: int) -> dict:
-    # Every rank at once (inside a process group of `world` ranks, or alone): rank 0's record, each rate the mean
-    # over the ranks. On a CPU, with the threads per process the workers use (and this process's own after).
+    # Every rank at once (inside a process group of `world` ranks, or alone): rank 0's record, each rate the slowest
+    # rank's. On a CPU, with the threads per process the workers use (and this process's own after).
     before = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(threads(world))
+        torch.set_num_threads(cpu_threads(world))
     try:
         return _measure(device, rank, world)
     finally:
@@ -95,14 +94,14 @@ def _measure(device: torch.device, rank: int, world: int) -> dict:
     rates: dict = {}
     for dtype in dtypes_for(device.type):
         for n in MATMUL_SIZES:
-            rates.setdefault(dtype, {})[str(n)] = mean_over_ranks(matmul_tflops(device, dtype, n))
+            rates.setdefault(dtype, {})[str(n)] = matmul_tflops(device, dtype, n)
     record["matmul_tflops"] = rates
     record["attention_tflops"] = {}
     for dtype in (d for d in dtypes_for(device.type) if d != "tf32"):
-        record["attention_tflops"][dtype] = mean_over_ranks(attention_tflops(device, dtype))
-    record["copy_gbps"] = mean_over_ranks(copy_gbps(device))
+        record["attention_tflops"][dtype] = attention_tflops(device, dtype)
+    record["copy_gbps"] = copy_gbps(device)
     latency, ops = op_latency_us(device)
-    record["op_latency_us"], record["tiny_ops"] = mean_over_ranks(latency), ops
+    record["op_latency_us"], record["tiny_ops"] = latency, ops
     record["collectives"] = {}
     for size in [s for s in range(2, world + 1) if world % s == 0]:
         points = collective_points(device, size, rank, world)

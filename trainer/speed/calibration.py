@@ -7,12 +7,15 @@
 # $XDG_CACHE_HOME/shardlab, else ~/.cache/shardlab):
 #   matmul_tflops  {dtype: {n: TFLOP/s}} per rank, n x n @ n x n at n = 256, 1024, 2048 (a model's Linears span
 #                  these: the rate of the size nearest a model's matmuls is the one used)
+#   attention_tflops  fused causal attention, forward and backward, per dtype
 #   copy_gbps      memory bandwidth per rank, a 64 MiB copy (bytes read + written)
 #   op_latency_us  the time an operator costs beyond its arithmetic (dispatch, autograd, Python modules), per
 #                  operator: a tiny Llama's forward and backward, timed, over its operator count
 #   collectives    {group size: {kind: [latency s, s per byte]}}: all_reduce, all_gather, reduce_scatter (the
 #                  tensor versions), and send/recv between pairs, at 4 KiB .. 16 MiB, fitted (alpha-beta) per
 #                  kind, with every group of that size of the world at once (a 2 x 2 mesh's two pairs together)
+#   layout_overhead_s  what each strategy's own machinery costs per block and micro-batch (calibrate.py)
+# Every rate is the slowest rank's: all ranks run the same repetitions at once (timed()).
 # The measurements are here; trainer/speed/calibrate.py runs them in N processes (`python -m commands.calibrate`,
 # about a minute). A training run that finds no matmul peak for its device measures that alone first (well under a
 # second) and adds it to the cache.
@@ -27,11 +30,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trainer.dist import cpu_threads
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MATMUL_SIZES = (256, 1024, 2048)
 COLLECTIVE_BYTES = (4 * 2**10, 64 * 2**10, 2**20, 16 * 2**20)
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
-MIN_TIME_S = 0.15  # each measurement repeats for at least this long (and 3 times), median taken
+MIN_TIME_S = 0.15  # each measurement repeats, every rank alike, for at least this long (and 3 times)
 
 
 def cache_dir() -> Path:
@@ -51,18 +56,11 @@ def device_name(device_type: str) -> str:
     return f"{model} ({os.cpu_count()} CPUs)"
 
 
-def threads(world: int) -> int:
-    # As the workers set it (launcher/elastic.py): OMP_NUM_THREADS, else the machine's cores over the processes.
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return int(os.environ["OMP_NUM_THREADS"])
-    return max(1, (os.cpu_count() or 1) // world)
-
-
 FORMAT = 1  # the record's layout: a calibration of another format is measured again
 
 
 def key(device_type: str, world: int) -> dict:
-    threads_per = threads(world) if device_type == "cpu" else None
+    threads_per = cpu_threads(world) if device_type == "cpu" else None
     return {
         "device": device_name(device_type),
         "count": world,
@@ -195,6 +193,11 @@ class OpCosts:
         self.attention_flops = 0.0
         self.bytes = 0.0
 
+    def copy(self) -> "OpCosts":
+        out = OpCosts()
+        out.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()})
+        return out
+
     def record(self, func, args, kwargs, out) -> None:
         self.ops += 1
         name = func._overloadpacket.__name__
@@ -217,10 +220,11 @@ class OpCosts:
         self.bytes += sum(map(_nbytes, _flat((args, kwargs)))) + sum(map(_nbytes, _flat(out)))
 
 
-def op_costs(fn) -> OpCosts:
+def op_costs(fn, costs: OpCosts | None = None) -> OpCosts:
+    # fn's operators recorded into costs (a new OpCosts by default), which fn may copy part-way through.
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    costs = OpCosts()
+    costs = OpCosts() if costs is None else costs
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -231,10 +235,6 @@ def op_costs(fn) -> OpCosts:
     with Record():
         fn()
     return costs
-
-
-def count_ops(fn) -> int:
-    return op_costs(fn).ops
 
 
 def tiny_args():
@@ -261,7 +261,7 @@ def tiny_step(device: torch.device):
 def op_latency_us(device: torch.device) -> tuple[float, int]:
     # -> (the time per operator of the tiny Llama's forward and backward, its operator count)
     step = tiny_step(device)
-    ops = count_ops(step)
+    ops = op_costs(step).ops
     return timed(step, device) / ops * 1e6, ops
 
 
@@ -330,14 +330,6 @@ def dtypes_for(device_type: str) -> tuple[str, ...]:
     return ("fp32", "tf32", "bf16", "fp16") if device_type == "cuda" else ("fp32", "bf16")
 
 
-def mean_over_ranks(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
-
-
 def run_matmul_peak(device: torch.device, dtype: str, world: int) -> tuple[float, str]:
     # Inside a run, every rank at once: the measured dense matmul peak per rank for `dtype` (the largest size's
     # rate), from the cache or, where it has none, a probe of one size now (added to the cache by rank 0). Rank 0
@@ -353,7 +345,7 @@ def run_matmul_peak(device: torch.device, dtype: str, world: int) -> tuple[float
     if rates:
         return max(rates.values()), "calibration"
     n = MATMUL_SIZES[-1] if device.type == "cuda" else MATMUL_SIZES[1]
-    rate = mean_over_ranks(matmul_tflops(device, dtype, n))
+    rate = matmul_tflops(device, dtype, n)  # the same on every rank: timed() agrees on the slowest's time
     if not distributed or dist.get_rank() == 0:
         record = found or {"key": key(device.type, world), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         record.setdefault("matmul_tflops", {})[dtype] = {str(n): rate}

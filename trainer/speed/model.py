@@ -175,8 +175,8 @@ def predict(args, spec: PlanSpec, plan, cal: dict, costs: ModelCosts) -> StepTim
         buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET))
         comm["all_reduce"] = collective_s(cal, "all_reduce", dp, grad_bytes, buckets)
         overlappable += comm["all_reduce"]
+    act = micro * seq * args.dim * p.compute  # one micro-batch's activations at a block's boundary, bytes
     if tp > 1:  # two collectives per block in forward and two in backward, on a micro-batch's activations
-        act = micro * seq * args.dim * p.compute
         calls = 4 * blocks * accum
         if spec.sequence_parallel:
             comm["tp all_gather"] = collective_s(cal, "all_gather", tp, act * calls / 2, calls / 2)
@@ -185,7 +185,6 @@ def predict(args, spec: PlanSpec, plan, cal: dict, costs: ModelCosts) -> StepTim
             comm["tp all_reduce"] = collective_s(cal, "all_reduce", tp, act * calls, calls)
     bubble = 0.0
     if pp > 1:  # each micro-batch's activations forward and gradients back, across each stage boundary
-        act = micro * seq * args.dim * p.compute
         sends = 2 * accum * spec.pp_stages_per_rank
         comm["pp send/recv"] = collective_s(cal, "send_recv", 2, act * sends, sends)
         fraction = bubble_fraction(spec.pp_schedule, pp, spec.pp_stages_per_rank, accum)
@@ -208,13 +207,16 @@ def model_costs(args, micro: int, seq: int, precision: str = "fp32") -> ModelCos
     with torch.device("meta"):
         model = build_model(args).to(precision_fields(precision)["param_dtype"])
     tokens = torch.zeros(micro, seq, dtype=torch.long, device="meta")
+    costs, forward = OpCosts(), []
 
     def step():
         logits = model(tokens)
+        forward.append(costs.copy())  # the forward alone: what checkpointed blocks run again
         F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
 
     try:
-        return ModelCosts(op_costs(lambda: model(tokens)), op_costs(step))
+        op_costs(step, costs)
+        return ModelCosts(forward[0], costs)
     except (
         RuntimeError,
         NotImplementedError,
