@@ -77,6 +77,7 @@ class Candidate:
         default_factory=dict
     )  # the layout's named dimensions (none: data parallel only)
     predicted_tps: dict[int, float] = field(default_factory=dict)  # micro-batch -> the time model's tokens/s
+    setups: dict = field(default_factory=dict)  # micro-batch -> its planner Setup (none where it cannot plan)
 
     @property
     def best(self) -> dict | None:
@@ -249,7 +250,9 @@ def plan_candidate(cand: Candidate, base, cfg, world: int, nproc: int, dev: str,
                 refused = refused or describe_error(e)
                 continue
         try:
-            peak = setup_of(at).plan().peak
+            setup = setup_of(at)
+            peak = setup.plan().peak
+            cand.setups[m] = setup  # for the time model (predict_candidates)
         except ValueError:  # a model the planner does not cover (model=hf): the trials decide
             peak = None
         if peak is not None:
@@ -363,17 +366,19 @@ def tokens_per_s(trial: dict | None) -> float:
     return (trial["summary"].tokens_per_s_median if trial else None) or 0.0
 
 
-def predict_candidates(cands: list[Candidate], base: list[str], cal: dict) -> None:
-    # The time model's tokens/s for every candidate that fits, at each micro-batch it fits at.
+def predict_candidates(cands: list[Candidate], cal: dict) -> None:
+    # The time model's tokens/s for every candidate that fits, at each micro-batch it fits at, from the Setup the
+    # planner made of it. A model the planner or the meta device cannot take (model=hf): the trials decide.
     for c in cands:
         if c.status != "pending":
             continue
         for m in c.micro_batches:
-            try:
-                setup = setup_of(compose_config([*base, *c.overrides, f"trainer.micro_batch_size={m}"]))
-            except ValueError:  # a model the planner does not cover (model=hf): the trials decide
+            if m not in c.setups:
                 break
-            c.predicted_tps[m] = predict_setup(setup, cal).tokens_per_s
+            try:
+                c.predicted_tps[m] = predict_setup(c.setups[m], cal).tokens_per_s
+            except ValueError:
+                break
 
 
 def predicted(c: Candidate) -> float:
@@ -530,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     with command_errors(debug):
         cal, how = calibration_of(device, world)
     if cal is not None:
-        predict_candidates(cands, base, cal)
+        predict_candidates(cands, cal)
     else:
         print(f"shardlab: no time model ({how}): every candidate that fits gets a trial", flush=True)
     alive = search(cands, trials, cfg)
