@@ -8,7 +8,7 @@ import sys
 
 from commands.cli import Parser
 from launcher.compose import compose_config
-from launcher.elastic import resolve_nproc
+from launcher.elastic import check_gpus, resolve_nproc
 from launcher.errors import command_errors
 from trainer.dist import device_type
 from trainer.speed import calibration
@@ -48,19 +48,12 @@ def main(argv: list[str] | None = None) -> None:
                 "and MFU, and cache them (key=value overrides: launcher.nproc_per_node, trainer.device)")  # fmt: skip
     ap.add_argument("--force", action="store_true", help="measure again even where a calibration is cached")
     ap.add_argument("--debug", action="store_true", help="a traceback instead of one line on bad input")
-    opts, overrides = ap.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    opts, overrides = ap.parse_with_overrides(list(sys.argv[1:] if argv is None else argv))
     with command_errors(opts.debug):
         cfg = compose_config(overrides)
         device = device_type(cfg.trainer.device)
         world = resolve_nproc(str(cfg.launcher.nproc_per_node), cfg.trainer.device)
-        if device == "cuda":
-            import torch
-
-            if world > torch.cuda.device_count():
-                raise ValueError(
-                    f"launcher.nproc_per_node={world}, but {torch.cuda.device_count()} GPU(s) are visible: "
-                    "calibrate at most that many"
-                )
+        check_gpus(world, cfg.trainer.device)  # the launcher's own check: no more ranks than GPUs
     record = None if opts.force else calibration.load(device, world)
     if record is None or "collectives" not in record:
         print(f"shardlab: calibrating {device} x {world} (about a minute)...", flush=True)

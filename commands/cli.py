@@ -25,3 +25,11 @@ class Parser(argparse.ArgumentParser):
     # argparse reports a bad argument as its usage and then the error, over two lines: here, one, with exit code 2.
     def error(self, message: str):
         fail(f"{message}: see {self.prog} --help")
+
+    def parse_with_overrides(self, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+        # The command's own options, and train.py's key=value overrides among them; an option it does not know is
+        # one line, not an override Hydra would misread.
+        opts, overrides = self.parse_known_args(argv)
+        if bad := [o for o in overrides if o.startswith("-")]:
+            fail(f"unknown option {bad[0]}: see {self.prog} --help")
+        return opts, overrides

@@ -20,7 +20,7 @@ import yaml
 
 from commands.cli import Parser
 from launcher.compose import compose_config
-from launcher.errors import command_errors, fail
+from launcher.errors import command_errors
 from launcher.slurm import per_node, slurm_gpus
 from trainer.checks import validate
 
@@ -56,7 +56,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     ap.add_argument("--runtime", default=RUNTIME, help=f"the ClusterTrainingRuntime (default {RUNTIME})")
     ap.add_argument("--debug", action="store_true", help="a traceback instead of one line on bad input")
-    return ap.parse_known_args(argv)
+    return ap.parse_with_overrides(argv)
 
 
 def check_options(opts: argparse.Namespace) -> None:
@@ -142,8 +142,6 @@ def manifest(opts: argparse.Namespace, overrides: list[str], cfg) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts, overrides = parse(argv)
-    if bad := [o for o in overrides if o.startswith("-")]:
-        fail(f"unknown option {bad[0]}: see python -m commands.k8s --help")
     with command_errors(opts.debug):
         check_options(opts)
         cfg = compose_config(overrides)

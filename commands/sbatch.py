@@ -14,7 +14,7 @@ from pathlib import Path
 
 from commands.cli import Parser
 from launcher.compose import compose_config
-from launcher.errors import command_errors, fail
+from launcher.errors import command_errors
 from launcher.slurm import per_node, slurm_gpus
 from trainer.checks import validate
 from trainer.paths import unwritable_reason
@@ -36,7 +36,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--run-root", default="outputs/slurm", help="run directories: <run root>/<job id>")
     ap.add_argument("--output", help="the job's log (default: <run root>/%%x-%%j.out)")
     ap.add_argument("--debug", action="store_true", help="a traceback instead of one line on bad input")
-    return ap.parse_known_args(argv)
+    return ap.parse_with_overrides(argv)
 
 
 def check_options(opts: argparse.Namespace) -> None:
@@ -89,8 +89,6 @@ def script(opts: argparse.Namespace, overrides: list[str], cfg) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     opts, overrides = parse(list(sys.argv[1:] if argv is None else argv))
-    if bad := [o for o in overrides if o.startswith("-")]:
-        fail(f"unknown option {bad[0]}: see python -m commands.sbatch --help")
     with command_errors(opts.debug):
         check_options(opts)
         cfg = compose_config(overrides)

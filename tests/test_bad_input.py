@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from commands import export, plan, sample, sbatch, tune
+from commands import calibrate, export, k8s, plan, sample, sbatch, tune
 from commands import prepare as prepare_cli
 from commands.prepare import prepare
 from launcher import report
@@ -290,6 +290,19 @@ COMMAND_ROWS = {
     "sbatch_log_dir": ("sbatch", ["--output", "{file}/x.out"], ["the job's log directory {file} cannot be created"]),
     "sbatch_model": ("sbatch", ["model=nope", "--run-root", "{tmp}/slurm"], ["model=nope is not an option of model"]),
     "sbatch_flag": ("sbatch", ["--nodes", "2", "--run-root", "{tmp}/slurm"], ["unknown option --nodes"]),
+    # k8s: the manifest's values Kubernetes or the operator would reject
+    "k8s_image": ("k8s", ["model=debug"], ["the following arguments are required: --image"]),
+    "k8s_name": ("k8s", ["--image", "x", "--name", "Shard_Lab"], ["--name='Shard_Lab' is not a Kubernetes name"]),
+    "k8s_nproc": ("k8s", ["--image", "x", "launcher.nproc_per_node=auto"], ["launcher.nproc_per_node=auto: give the workers per pod"]),
+    "k8s_gpus": ("k8s", ["--image", "x", "strategy=ddp", "launcher.nproc_per_node=4", "--gpus-per-node", "2"], ["--gpus-per-node=2, but launcher.nproc_per_node=4"]),
+    "k8s_memory": ("k8s", ["--image", "x", "--memory-gb", "0"], ["--memory-gb must be at least 1, got 0"]),
+    "k8s_strategy": ("k8s", ["--image", "x", "strategy=nope"], ["strategy=nope is not an option of strategy"]),
+    "k8s_flag": ("k8s", ["--image", "x", "--nodes", "2"], ["unknown option --nodes"]),
+    # calibrate: refused before anything is measured
+    "calibrate_device": ("calibrate", ["trainer.device=tpu"], ["unknown trainer.device 'tpu'"]),
+    "calibrate_cuda": ("calibrate", ["trainer.device=cuda"], ["trainer.device=cuda but no CUDA GPU is visible"]),
+    "calibrate_nproc": ("calibrate", ["launcher.nproc_per_node=0"], ["launcher.nproc_per_node must be at least 1, got 0"]),
+    "calibrate_flag": ("calibrate", ["--world", "2"], ["unknown option --world"]),
     # sample
     "sample_missing": ("sample", ["{tmp}/nothing"], ["{tmp}/nothing is not a checkpoint", "give sample a checkpoint directory"]),
     "sample_flipped": ("sample", ["{ckpt}/flipped"], ["fails verification: __0_0.distcp", "give sample another checkpoint"]),
@@ -471,6 +484,8 @@ COMMANDS = {
     "plan": plan.main,
     "tune": tune.main,
     "sbatch": sbatch.main,
+    "k8s": k8s.main,
+    "calibrate": calibrate.main,
     "report": report.main,
     "sample": sample.main,
 }
