@@ -79,9 +79,8 @@ def main(cfg: DictConfig) -> RunSummary | None:
     try:
         where.fill_launcher(cfg.launcher)  # several nodes of a SLURM job or of pods: from their variables
         nproc = resolve_nproc(cfg.launcher.nproc_per_node, cfg.trainer.device)
-        if (
-            by_ray
-        ):  # the workers' device is the cluster's, not this task's (hydra_plugins/shardlab_ray checked it)
+        if by_ray:
+            # The workers' device is the cluster's, not this task's (hydra_plugins/shardlab_ray checked it).
             available, capability = ray_train.worker_device(HydraConfig.get().launcher), None
         else:
             check_gpus(nproc, cfg.trainer.device)

@@ -32,8 +32,12 @@ from omegaconf import OmegaConf, open_dict
 
 try:  # the `ray` extra (make install-ray); without it hydra/launcher=ray says how to get it, in one line
     from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher as PluginRayLauncher
+
+    HAVE_RAY = True
 except ImportError:
     from hydra.plugins.launcher import Launcher as PluginRayLauncher
+
+    HAVE_RAY = False
 
 from launcher.errors import fail, record_failure
 from trainer.environments import RAY_JOB
@@ -201,7 +205,7 @@ class InDir:
 
 class RayLauncher(PluginRayLauncher):
     def __init__(self, ray, **params) -> None:
-        if PluginRayLauncher.__module__.startswith("hydra.plugins"):
+        if not HAVE_RAY:
             fail(
                 "hydra/launcher=ray needs Ray Train and Hydra's Ray launcher, and they are not installed: run "
                 "`make install-ray` (pip install -e '.[ray]'), or drop hydra/launcher=ray"
